@@ -1,0 +1,87 @@
+"""Group-level geometry: which timepoints are latent, from latents to per-timepoint maps.
+
+Shapes: ``B`` groups, ``K`` timepoints, latent fields ``z`` of shape ``(B, K_lat, 3, D, H, W)`` in
+voxels, with ``K_lat = K − 1`` (all-to-one, fixed timepoint ``p``) or ``K`` (all-moving).
+The per-timepoint field ``v_k`` is ``0`` for ``k = p`` (all-to-one) and otherwise ``z_k``; in
+all-moving mode the mean over k is subtracted, so the common frame is the group's log-Euclidean
+(geodesic) average. ``φ_k = exp(v_k)`` (diffeomorphic) or ``Id + v_k``, and
+``warped_k = x_k ∘ φ_k`` lives in the common frame (that of ``x_p`` in all-to-one mode).
+"""
+from __future__ import annotations
+
+import torch
+
+from .checks import InputError
+from .spatial import integrate_velocity, invert_displacement, warp
+
+__all__ = ["MODES", "check_mode", "latent_indices", "assemble_fields", "displacements", "inverse_displacements", "warp_group"]
+
+MODES = ("all-to-one", "all-moving")
+
+
+def check_mode(mode: str, num_timepoints: int, fixed: int | None) -> int | None:
+    """Validate (mode, K, fixed); returns the fixed index (None in all-moving mode)."""
+    if mode not in MODES:
+        raise InputError(f"mode: expected one of {MODES}, got {mode!r}")
+    if int(num_timepoints) != num_timepoints or num_timepoints < 2:
+        raise InputError(f"K: expected at least 2 timepoints, got {num_timepoints!r}")
+    if mode == "all-moving":
+        if fixed is not None:
+            raise InputError(f"fixed: all-moving mode has no fixed timepoint, got fixed={fixed!r}")
+        return None
+    fixed = 0 if fixed is None else fixed
+    if int(fixed) != fixed or not 0 <= fixed < num_timepoints:
+        raise InputError(f"fixed: expected a timepoint index in [0, {num_timepoints - 1}], got {fixed!r}")
+    return int(fixed)
+
+
+def latent_indices(num_timepoints: int, mode: str, fixed: int | None) -> list[int]:
+    """Timepoints that carry a latent field, in increasing order."""
+    fixed = check_mode(mode, num_timepoints, fixed)
+    return [k for k in range(num_timepoints) if k != fixed]
+
+
+def assemble_fields(z: torch.Tensor, num_timepoints: int, mode: str, fixed: int | None) -> torch.Tensor:
+    """Per-timepoint fields ``v`` from latents.
+
+    Args:
+        z: ``(B, K_lat, 3, D, H, W)`` latent fields in voxels.
+    Returns:
+        ``(B, K, 3, D, H, W)``: zero at the fixed timepoint (all-to-one), zero-mean over K (all-moving).
+    """
+    idx = latent_indices(num_timepoints, mode, fixed)
+    if z.dim() != 6 or z.shape[1] != len(idx) or z.shape[2] != 3:
+        raise InputError(f"z: expected (B, {len(idx)}, 3, D, H, W) for K={num_timepoints} in {mode}, got {tuple(z.shape)}")
+    if mode == "all-moving":
+        return z - z.mean(dim=1, keepdim=True)
+    parts = list(z.unbind(1))
+    parts.insert(check_mode(mode, num_timepoints, fixed), torch.zeros_like(parts[0]))
+    return torch.stack(parts, dim=1)
+
+
+def _per_timepoint(fn, fields: torch.Tensor) -> torch.Tensor:
+    b, k = fields.shape[:2]
+    return fn(fields.reshape(b * k, *fields.shape[2:])).reshape(fields.shape)
+
+
+def displacements(fields: torch.Tensor, diffeomorphic: bool = True, steps: int = 7) -> torch.Tensor:
+    """``φ_k − Id`` in voxels, ``(B, K, 3, D, H, W)`` from fields ``v`` of the same shape."""
+    if not diffeomorphic:
+        return fields
+    return _per_timepoint(lambda v: integrate_velocity(v, steps), fields)
+
+
+def inverse_displacements(fields: torch.Tensor, diffeomorphic: bool = True, steps: int = 7) -> torch.Tensor:
+    """``φ_k⁻¹ − Id`` in voxels, ``(B, K, 3, D, H, W)``: ``exp(−v)``, or a fixed-point inverse."""
+    if diffeomorphic:
+        return _per_timepoint(lambda v: integrate_velocity(-v, steps), fields)
+    return _per_timepoint(invert_displacement, fields)
+
+
+def warp_group(images: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
+    """Warp each timepoint: ``(B, K, D, H, W)`` images, ``(B, K, 3, D, H, W)`` displacements -> ``(B, K, D, H, W)``."""
+    b, k = images.shape[:2]
+    if disp.shape[:2] != (b, k) or disp.shape[3:] != images.shape[2:]:
+        raise InputError(f"warp_group: images {tuple(images.shape)} and displacements {tuple(disp.shape)} do not match")
+    out = warp(images.reshape(b * k, 1, *images.shape[2:]), disp.reshape(b * k, *disp.shape[2:]))
+    return out.reshape(images.shape)

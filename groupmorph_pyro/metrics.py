@@ -1,0 +1,79 @@
+"""Registration metrics: landmark distance (METHOD.md convention), folding, RMSE, NMI."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .checks import InputError, check_spacing, check_tensor
+from .spatial import map_points
+
+__all__ = ["map_landmarks", "landmark_distances", "summarize_distances", "folding_percent", "pairwise_rmse"]
+
+
+def map_landmarks(landmarks: torch.Tensor, disp: torch.Tensor, inverse_disp: torch.Tensor) -> torch.Tensor:
+    """Map every timepoint's landmarks into every other timepoint: ``φ_i(φ_j⁻¹(l_j))``.
+
+    Args:
+        landmarks: ``(K, L, 3)`` voxel coordinates (0-based) of L landmarks in each image.
+        disp: ``(K, 3, D, H, W)`` ``φ_k − Id`` in voxels; inverse_disp: ``φ_k⁻¹ − Id``, same shape.
+    Returns:
+        ``(K, K, L, 3)``: entry ``[i, j]`` is landmark set j mapped into image i (voxels).
+    """
+    check_tensor("landmarks", landmarks, ndim=3, layout="(K, L, 3)")
+    k = landmarks.shape[0]
+    if disp.shape[0] != k or inverse_disp.shape != disp.shape or landmarks.shape[-1] != 3:
+        raise InputError(
+            f"map_landmarks: expected landmarks (K, L, 3) and fields (K, 3, D, H, W) with the same K, "
+            f"got {tuple(landmarks.shape)}, {tuple(disp.shape)}, {tuple(inverse_disp.shape)}"
+        )
+    common = map_points(landmarks.to(disp.dtype), inverse_disp)  # (K, L, 3): l_j in the common frame
+    out = []
+    for i in range(k):
+        fields = disp[i : i + 1].expand(k, *disp.shape[1:])
+        out.append(map_points(common, fields))  # (K=j, L, 3) in image i
+    return torch.stack(out, dim=0)
+
+
+def landmark_distances(landmarks, disp=None, inverse_disp=None, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """Distances ``‖φ_i(φ_j⁻¹(l_j)) − l_i‖`` in mm for all ordered pairs ``i ≠ j``.
+
+    Args:
+        landmarks: ``(K, L, 3)`` voxel coordinates; disp / inverse_disp: ``(K, 3, D, H, W)`` voxels,
+            or None for the identity (no registration).
+        spacing: voxel size in mm along the array axes.
+    Returns:
+        ``(K*(K-1), L)`` array of distances in mm, pairs in row-major order (i, j), i ≠ j.
+    """
+    spacing = torch.tensor(check_spacing(spacing), dtype=torch.float64)
+    lm = torch.as_tensor(np.asarray(landmarks, dtype=np.float64))
+    k = lm.shape[0] if lm.dim() == 3 else 0
+    if lm.dim() != 3 or lm.shape[-1] != 3 or k < 2:
+        raise InputError(f"landmarks: expected (K >= 2, L, 3) voxel coordinates, got {tuple(lm.shape)}")
+    if disp is None:
+        mapped = lm[None, :].expand(k, k, *lm.shape[1:])
+    else:
+        mapped = map_landmarks(lm, torch.as_tensor(disp).double(), torch.as_tensor(inverse_disp).double())
+    diff = (mapped - lm[:, None]) * spacing  # [i, j] - l_i
+    dist = diff.norm(dim=-1)  # (K, K, L)
+    rows = [dist[i, j] for i in range(k) for j in range(k) if i != j]
+    return torch.stack(rows).numpy()
+
+
+def summarize_distances(distances: np.ndarray) -> dict:
+    """Mean ± sd (mm) over all pairs and landmarks: ``{"mean_mm", "sd_mm", "n"}``."""
+    d = np.asarray(distances, dtype=np.float64).ravel()
+    return {"mean_mm": float(d.mean()), "sd_mm": float(d.std()), "n": int(d.size)}
+
+
+def folding_percent(jacobian) -> float:
+    """Percentage of voxels with ``det J <= 0`` (any shape)."""
+    j = torch.as_tensor(jacobian)
+    return float(100.0 * (j <= 0).double().mean())
+
+
+def pairwise_rmse(images) -> float:
+    """Root mean square intensity difference averaged over ordered pairs i ≠ j. ``images``: ``(K, ...)``."""
+    x = torch.as_tensor(images, dtype=torch.float64)
+    k = x.shape[0]
+    vals = [((x[i] - x[j]) ** 2).mean().sqrt() for i in range(k) for j in range(k) if i != j]
+    return float(torch.stack(vals).mean())

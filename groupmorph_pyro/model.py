@@ -1,0 +1,173 @@
+"""GroupMorph as a Pyro program: generative model and variational guides (same site names).
+
+Site names: ``"z"`` (latent fields, batch ``(B, K_lat)``, event ``(3, D, H, W)``) inside plates
+``"groups"`` (dim −2) and ``"timepoints"`` (dim −1); ``"likelihood"`` (a ``pyro.factor``).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pyro.nn import PyroModule, PyroParam
+
+from .checks import InputError, check_positive, check_tensor
+from .group import assemble_fields, check_mode, displacements, latent_indices, warp_group
+from .likelihoods import GroupNMI
+from .networks import UNet3D
+from .preprocess import crop_to_shape, pad_to_multiple
+from .priors import LaplacianNormal, dct3, idct3
+
+__all__ = ["GroupMorphModel", "GroupMorphGuide", "CaseGuide"]
+
+
+def _check_images(images: torch.Tensor, num_timepoints: int) -> torch.Tensor:
+    check_tensor("images", images, ndim=5, layout="(B, K, D, H, W)")
+    if images.shape[1] != num_timepoints:
+        raise InputError(f"images: expected K={num_timepoints} timepoints on dim 1, got {tuple(images.shape)}")
+    return images
+
+
+class GroupMorphModel(PyroModule):
+    """Generative model of a group of K images (no learnable parameters)::
+
+        for b in groups:                                           plate "groups"     (dim −2)
+            for k in latent timepoints (k ≠ p, or every k):        plate "timepoints" (dim −1)
+                z[b, k] ~ N(0, (λ_v I + λ_u L)⁻¹)                  site "z", event (3, D, H, W)
+            v_k = 0 for k = p (all-to-one) | v = z − mean_k z (all-moving)
+            φ_k = exp(v_k)  (scaling and squaring)  |  Id + v_k  (non-diffeomorphic)
+            x ~ ∝ exp(β · N_vox · mean_{i≠j} NMI(x_i∘φ_i, x_j∘φ_j))  factor "likelihood"
+
+    Args:
+        num_timepoints: K.
+        mode: ``"all-to-one"`` or ``"all-moving"`` (pairwise = all-to-one with K=2).
+        diffeomorphic: z is a velocity (True) or a displacement (False).
+        integration_steps: scaling-and-squaring steps T.
+        prior: callable ``prior(spatial_shape, device) -> distribution`` with event shape
+            ``(3, D, H, W)``; default :class:`LaplacianNormal` with ``lambda_u``, ``lambda_v``.
+        likelihood: callable ``likelihood(warped (B, K, D, H, W)) -> (B,)``; default :class:`GroupNMI`.
+    """
+
+    def __init__(self, num_timepoints: int, mode: str = "all-to-one", diffeomorphic: bool = True,
+                 integration_steps: int = 7, lambda_u: float = 1.0, lambda_v: float = 0.01,
+                 prior: Callable | None = None, likelihood: Callable | None = None):
+        super().__init__()
+        check_mode(mode, num_timepoints, None if mode == "all-moving" else 0)
+        self.num_timepoints = int(num_timepoints)
+        self.mode = mode
+        self.diffeomorphic = bool(diffeomorphic)
+        self.integration_steps = int(integration_steps)
+        self.lambda_u, self.lambda_v = lambda_u, lambda_v
+        self.prior = prior or (lambda shape, device: LaplacianNormal(shape, lambda_u, lambda_v, device=device))
+        self.likelihood = likelihood or GroupNMI()
+
+    def forward(self, images: torch.Tensor, fixed: int | None = None) -> torch.Tensor:
+        """Run the generative story on ``images`` ``(B, K, D, H, W)`` in [0, 1].
+
+        Returns:
+            ``(B, K, 3, D, H, W)`` displacements ``φ_k − Id`` in voxels.
+        """
+        _check_images(images, self.num_timepoints)
+        fixed = check_mode(self.mode, self.num_timepoints, fixed)
+        b, k_lat = images.shape[0], len(latent_indices(self.num_timepoints, self.mode, fixed))
+        prior = self.prior(tuple(images.shape[2:]), images.device)
+        with pyro.plate("groups", b, dim=-2):
+            with pyro.plate("timepoints", k_lat, dim=-1):
+                z = pyro.sample("z", prior)
+            fields = assemble_fields(z, self.num_timepoints, self.mode, fixed)
+            disp = displacements(fields, self.diffeomorphic, self.integration_steps)
+            warped = warp_group(images, disp)
+            pyro.factor("likelihood", self.likelihood(warped).unsqueeze(-1))
+        return disp
+
+
+class GroupMorphGuide(PyroModule):
+    """Amortised guide ``q(z | x) = N(μ, diag σ²)`` from a 3D U-Net over the K images on channels.
+
+    ``μ = α · tanh(conv(features))`` (α voxels), ``σ² = softplus(conv(features))``. In all-to-one
+    mode the input channels are rotated so that the fixed image comes first (the network is told
+    which timepoint is fixed by position), which lets one network serve any fixed timepoint.
+
+    Args:
+        num_timepoints: K; mode: as the model; alpha: bound on |μ| in voxels;
+        encoder, decoder: U-Net channels; init_softplus_bias: initial pre-softplus variance
+            (−10 gives σ ≈ 0.007 voxels).
+    """
+
+    def __init__(self, num_timepoints: int, mode: str = "all-to-one", alpha: float = 15.0,
+                 encoder=(16, 32, 32, 32), decoder=(32, 32, 32, 32, 32, 16, 16), init_softplus_bias: float = -10.0):
+        super().__init__()
+        check_mode(mode, num_timepoints, None if mode == "all-moving" else 0)
+        self.num_timepoints, self.mode = int(num_timepoints), mode
+        self.alpha = check_positive("alpha", alpha)
+        self.unet = UNet3D(self.num_timepoints, encoder, decoder)
+        self.mean_head = nn.Conv3d(self.unet.out_channels, 3 * self.num_timepoints, 3, padding=1)
+        self.var_head = nn.Conv3d(self.unet.out_channels, 3 * self.num_timepoints, 3, padding=1)
+        for head, bias in ((self.mean_head, 0.0), (self.var_head, init_softplus_bias)):
+            nn.init.normal_(head.weight, std=1e-5)
+            nn.init.constant_(head.bias, bias)
+
+    def distribution_params(self, images: torch.Tensor, fixed: int | None = None):
+        """Guide mean and scale for the latent timepoints.
+
+        Args:
+            images: ``(B, K, D, H, W)`` in [0, 1].
+        Returns:
+            ``(loc, scale)``, each ``(B, K_lat, 3, D, H, W)`` in voxels.
+        """
+        _check_images(images, self.num_timepoints)
+        fixed = check_mode(self.mode, self.num_timepoints, fixed)
+        shift = fixed or 0
+        x, shape = pad_to_multiple(torch.roll(images, -shift, dims=1), self.unet.divisor)
+        feats = self.unet(x)
+        b, k = images.shape[:2]
+        loc = self.alpha * torch.tanh(self.mean_head(feats))
+        scale = F.softplus(self.var_head(feats)).clamp_min(1e-12).sqrt()
+        loc, scale = (torch.roll(crop_to_shape(t, shape).reshape(b, k, 3, *shape), shift, dims=1) for t in (loc, scale))
+        idx = latent_indices(self.num_timepoints, self.mode, fixed)
+        return loc[:, idx], scale[:, idx]
+
+    def forward(self, images: torch.Tensor, fixed: int | None = None) -> torch.Tensor:
+        loc, scale = self.distribution_params(images, fixed)
+        with pyro.plate("groups", images.shape[0], dim=-2):
+            with pyro.plate("timepoints", loc.shape[1], dim=-1):
+                return pyro.sample("z", dist.Normal(loc, scale).to_event(4))
+
+
+class CaseGuide(PyroModule):
+    """Per-case guide: free variational parameters for one batch of groups (per-case SVI).
+
+    The mean is stored whitened in the prior's DCT basis, ``μ = IDCT(w / sqrt(λ_v + λ_u μ_L))``,
+    which preconditions gradient steps (smooth modes move first); σ is stored as ``log σ``.
+
+    Args:
+        loc: ``(B, K_lat, 3, D, H, W)`` initial mean (voxels), e.g. zeros or the amortised output.
+        scale: initial σ, same shape (or broadcastable), > 0.
+        lambda_u, lambda_v: the prior's weights used for whitening (any positive values work).
+    """
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, lambda_u: float = 1.0, lambda_v: float = 0.01):
+        super().__init__()
+        check_tensor("loc", loc, ndim=6, layout="(B, K_lat, 3, D, H, W)")
+        self._prior = LaplacianNormal(loc.shape[3:], lambda_u, lambda_v, device=loc.device)
+        self.whitened = PyroParam(dct3(loc.detach()) * self._sqrt_eig(loc))
+        self.log_scale = PyroParam(torch.broadcast_to(scale.detach(), loc.shape).log().clone())
+
+    def _sqrt_eig(self, ref: torch.Tensor) -> torch.Tensor:
+        return self._prior.precision_eigenvalues(ref.device, ref.dtype).sqrt()
+
+    def distribution_params(self):
+        """``(loc, scale)``, each ``(B, K_lat, 3, D, H, W)`` in voxels."""
+        w = self.whitened
+        return idct3(w / self._sqrt_eig(w)), self.log_scale.exp()
+
+    def forward(self, images: torch.Tensor, fixed: int | None = None) -> torch.Tensor:
+        loc, scale = self.distribution_params()
+        if images.shape[0] != loc.shape[0] or images.shape[2:] != loc.shape[3:]:
+            raise InputError(f"CaseGuide: parameters {tuple(loc.shape)} do not fit images {tuple(images.shape)}")
+        with pyro.plate("groups", loc.shape[0], dim=-2):
+            with pyro.plate("timepoints", loc.shape[1], dim=-1):
+                return pyro.sample("z", dist.Normal(loc, scale).to_event(4))

@@ -1,0 +1,194 @@
+"""Geometry of displacement fields: warping, composition, integration, Jacobians.
+
+Conventions (used by the whole package):
+
+* A displacement field ``u`` has shape ``(B, 3, D, H, W)`` and is in **voxels**; channel ``c`` is
+  the displacement along tensor axis ``2 + c`` (D, H, W). It represents ``φ = Id + u``.
+* Warping samples the image at the mapped position: ``warp(x, u)(p) = x(p + u(p)) = x(φ(p))``.
+  (METHOD.md writes this ``φ∘x``.)
+* ``compose(a, b)`` is the displacement of ``φ_a ∘ φ_b``: ``c(p) = b(p) + a(p + b(p))``, so
+  ``warp(warp(x, a), b) == warp(x, compose(a, b))``.
+* Outside the grid, fields and images are extended by their border value.
+
+:func:`sample` is the single place in the package that calls ``grid_sample``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .checks import InputError, check_spacing, check_tensor
+
+__all__ = [
+    "identity_grid",
+    "sample",
+    "warp",
+    "compose",
+    "integrate_velocity",
+    "invert_displacement",
+    "jacobian_determinant",
+    "map_points",
+]
+
+
+def identity_grid(spatial_shape: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
+    """Voxel coordinates of every grid point.
+
+    Returns:
+        ``(3, D, H, W)`` tensor whose channel ``c`` holds the index along axis ``c``.
+    """
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in spatial_shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+
+
+def sample(volume: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Interpolate ``volume`` at voxel coordinates ``coords`` (the package's only grid_sample call).
+
+    Args:
+        volume: ``(B, C, D, H, W)`` values on the grid.
+        coords: ``(B, 3, *out)`` voxel coordinates (channel = tensor axis D, H, W), where ``out`` is
+            any 3D shape, e.g. the grid itself or ``(N, 1, 1)`` for N points.
+        mode: ``"bilinear"`` (trilinear) or ``"nearest"``.
+    Returns:
+        ``(B, C, *out)`` interpolated values; positions outside the grid take the border value.
+    """
+    if volume.dim() != 5 or coords.dim() != 5 or coords.shape[1] != 3 or coords.shape[0] != volume.shape[0]:
+        raise InputError(
+            f"sample: expected volume (B, C, D, H, W) and coords (B, 3, d, h, w), "
+            f"got {tuple(volume.shape)} and {tuple(coords.shape)}"
+        )
+    sizes = volume.shape[2:]
+    norm = []
+    for c, n in enumerate(sizes):
+        # align_corners=True: index 0 -> -1, index n-1 -> +1 (a size-1 axis maps everything to 0).
+        scale = 2.0 / (n - 1) if n > 1 else 0.0
+        norm.append(coords[:, c] * scale - (1.0 if n > 1 else 0.0))
+    # grid_sample wants (B, d, h, w, 3) ordered (x=W, y=H, z=D).
+    grid = torch.stack(norm[::-1], dim=-1)
+    return F.grid_sample(volume, grid.to(volume.dtype), mode=mode, padding_mode="border", align_corners=True)
+
+
+def _check_field(name: str, disp: torch.Tensor) -> torch.Tensor:
+    check_tensor(name, disp, ndim=5, layout="(B, 3, D, H, W)")
+    if disp.shape[1] != 3:
+        raise InputError(f"{name}: expected 3 vector components on dim 1 (B, 3, D, H, W), got {tuple(disp.shape)}")
+    return disp
+
+
+def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Warp images by displacement fields: ``out(p) = image(p + disp(p))``.
+
+    Args:
+        image: ``(B, C, D, H, W)`` images (any channels, e.g. intensities or another field).
+        disp: ``(B, 3, D, H, W)`` displacement in voxels on the same grid.
+    Returns:
+        ``(B, C, D, H, W)`` warped images.
+    """
+    check_tensor("image", image, ndim=5, layout="(B, C, D, H, W)")
+    _check_field("disp", disp)
+    if image.shape[0] != disp.shape[0] or image.shape[2:] != disp.shape[2:]:
+        raise InputError(
+            f"warp: image {tuple(image.shape)} and disp {tuple(disp.shape)} must share batch and grid (B, ·, D, H, W)"
+        )
+    grid = identity_grid(disp.shape[2:], device=disp.device, dtype=disp.dtype)
+    return sample(image, grid + disp, mode=mode)
+
+
+def compose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Displacement of ``φ_a ∘ φ_b``: ``c(p) = b(p) + a(p + b(p))``.
+
+    Args:
+        a, b: ``(B, 3, D, H, W)`` displacements in voxels.
+    Returns:
+        ``(B, 3, D, H, W)`` displacement in voxels.
+    """
+    _check_field("a", a)
+    _check_field("b", b)
+    if a.shape != b.shape:
+        raise InputError(f"compose: a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return b + warp(a, b)
+
+
+def integrate_velocity(v: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Exponentiate a stationary velocity field by scaling and squaring.
+
+    ``u ← v / 2**steps``, then ``steps`` times ``u ← compose(u, u)``; ``Id + u ≈ exp(v)``.
+
+    Args:
+        v: ``(B, 3, D, H, W)`` velocity in voxels.
+        steps: number of squarings T (>= 0; 0 returns ``v``).
+    Returns:
+        ``(B, 3, D, H, W)`` displacement of ``exp(v)`` in voxels.
+    """
+    _check_field("v", v)
+    if int(steps) != steps or steps < 0:
+        raise InputError(f"steps: expected an integer >= 0, got {steps!r}")
+    u = v / (2 ** int(steps))
+    for _ in range(int(steps)):
+        u = compose(u, u)
+    return u
+
+
+def invert_displacement(disp: torch.Tensor, iterations: int = 20) -> torch.Tensor:
+    """Numerical inverse of ``Id + disp`` by fixed-point iteration ``w ← -disp(p + w)``.
+
+    For diffeomorphic fields prefer ``integrate_velocity(-v)``; this is for displacement
+    (non-diffeomorphic) models and converges when ``|∇disp| < 1``.
+
+    Args:
+        disp: ``(B, 3, D, H, W)`` displacement in voxels.
+        iterations: number of fixed-point steps.
+    Returns:
+        ``(B, 3, D, H, W)`` displacement ``w`` with ``(Id + disp) ∘ (Id + w) ≈ Id``.
+    """
+    _check_field("disp", disp)
+    w = -disp
+    for _ in range(int(iterations)):
+        w = -warp(disp, w)
+    return w
+
+
+def jacobian_determinant(disp: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
+    """Determinant of the Jacobian of ``φ = Id + disp``.
+
+    Derivatives are central differences in the interior and one-sided at the borders.
+
+    Args:
+        disp: ``(B, 3, D, H, W)`` displacement in the units of ``spacing`` (voxels with the default
+            spacing, mm when ``spacing`` is in mm and ``disp`` is in mm).
+        spacing: grid spacing along (D, H, W).
+    Returns:
+        ``(B, D, H, W)`` determinant (dimensionless); values <= 0 mark folding.
+    """
+    _check_field("disp", disp)
+    s = check_spacing(spacing)
+    if min(disp.shape[2:]) < 2:
+        raise InputError(f"jacobian_determinant: every grid axis needs >= 2 voxels, got {tuple(disp.shape[2:])}")
+    # grads[c][j] = d disp_c / d x_j, each (B, D, H, W)
+    grads = [torch.gradient(disp[:, c], spacing=list(s), dim=(1, 2, 3), edge_order=1) for c in range(3)]
+    j = [[grads[c][k] + (1.0 if c == k else 0.0) for k in range(3)] for c in range(3)]
+    return (
+        j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+        - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+        + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
+    )
+
+
+def map_points(points: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
+    """Apply ``φ = Id + disp`` to points: ``p ↦ p + disp(p)`` (trilinear interpolation of ``disp``).
+
+    Args:
+        points: ``(B, N, 3)`` voxel coordinates (0-based, tensor axis order D, H, W).
+        disp: ``(B, 3, D, H, W)`` displacement in voxels.
+    Returns:
+        ``(B, N, 3)`` mapped voxel coordinates.
+    """
+    _check_field("disp", disp)
+    check_tensor("points", points, ndim=3, layout="(B, N, 3)")
+    if points.shape[-1] != 3 or points.shape[0] != disp.shape[0]:
+        raise InputError(f"map_points: expected points (B={disp.shape[0]}, N, 3), got {tuple(points.shape)}")
+    coords = points.to(disp.dtype).permute(0, 2, 1)[..., None, None]  # (B, 3, N, 1, 1)
+    values = sample(disp, coords)[..., 0, 0]  # (B, 3, N)
+    return points.to(disp.dtype) + values.permute(0, 2, 1)
