@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .checks import InputError
-from .spatial import integrate_velocity, invert_displacement, warp
+from .spatial import _warp, integrate_velocity, invert_displacement
 
 __all__ = ["MODES", "check_mode", "latent_indices", "assemble_fields", "displacements", "inverse_displacements", "warp_group"]
 
@@ -83,5 +83,5 @@ def warp_group(images: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     b, k = images.shape[:2]
     if disp.shape[:2] != (b, k) or disp.shape[3:] != images.shape[2:]:
         raise InputError(f"warp_group: images {tuple(images.shape)} and displacements {tuple(disp.shape)} do not match")
-    out = warp(images.reshape(b * k, 1, *images.shape[2:]), disp.reshape(b * k, *disp.shape[2:]))
+    out = _warp(images.reshape(b * k, 1, *images.shape[2:]), disp.reshape(b * k, *disp.shape[2:]))
     return out.reshape(images.shape)

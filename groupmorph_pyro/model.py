@@ -21,7 +21,25 @@ from .networks import UNet3D
 from .preprocess import crop_to_shape, pad_to_multiple
 from .priors import LaplacianNormal, dct3, idct3
 
-__all__ = ["GroupMorphModel", "GroupMorphGuide", "CaseGuide"]
+__all__ = ["GroupMorphModel", "GroupMorphGuide", "CaseGuide", "build_model", "build_guide"]
+
+
+class LocalParamsModule(PyroModule):
+    """PyroModule whose parameters live in the module, never in Pyro's global param store.
+
+    Pyro's ``module_local_params`` setting is switched on only while this module is built and
+    called, so two guides (e.g. a trained one and a per-case one, or two checkpoints) never
+    silently share parameters by name, and a plain torch optimizer over ``.parameters()`` is the
+    single owner of the state.
+    """
+
+    def __init__(self, name: str = ""):
+        with pyro.settings.context(module_local_params=True):
+            super().__init__(name)
+
+    def __call__(self, *args, **kwargs):
+        with pyro.settings.context(module_local_params=True):
+            return super().__call__(*args, **kwargs)
 
 
 def _check_images(images: torch.Tensor, num_timepoints: int) -> torch.Tensor:
@@ -84,7 +102,7 @@ class GroupMorphModel(PyroModule):
         return disp
 
 
-class GroupMorphGuide(PyroModule):
+class GroupMorphGuide(LocalParamsModule):
     """Amortised guide ``q(z | x) = N(μ, diag σ²)`` from a 3D U-Net over the K images on channels.
 
     ``μ = α · tanh(conv(features))`` (α voxels), ``σ² = softplus(conv(features))``. In all-to-one
@@ -137,7 +155,7 @@ class GroupMorphGuide(PyroModule):
                 return pyro.sample("z", dist.Normal(loc, scale).to_event(4))
 
 
-class CaseGuide(PyroModule):
+class CaseGuide(LocalParamsModule):
     """Per-case guide: free variational parameters for one batch of groups (per-case SVI).
 
     The mean is stored whitened in the prior's DCT basis, ``μ = IDCT(w / sqrt(λ_v + λ_u μ_L))``,
@@ -171,3 +189,16 @@ class CaseGuide(PyroModule):
         with pyro.plate("groups", loc.shape[0], dim=-2):
             with pyro.plate("timepoints", loc.shape[1], dim=-1):
                 return pyro.sample("z", dist.Normal(loc, scale).to_event(4))
+
+
+def build_model(cfg, likelihood: Callable | None = None, prior: Callable | None = None) -> GroupMorphModel:
+    """Model from a :class:`~groupmorph_pyro.config.ModelConfig`."""
+    return GroupMorphModel(
+        cfg.num_timepoints, cfg.mode, cfg.diffeomorphic, cfg.integration_steps, cfg.lambda_u, cfg.lambda_v,
+        prior=prior, likelihood=likelihood or GroupNMI(cfg.beta, cfg.bins),
+    )
+
+
+def build_guide(cfg) -> GroupMorphGuide:
+    """Amortised guide from a :class:`~groupmorph_pyro.config.ModelConfig`."""
+    return GroupMorphGuide(cfg.num_timepoints, cfg.mode, cfg.alpha, tuple(cfg.encoder), tuple(cfg.decoder))

@@ -92,6 +92,11 @@ def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear") -> tor
         raise InputError(
             f"warp: image {tuple(image.shape)} and disp {tuple(disp.shape)} must share batch and grid (B, ·, D, H, W)"
         )
+    return _warp(image, disp, mode)
+
+
+def _warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """:func:`warp` without input validation (internal hot path)."""
     grid = identity_grid(disp.shape[2:], device=disp.device, dtype=disp.dtype)
     return sample(image, grid + disp, mode=mode)
 
@@ -108,7 +113,7 @@ def compose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _check_field("b", b)
     if a.shape != b.shape:
         raise InputError(f"compose: a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    return b + warp(a, b)
+    return b + _warp(a, b)
 
 
 def integrate_velocity(v: torch.Tensor, steps: int = 7) -> torch.Tensor:
@@ -127,7 +132,7 @@ def integrate_velocity(v: torch.Tensor, steps: int = 7) -> torch.Tensor:
         raise InputError(f"steps: expected an integer >= 0, got {steps!r}")
     u = v / (2 ** int(steps))
     for _ in range(int(steps)):
-        u = compose(u, u)
+        u = u + _warp(u, u)
     return u
 
 
@@ -146,7 +151,7 @@ def invert_displacement(disp: torch.Tensor, iterations: int = 20) -> torch.Tenso
     _check_field("disp", disp)
     w = -disp
     for _ in range(int(iterations)):
-        w = -warp(disp, w)
+        w = -_warp(disp, w)
     return w
 
 

@@ -1,0 +1,149 @@
+"""Reproducible configuration: nested dataclasses that round-trip through YAML and checkpoints.
+
+Defaults are the paper's hyper-parameters (METHOD.md). Unknown keys are errors, so a typo in a
+YAML file fails loudly instead of being ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .checks import InputError, check_positive
+from .group import MODES
+
+__all__ = ["ModelConfig", "TrainConfig", "DataConfig", "RegisterConfig", "Config", "load_config"]
+
+
+@dataclass
+class ModelConfig:
+    """Model and guide settings (everything needed to rebuild the network)."""
+
+    num_timepoints: int = 6
+    mode: str = "all-to-one"  # or "all-moving"; pairwise = all-to-one with num_timepoints 2
+    diffeomorphic: bool = True
+    integration_steps: int = 7
+    lambda_u: float = 1.0
+    lambda_v: float = 0.01
+    beta: float = 1.0  # per-voxel likelihood weight (see likelihoods.GroupNMI)
+    bins: int = 32
+    alpha: float = 15.0  # bound on |guide mean| in voxels
+    encoder: list = field(default_factory=lambda: [16, 32, 32, 32])
+    decoder: list = field(default_factory=lambda: [32, 32, 32, 32, 32, 16, 16])
+
+    def validate(self):
+        if self.mode not in MODES:
+            raise InputError(f"model.mode: expected one of {MODES}, got {self.mode!r}")
+        if int(self.num_timepoints) != self.num_timepoints or self.num_timepoints < 2:
+            raise InputError(f"model.num_timepoints: expected an integer >= 2, got {self.num_timepoints!r}")
+        for name in ("beta", "lambda_v", "alpha"):
+            check_positive(f"model.{name}", getattr(self, name))
+        check_positive("model.lambda_u", self.lambda_u, allow_zero=True)
+
+
+@dataclass
+class TrainConfig:
+    """SVI training settings (paper: Adam 1e-5, cosine annealing, 100k iterations, 96³ patches)."""
+
+    iterations: int = 100000
+    lr: float = 1e-5
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    elbo: str = "trace"  # "trace" (Trace_ELBO) or "meanfield" (TraceMeanField_ELBO, analytic KL)
+    patch_size: list = field(default_factory=lambda: [96, 96, 96])
+    batch_size: int = 1
+    fixed: object = "random"  # all-to-one: "random" fixed timepoint per iteration, or an index
+    checkpoint_every: int = 1000
+    output_dir: str = "runs/groupmorph"
+    seed: int = 0
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+
+    def validate(self):
+        if self.elbo not in ("trace", "meanfield"):
+            raise InputError(f"train.elbo: expected 'trace' or 'meanfield', got {self.elbo!r}")
+        if len(self.patch_size) != 3 or any(int(p) < 4 for p in self.patch_size):
+            raise InputError(f"train.patch_size: expected 3 integers >= 4, got {self.patch_size!r}")
+        if self.fixed != "random" and not isinstance(self.fixed, int):
+            raise InputError(f"train.fixed: expected 'random' or a timepoint index, got {self.fixed!r}")
+        for name in ("iterations", "batch_size", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"train.{name}: expected an integer >= 1, got {getattr(self, name)!r}")
+        check_positive("train.lr", self.lr)
+
+
+@dataclass
+class DataConfig:
+    """Training data: lists of image paths per group, and/or synthetic phantoms."""
+
+    groups: list = field(default_factory=list)  # [[t0.nii.gz, t1.nii.gz, ...], ...]
+    synthetic: dict = field(default_factory=dict)  # e.g. {num_groups: 4, shape: [64, 64, 64], amplitude: 4}
+    percentiles: list = field(default_factory=lambda: [1.0, 99.0])
+
+    def validate(self):
+        if not self.groups and not self.synthetic:
+            raise InputError("data: expected 'groups' (lists of image paths) or 'synthetic' settings, got neither")
+
+
+@dataclass
+class RegisterConfig:
+    """Per-case optimisation settings (registration without a checkpoint, or fine-tuning)."""
+
+    steps: int = 300  # per-case SVI steps when no checkpoint is given
+    lr: float = 0.05  # Adam step on the whitened guide mean
+    init_scale: float = 0.05  # initial posterior sd (voxels) when starting from zero
+
+    def validate(self):
+        check_positive("register.lr", self.lr)
+        check_positive("register.init_scale", self.init_scale)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None, source: str = "config") -> "Config":
+        d = dict(d or {})
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise InputError(f"{source}: unknown section(s) {sorted(unknown)}, expected some of {sorted(sections)}")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            sub_cls = f.default_factory().__class__
+            values = d.get(f.name) or {}
+            if not isinstance(values, dict):
+                raise InputError(f"{source}: section '{f.name}' must be a mapping, got {type(values).__name__}")
+            known = {g.name for g in dataclasses.fields(sub_cls)}
+            bad = set(values) - known
+            if bad:
+                raise InputError(f"{source}: unknown key(s) {sorted(bad)} in '{f.name}', expected some of {sorted(known)}")
+            kwargs[f.name] = sub_cls(**values)
+        cfg = cls(**kwargs)
+        for part in (cfg.model, cfg.train, cfg.data, cfg.register):
+            if part is not cfg.data:
+                part.validate()
+        return cfg
+
+
+def load_config(path) -> Config:
+    """Read a YAML config; missing keys take the paper defaults."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InputError(f"config: cannot read {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InputError(f"config: {path} is not valid YAML: {exc}") from exc
+    if data is not None and not isinstance(data, dict):
+        raise InputError(f"config: {path} must hold a mapping of sections, got {type(data).__name__}")
+    return Config.from_dict(data, source=str(path))

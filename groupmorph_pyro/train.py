@@ -1,0 +1,190 @@
+"""SVI training of the amortised guide, checkpoints that rebuild the model, and resume.
+
+A checkpoint (``torch.save`` dict) holds ``config`` (the full :class:`Config` as a dict), ``guide``
+(state dict), ``optimizer``, ``scheduler``, ``iteration`` and RNG states, so
+:func:`load_checkpoint` rebuilds the guide from the file alone and :func:`train` resumes exactly.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from tqdm.auto import tqdm
+
+from .checks import InputError
+from .config import Config
+from .group import assemble_fields, check_mode, displacements, warp_group
+from .likelihoods import group_nmi
+from .model import GroupMorphGuide, build_guide, build_model
+from .preprocess import extract_patch, percentile_normalize, random_patch_corner
+
+__all__ = ["load_training_groups", "save_checkpoint", "load_checkpoint", "train", "resolve_device", "CHECKPOINT_NAME"]
+
+CHECKPOINT_NAME = "last.pt"
+_FORMAT = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise InputError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {name!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device: {name!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def load_training_groups(cfg: Config) -> list[torch.Tensor]:
+    """Training groups as ``(K, D, H, W)`` float32 tensors in [0, 1] (1–99 percentile normalised)."""
+    from .io import load_group  # io is the only nibabel user; imported lazily for synthetic-only runs
+    from .synthetic import breathing_phantom
+
+    k = cfg.model.num_timepoints
+    raw = []
+    for paths in cfg.data.groups:
+        images, _, _ = load_group(paths)
+        if images.shape[0] != k:
+            raise InputError(f"data.groups: group {paths} has {images.shape[0]} images, model.num_timepoints is {k}")
+        raw.append(images)
+    syn = dict(cfg.data.synthetic)
+    if syn:
+        n = int(syn.pop("num_groups", 4))
+        seed = int(syn.pop("seed", 0))
+        for i in range(n):
+            raw.append(breathing_phantom(num_timepoints=k, seed=seed + i, **syn).images)
+    if not raw:
+        raise InputError("data: no training groups (set data.groups or data.synthetic)")
+    lo, hi = cfg.data.percentiles
+    return [torch.from_numpy(np.stack([percentile_normalize(a, lo, hi) for a in g])) for g in raw]
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path, cfg: Config, guide: GroupMorphGuide, optimizer=None, scheduler=None, iteration: int = 0,
+                    sampler_state: torch.Tensor | None = None) -> None:
+    """Write a self-describing checkpoint atomically (see module docstring)."""
+    state = {
+        "format": _FORMAT,
+        "config": cfg.to_dict(),
+        "guide": guide.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer else None,
+        "scheduler": scheduler.state_dict() if scheduler else None,
+        "iteration": int(iteration),
+        "torch_rng": torch.get_rng_state(),
+        "sampler_rng": sampler_state,
+    }
+    _atomic_torch_save(state, Path(path))
+
+
+def load_checkpoint(path, device="cpu") -> tuple[Config, GroupMorphGuide, dict]:
+    """Rebuild ``(config, guide, raw checkpoint dict)`` from a checkpoint file alone."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+        cfg = Config.from_dict(state["config"], source=str(path))
+        guide = build_guide(cfg.model)
+        guide.load_state_dict(state["guide"])
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path}: not a groupmorph checkpoint ({type(exc).__name__}: {exc})") from exc
+    return cfg, guide.to(device), state
+
+
+def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list | None = None) -> Path:
+    """Train the amortised guide by SVI on random patches; returns the checkpoint path.
+
+    Each iteration draws ``batch_size`` groups, one random patch location per group (shared by its K
+    timepoints) and, in all-to-one mode with ``train.fixed: random``, a random fixed timepoint.
+    ``resume=True`` continues from ``<output_dir>/last.pt`` (its model config must match).
+    """
+    tcfg, mcfg = cfg.train, cfg.model
+    out = Path(tcfg.output_dir)
+    ckpt_path = out / CHECKPOINT_NAME
+    device = resolve_device(tcfg.device)
+    groups = groups if groups is not None else load_training_groups(cfg)
+    pyro.set_rng_seed(tcfg.seed)
+    gen = torch.Generator().manual_seed(tcfg.seed)
+
+    model = build_model(mcfg)
+    guide = build_guide(mcfg).to(device)
+    optim = torch.optim.Adam(guide.parameters(), lr=tcfg.lr, betas=tuple(tcfg.adam_betas))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=tcfg.iterations)
+    start = 0
+    if resume:
+        if not ckpt_path.is_file():
+            raise InputError(f"--resume: no checkpoint at {ckpt_path}")
+        old_cfg, _, state = load_checkpoint(ckpt_path, device)
+        if old_cfg.model != mcfg:
+            raise InputError(f"--resume: {ckpt_path} was trained with a different model config: {old_cfg.model} vs {mcfg}")
+        guide.load_state_dict(state["guide"])
+        optim.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = state["iteration"]
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("sampler_rng") is not None:
+            gen.set_state(state["sampler_rng"])
+    elif ckpt_path.exists():
+        raise InputError(f"{ckpt_path} exists: pass --resume to continue, or choose another train.output_dir")
+
+    elbo = (TraceMeanField_ELBO() if tcfg.elbo == "meanfield" else Trace_ELBO()).differentiable_loss
+    patch = [int(p) for p in tcfg.patch_size]
+    log_path = out / "log.csv"
+    out.mkdir(parents=True, exist_ok=True)
+    new_log = not log_path.exists() or start == 0
+    with open(log_path, "w" if new_log else "a", newline="") as fh:
+        writer = csv.writer(fh)
+        if new_log:
+            writer.writerow(["iteration", "loss_per_voxel", "nmi", "lr"])
+        bar = tqdm(range(start, tcfg.iterations), initial=start, total=tcfg.iterations, desc="train", disable=not progress)
+        for it in bar:
+            batch = []
+            for _ in range(tcfg.batch_size):
+                g = groups[int(torch.randint(len(groups), (1,), generator=gen))]
+                corner = random_patch_corner(g.shape[1:], patch, gen)
+                batch.append(extract_patch(g, corner, patch))
+            x = torch.stack(batch).to(device)
+            fixed = None
+            if mcfg.mode == "all-to-one":
+                fixed = int(torch.randint(mcfg.num_timepoints, (1,), generator=gen)) if tcfg.fixed == "random" else tcfg.fixed
+                check_mode(mcfg.mode, mcfg.num_timepoints, fixed)
+            optim.zero_grad()
+            loss = elbo(model, guide, x, fixed)
+            loss.backward()
+            optim.step()
+            sched.step()
+            loss_vox = loss.detach().item() / x[0].numel()
+            if it % 10 == 0 or it == tcfg.iterations - 1:
+                with torch.no_grad(), pyro.poutine.block():
+                    loc, _ = guide.distribution_params(x, fixed)
+                    disp = displacements(assemble_fields(loc, mcfg.num_timepoints, mcfg.mode, fixed),
+                                         mcfg.diffeomorphic, mcfg.integration_steps)
+                    nmi = float(group_nmi(warp_group(x, disp), mcfg.bins).mean())
+                bar.set_postfix(loss=f"{loss_vox:.4f}", nmi=f"{nmi:.3f}")
+                writer.writerow([it + 1, loss_vox, nmi, sched.get_last_lr()[0]])
+                fh.flush()
+            if (it + 1) % tcfg.checkpoint_every == 0 or it + 1 == tcfg.iterations:
+                save_checkpoint(ckpt_path, cfg, guide, optim, sched, it + 1, gen.get_state())
+    return ckpt_path
