@@ -90,7 +90,7 @@ class RegisterConfig:
     """Per-case optimisation settings (registration without a checkpoint, or fine-tuning)."""
 
     steps: int = 300  # per-case SVI steps when no checkpoint is given
-    lr: float = 0.05  # Adam step on the whitened guide mean
+    lr: float = 0.2  # Adam step on the whitened guide mean and log σ
     init_scale: float = 0.05  # initial posterior sd (voxels) when starting from zero
 
     def validate(self):

@@ -113,12 +113,16 @@ def load_checkpoint(path, device="cpu") -> tuple[Config, GroupMorphGuide, dict]:
     return cfg, guide.to(device), state
 
 
-def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list | None = None) -> Path:
+def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list | None = None,
+          stop_at: int | None = None) -> Path:
     """Train the amortised guide by SVI on random patches; returns the checkpoint path.
 
     Each iteration draws ``batch_size`` groups, one random patch location per group (shared by its K
     timepoints) and, in all-to-one mode with ``train.fixed: random``, a random fixed timepoint.
-    ``resume=True`` continues from ``<output_dir>/last.pt`` (its model config must match).
+    ``resume=True`` continues from ``<output_dir>/last.pt`` (its model config must match; the
+    optimiser, learning-rate schedule and random streams continue exactly). ``stop_at`` ends this
+    run after that iteration with a checkpoint (for time-sliced jobs); resume later to finish.
+    ``groups``: preloaded ``(K, D, H, W)`` tensors in [0, 1] instead of ``cfg.data``.
     """
     tcfg, mcfg = cfg.train, cfg.model
     out = Path(tcfg.output_dir)
@@ -185,6 +189,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
                 bar.set_postfix(loss=f"{loss_vox:.4f}", nmi=f"{nmi:.3f}")
                 writer.writerow([it + 1, loss_vox, nmi, sched.get_last_lr()[0]])
                 fh.flush()
-            if (it + 1) % tcfg.checkpoint_every == 0 or it + 1 == tcfg.iterations:
+            stopping = stop_at is not None and it + 1 >= stop_at
+            if (it + 1) % tcfg.checkpoint_every == 0 or it + 1 == tcfg.iterations or stopping:
                 save_checkpoint(ckpt_path, cfg, guide, optim, sched, it + 1, gen.get_state())
+            if stopping:
+                break
     return ckpt_path

@@ -1,0 +1,45 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from groupmorph_pyro.checks import InputError
+from groupmorph_pyro.config import Config, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_round_trip(path):
+    cfg = load_config(path)
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_paper_defaults():
+    cfg = Config()
+    assert (cfg.model.lambda_u, cfg.model.lambda_v, cfg.model.integration_steps, cfg.model.alpha) == (1.0, 0.01, 7, 15.0)
+    assert (cfg.train.lr, cfg.train.iterations, cfg.train.patch_size) == (1e-5, 100000, [96, 96, 96])
+    assert load_config(next(p for p in CONFIGS if p.name == "dirlab_4dct.yaml")).train.lr == 1e-5
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ({"model": {"lamda_u": 1.0}}, r"unknown key\(s\) \['lamda_u'\] in 'model'"),
+        ({"trian": {}}, r"unknown section\(s\) \['trian'\]"),
+        ({"model": {"mode": "pairwise"}}, r"model.mode: expected one of"),
+        ({"train": {"elbo": "renyi"}}, r"train.elbo"),
+        ({"model": {"lambda_v": 0}}, r"model.lambda_v"),
+        ([1, 2], r"must hold a mapping"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path, content, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(InputError, match=match):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(InputError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,144 @@
+import hashlib
+import json
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from groupmorph_pyro.cli import main
+from groupmorph_pyro.config import Config
+from groupmorph_pyro.io import displacement_to_world, load_group
+from groupmorph_pyro.synthetic import breathing_phantom
+from groupmorph_pyro.train import train
+
+K, SIZE = 3, 20
+
+
+@pytest.fixture
+def group_files(tmp_path):
+    g = breathing_phantom((SIZE,) * 3, K, amplitude=2.0, num_landmarks=5, seed=3)
+    affine = np.array([[-2.0, 0, 0, 10], [0, 2.0, 0, -5], [0, 0, 2.5, 3], [0, 0, 0, 1]])
+    paths = []
+    for k in range(K):
+        p = tmp_path / "in" / f"t{k}.nii.gz"
+        p.parent.mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(g.images[k], affine), p)
+        paths.append(p)
+    return paths, affine
+
+
+def digest(paths):
+    return [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+
+
+def test_register_per_case_writes_all_outputs_with_input_affine(tmp_path, group_files, capsys):
+    paths, affine = group_files
+    before = digest(paths)
+    out = tmp_path / "out"
+    rc = main(["register", *map(str, paths), "--out", str(out), "--finetune-steps", "3", "--fixed", "1", "--quiet"])
+    assert rc == 0
+    for k in range(K):
+        for name in ("warped", "displacement", "jacobian"):
+            img = nib.load(out / f"{name}_{k}.nii.gz")
+            assert np.allclose(img.affine, affine)
+        assert nib.load(out / f"displacement_{k}.nii.gz").shape == (SIZE, SIZE, SIZE, 1, 3)
+    assert np.allclose(nib.load(out / "displacement_1.nii.gz").get_fdata(), 0.0)  # the fixed timepoint
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("seconds", "nmi_before", "nmi_after", "folding_percent", "mode", "fixed"):
+        assert key in summary
+    assert summary["fixed"] == 1 and summary["per_case_steps"] == 3
+    assert digest(paths) == before
+    assert "registered K=3" in capsys.readouterr().out
+
+
+def test_register_with_checkpoint_and_finetune(tmp_path, group_files):
+    paths, _ = group_files
+    cfg = Config()
+    cfg.model.num_timepoints = K
+    cfg.model.encoder, cfg.model.decoder = [4], [4]
+    cfg.train.iterations, cfg.train.patch_size, cfg.train.device = 1, [16, 16, 16], "cpu"
+    cfg.train.output_dir = str(tmp_path / "run")
+    cfg.data.synthetic = {"num_groups": 1, "shape": [20, 20, 20], "num_landmarks": 5}
+    ckpt = train(cfg, progress=False)
+    out = tmp_path / "out"
+    assert main(["register", *map(str, paths), "--out", str(out), "--checkpoint", str(ckpt), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["amortized"] and summary["per_case_steps"] == 0
+    out2 = tmp_path / "out2"
+    assert main(["register", *map(str, paths), "--out", str(out2), "--checkpoint", str(ckpt), "--finetune-steps", "2", "--quiet"]) == 0
+    assert json.loads((out2 / "summary.json").read_text())["per_case_steps"] == 2
+    # K not matching the checkpoint
+    rc = main(["register", *map(str, paths[:2]), "--out", str(tmp_path / "bad"), "--checkpoint", str(ckpt)])
+    assert rc == 2 and not (tmp_path / "bad").exists()
+
+
+def _save(path, data, affine=np.eye(4)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), path)
+    return str(path)
+
+
+def _junk(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not an image")
+    return str(path)
+
+
+BAD_CASES = {
+    "one image": (lambda d, p: [p[0]], r"at least 2 images"),
+    "different shape": (lambda d, p: [p[0], _save(d / "small.nii.gz", np.zeros((SIZE, SIZE, SIZE - 1)))], r"grid differs"),
+    "different affine": (lambda d, p: [p[0], _save(d / "moved.nii.gz", np.ones((SIZE,) * 3), np.diag([1.0, 1, 1, 1]))], r"--resample"),
+    "4D input": (lambda d, p: [p[0], _save(d / "four.nii.gz", np.zeros((SIZE,) * 3 + (2,)))], r"expected a 3D volume, got shape \(20, 20, 20, 2\)"),
+    "NaN voxels": (lambda d, p: [p[0], _save(d / "nan.nii.gz", np.full((SIZE,) * 3, np.nan))], r"NaN/inf"),
+    "unreadable": (lambda d, p: [p[0], _junk(d / "junk.nii.gz")], r"cannot read"),
+    "missing": (lambda d, p: [p[0], str(d / "missing.nii.gz")], r"no such file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, group_files, capsys, case):
+    paths, _ = group_files
+    make, match = BAD_CASES[case]
+    images = make(tmp_path / "bad_inputs", [str(p) for p in paths])
+    out = tmp_path / "out"
+    rc = main(["register", *images, "--out", str(out), "--finetune-steps", "1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("groupmorph: error:")
+    assert re.search(match, err), err
+    assert not out.exists()
+
+
+def test_resample_accepts_a_different_grid(tmp_path, group_files):
+    paths, affine = group_files
+    shifted = affine.copy()
+    shifted[:3, 3] += 1.0
+    other = _save(tmp_path / "shifted.nii.gz", nib.load(paths[1]).get_fdata(), shifted)
+    images, aff, _ = load_group([paths[0], other, paths[2]], resample=True)
+    assert images.shape == (3, SIZE, SIZE, SIZE) and np.allclose(aff, affine)
+
+
+def test_never_overwrites_inputs(tmp_path, group_files):
+    paths, _ = group_files
+    victim = paths[0].parent / "warped_0.nii.gz"
+    victim.write_bytes(paths[0].read_bytes())
+    before = digest([victim])
+    rc = main(["register", str(victim), *map(str, paths[1:]), "--out", str(victim.parent), "--finetune-steps", "1", "--quiet"])
+    assert rc == 2 and digest([victim]) == before
+
+
+def test_displacement_world_convention():
+    u = np.zeros((3, 2, 2, 2))
+    u[0] = 1.0  # one voxel along array axis 0
+    affine = np.array([[0, 2.0, 0, 0], [-3.0, 0, 0, 0], [0, 0, 1.5, 0], [0, 0, 0, 1]])
+    world = displacement_to_world(u, affine)
+    assert world.shape == (2, 2, 2, 3)
+    assert np.allclose(world[0, 0, 0], [0.0, -3.0, 0.0])
+
+
+def test_demo_command(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--size", "20", "--timepoints", "3", "--steps", "2", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["landmark_mm_before"]["mean_mm"] > 0
+    assert (tmp_path / "demo" / "registered" / "summary.json").exists()

@@ -1,0 +1,135 @@
+import warnings
+
+import pyro
+import pyro.poutine as poutine
+from pyro.poutine.util import site_is_subsample
+import pytest
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+
+from groupmorph_pyro.checks import InputError
+from groupmorph_pyro.group import assemble_fields, latent_indices
+from groupmorph_pyro.model import CaseGuide, GroupMorphGuide, GroupMorphModel
+
+SHAPE = (8, 12, 8)
+SMALL = dict(encoder=(4, 8), decoder=(8, 8, 4))
+
+
+def _step(model, guide, images, fixed, elbo):
+    optim = torch.optim.Adam(guide.parameters(), lr=1e-3)
+    loss = elbo.differentiable_loss(model, guide, images, fixed)
+    loss.backward()
+    optim.step()
+    return loss
+
+
+@pytest.mark.parametrize("mode, fixed", [("all-to-one", 0), ("all-to-one", 2), ("all-moving", None)])
+@pytest.mark.parametrize("diffeomorphic", [True, False])
+@pytest.mark.parametrize("elbo", [Trace_ELBO(), TraceMeanField_ELBO()], ids=["trace", "meanfield"])
+def test_svi_step_runs_without_warnings(mode, fixed, diffeomorphic, elbo):
+    model = GroupMorphModel(3, mode, diffeomorphic)
+    guide = GroupMorphGuide(3, mode, **SMALL)
+    images = torch.rand(2, 3, *SHAPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = _step(model, guide, images, fixed, elbo)
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in guide.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_model_and_guide_share_site_names_and_shapes():
+    model, guide = GroupMorphModel(4), GroupMorphGuide(4, **SMALL)
+    images = torch.rand(1, 4, *SHAPE)
+    gtr = poutine.trace(guide).get_trace(images, 1)
+    mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(images, 1)
+    latent = lambda tr: {n for n, s in tr.nodes.items() if s["type"] == "sample" and not s["is_observed"]
+                         and not site_is_subsample(s)}
+    g_sites, m_latent = latent(gtr), latent(mtr)
+    assert g_sites == m_latent == {"z"}
+    assert gtr.nodes["z"]["value"].shape == (1, 3, 3, *SHAPE)
+    assert "likelihood" in mtr.nodes
+
+
+def test_fixed_timepoint_has_identity_map_for_any_p():
+    model, guide = GroupMorphModel(4), GroupMorphGuide(4, **SMALL)
+    images = torch.rand(1, 4, *SHAPE)
+    for p in range(4):
+        z = guide(images, p)
+        disp = poutine.condition(model, data={"z": z})(images, p)
+        assert disp.shape == (1, 4, 3, *SHAPE)
+        assert torch.equal(disp[:, p], torch.zeros_like(disp[:, p]))
+        others = [k for k in range(4) if k != p]
+        assert (disp[:, others].abs().amax(dim=(2, 3, 4, 5)) > 0).all()
+
+
+def test_guide_rotation_tells_the_network_which_image_is_fixed():
+    guide = GroupMorphGuide(3, **SMALL)
+    torch.nn.init.normal_(guide.mean_head.weight, std=0.1)
+    images = torch.rand(1, 3, *SHAPE)
+    loc0, _ = guide.distribution_params(images, 0)  # timepoints 1, 2
+    loc1, _ = guide.distribution_params(images, 1)  # timepoints 0, 2
+    assert loc0.shape == loc1.shape == (1, 2, 3, *SHAPE)
+    assert not torch.allclose(loc0[:, 1], loc1[:, 1])  # timepoint 2's field depends on which one is fixed
+
+
+def test_all_moving_fields_have_zero_mean():
+    z = torch.randn(2, 4, 3, *SHAPE)
+    v = assemble_fields(z, 4, "all-moving", None)
+    assert torch.allclose(v.mean(1), torch.zeros_like(v[:, 0]), atol=1e-6)
+
+
+def test_guide_mean_bounded_by_alpha_and_positive_scale():
+    guide = GroupMorphGuide(2, alpha=15.0, **SMALL)
+    torch.nn.init.normal_(guide.mean_head.weight, std=100.0)
+    loc, scale = guide.distribution_params(torch.rand(1, 2, *SHAPE), 0)
+    assert loc.abs().max() <= 15.0 and loc.abs().max() > 10.0
+    assert (scale > 0).all()
+
+
+def test_guide_pads_odd_grids():
+    guide = GroupMorphGuide(2, **SMALL)
+    loc, scale = guide.distribution_params(torch.rand(1, 2, 7, 9, 5), 0)
+    assert loc.shape == scale.shape == (1, 1, 3, 7, 9, 5)
+
+
+def test_pairwise_is_k2_all_to_one():
+    assert latent_indices(2, "all-to-one", 1) == [0]
+    model, guide = GroupMorphModel(2), GroupMorphGuide(2, **SMALL)
+    assert torch.isfinite(Trace_ELBO().differentiable_loss(model, guide, torch.rand(1, 2, *SHAPE), 1))
+
+
+def test_guides_never_share_parameters_through_the_param_store():
+    a, b = GroupMorphGuide(2, **SMALL), GroupMorphGuide(2, **SMALL)
+    images = torch.rand(1, 2, *SHAPE)
+    with torch.no_grad():
+        a.mean_head.bias.fill_(1.0)
+        b.mean_head.bias.fill_(-1.0)
+    la, lb = a.distribution_params(images, 0)[0], b.distribution_params(images, 0)[0]
+    Trace_ELBO().differentiable_loss(GroupMorphModel(2), a, images, 0)
+    assert len(pyro.get_param_store()) == 0
+    assert not torch.allclose(la, lb)
+
+
+def test_case_guide_starts_at_given_posterior():
+    loc = torch.randn(1, 2, 3, *SHAPE)
+    scale = torch.full_like(loc, 0.3)
+    guide = CaseGuide(loc, scale)
+    got_loc, got_scale = guide.distribution_params()
+    assert torch.allclose(got_loc, loc, atol=1e-4) and torch.allclose(got_scale, scale)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: GroupMorphModel(1), r"K: expected at least 2"),
+        (lambda: GroupMorphModel(3, mode="some-to-all"), r"mode: expected one of"),
+        (lambda: GroupMorphModel(3)(torch.rand(1, 2, *SHAPE)), r"expected K=3 timepoints on dim 1, got \(1, 2, 8, 12, 8\)"),
+        (lambda: GroupMorphModel(3)(torch.rand(1, 3, *SHAPE), 3), r"fixed: expected a timepoint index in \[0, 2\], got 3"),
+        (lambda: GroupMorphModel(3, "all-moving")(torch.rand(1, 3, *SHAPE), 1), r"all-moving mode has no fixed"),
+        (lambda: GroupMorphGuide(2, **SMALL).distribution_params(torch.rand(2, *SHAPE)), r"\(B, K, D, H, W\)"),
+    ],
+)
+def test_bad_input(call, match):
+    with pytest.raises(InputError, match=match):
+        call()
