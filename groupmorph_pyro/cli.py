@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo", help="folder for the synthetic inputs and the registration")
     d.add_argument("--size", type=int, default=48, help="grid size per axis (>= 16)")
     d.add_argument("--timepoints", type=int, default=4)
-    d.add_argument("--steps", type=int, default=150, help="per-case SVI steps")
+    d.add_argument("--steps", type=int, default=100, help="per-case SVI steps")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
     return p

@@ -27,7 +27,7 @@ class ModelConfig:
     integration_steps: int = 7
     lambda_u: float = 1.0
     lambda_v: float = 0.01
-    beta: float = 1.0  # per-voxel likelihood weight (see likelihoods.GroupNMI)
+    beta: float = 5.0  # per-voxel likelihood weight (see likelihoods.GroupNMI; 5 measured best of 1/5/20, README)
     bins: int = 32
     alpha: float = 15.0  # bound on |guide mean| in voxels
     encoder: list = field(default_factory=lambda: [16, 32, 32, 32])
@@ -74,15 +74,17 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """Training data: lists of image paths per group, and/or synthetic phantoms."""
+    """Training data: a manifest, lists of image paths per group, and/or synthetic phantoms."""
 
+    manifest: str = ""  # CSV/YAML manifest (groupmorph_pyro.data.load_manifest); relative to the config file
+    split: str = "train"  # manifest rows used for training
     groups: list = field(default_factory=list)  # [[t0.nii.gz, t1.nii.gz, ...], ...]
     synthetic: dict = field(default_factory=dict)  # e.g. {num_groups: 4, shape: [64, 64, 64], amplitude: 4}
     percentiles: list = field(default_factory=lambda: [1.0, 99.0])
 
     def validate(self):
-        if not self.groups and not self.synthetic:
-            raise InputError("data: expected 'groups' (lists of image paths) or 'synthetic' settings, got neither")
+        if not self.groups and not self.synthetic and not self.manifest:
+            raise InputError("data: expected 'manifest', 'groups' (lists of image paths) or 'synthetic', got none")
 
 
 @dataclass
@@ -92,6 +94,8 @@ class RegisterConfig:
     steps: int = 300  # per-case SVI steps when no checkpoint is given
     lr: float = 0.2  # Adam step on the whitened guide mean and log σ
     init_scale: float = 0.05  # initial posterior sd (voxels) when starting from zero
+    window: list = field(default_factory=list)  # amortised pass on tiles of this size (d, h, w); [] = whole volume
+    overlap: float = 0.25  # tile overlap fraction for `window`
 
     def validate(self):
         check_positive("register.lr", self.lr)
@@ -146,4 +150,7 @@ def load_config(path) -> Config:
         raise InputError(f"config: {path} is not valid YAML: {exc}") from exc
     if data is not None and not isinstance(data, dict):
         raise InputError(f"config: {path} must hold a mapping of sections, got {type(data).__name__}")
-    return Config.from_dict(data, source=str(path))
+    cfg = Config.from_dict(data, source=str(path))
+    if cfg.data.manifest and not Path(cfg.data.manifest).is_absolute():
+        cfg.data.manifest = str(path.parent / cfg.data.manifest)
+    return cfg

@@ -18,7 +18,7 @@ from scipy.ndimage import affine_transform
 
 from .checks import InputError
 
-__all__ = ["Volume", "load_volume", "load_group", "save_nifti", "write_json", "write_registration", "displacement_to_world"]
+__all__ = ["Volume", "load_volume", "load_group", "save_nifti", "write_json", "atomic_write_text", "write_registration", "displacement_to_world"]
 
 
 @dataclass
@@ -114,9 +114,14 @@ def save_nifti(path, data: np.ndarray, affine: np.ndarray, intent: str | None = 
     _atomic(path, lambda tmp: nib.save(img, tmp))
 
 
+def atomic_write_text(path, text: str) -> None:
+    """Write a text file atomically (temporary file + rename)."""
+    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def write_json(path, obj) -> None:
     """Write JSON atomically."""
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=float) + "\n"))
+    atomic_write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
 
 
 def displacement_to_world(disp_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:

@@ -9,7 +9,10 @@ import torch.nn.functional as F
 
 from .checks import InputError
 
-__all__ = ["percentile_normalize", "pad_to_multiple", "crop_to_shape", "random_patch_corner", "extract_patch"]
+__all__ = [
+    "percentile_normalize", "pad_to_multiple", "crop_to_shape", "random_patch_corner", "extract_patch",
+    "tile_starts", "sliding_window",
+]
 
 
 def percentile_normalize(x, lower: float = 1.0, upper: float = 99.0):
@@ -73,3 +76,40 @@ def extract_patch(x: torch.Tensor, corner: Sequence[int], patch: Sequence[int]) 
         out5 = F.pad(out5, (0, short[2], 0, short[1], 0, short[0]), mode="replicate")
         out = out5.reshape(*lead, *patch)
     return out
+
+
+def tile_starts(size: int, window: int, overlap: float) -> list[int]:
+    """Start indices of windows covering ``[0, size)`` with at least ``overlap`` (fraction) overlap."""
+    if window >= size:
+        return [0]
+    step = max(1, int(window * (1 - overlap)))
+    starts = list(range(0, size - window, step))
+    return starts + [size - window]
+
+
+def sliding_window(fn, x: torch.Tensor, window: Sequence[int], overlap: float = 0.25):
+    """Apply ``fn`` on overlapping 3D tiles of ``x`` and average the overlaps (deterministic).
+
+    Args:
+        fn: ``(B, C, d, h, w) -> tuple of tensors (..., d, h, w)`` (e.g. the guide's mean and scale).
+        x: ``(B, C, D, H, W)``; window: tile size (d, h, w); overlap: fraction in [0, 1).
+    Returns:
+        tuple of tensors ``(..., D, H, W)``, each voxel the mean over the tiles covering it.
+    """
+    if not 0 <= overlap < 1:
+        raise InputError(f"overlap: expected a fraction in [0, 1), got {overlap}")
+    shape = x.shape[-3:]
+    window = [min(int(w), n) for w, n in zip(window, shape)]
+    sums, count = None, torch.zeros(shape, device=x.device, dtype=x.dtype)
+    for d0 in tile_starts(shape[0], window[0], overlap):
+        for h0 in tile_starts(shape[1], window[1], overlap):
+            for w0 in tile_starts(shape[2], window[2], overlap):
+                sl = (slice(d0, d0 + window[0]), slice(h0, h0 + window[1]), slice(w0, w0 + window[2]))
+                outs = fn(x[(..., *sl)])
+                outs = outs if isinstance(outs, tuple) else (outs,)
+                if sums is None:
+                    sums = [o.new_zeros((*o.shape[:-3], *shape)) for o in outs]
+                for acc, o in zip(sums, outs):
+                    acc[(..., *sl)] += o
+                count[sl] += 1
+    return tuple(acc / count for acc in sums)

@@ -16,7 +16,7 @@ from .group import assemble_fields, check_mode, displacements, inverse_displacem
 from .likelihoods import group_nmi
 from .metrics import folding_percent
 from .model import CaseGuide, GroupMorphGuide, build_model
-from .preprocess import percentile_normalize
+from .preprocess import percentile_normalize, sliding_window
 from .spatial import jacobian_determinant
 
 __all__ = ["RegistrationResult", "normalize_group", "fit_case", "register"]
@@ -118,7 +118,11 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     if guide is not None:
         guide = guide.to(device).eval()
         with torch.no_grad():
-            loc, scale = guide.distribution_params(x, fixed)
+            if config.register.window:
+                loc, scale = sliding_window(lambda t: guide.distribution_params(t, fixed), x,
+                                            config.register.window, config.register.overlap)
+            else:
+                loc, scale = guide.distribution_params(x, fixed)
     else:
         loc = torch.zeros(1, k_lat, 3, *x.shape[2:], device=device)
         scale = torch.full_like(loc, config.register.init_scale)

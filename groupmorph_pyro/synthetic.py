@@ -20,7 +20,7 @@ from scipy.ndimage import gaussian_filter
 from .checks import InputError, check_positive, check_spacing, check_spatial_shape
 from .spatial import integrate_velocity, map_points, warp
 
-__all__ = ["SyntheticGroup", "breathing_phantom"]
+__all__ = ["SyntheticGroup", "breathing_phantom", "dce_phantom"]
 
 
 @dataclass
@@ -90,18 +90,61 @@ def breathing_phantom(shape=(48, 48, 48), num_timepoints: int = 6, amplitude: fl
     velocities = (a[:, None, None, None, None] * v[None]).astype(np.float32)
 
     candidates = np.argwhere(vessels & (np.abs(np.stack(c)).max(0) < 0.85))
-    if len(candidates) < num_landmarks:
-        raise InputError(f"breathing_phantom: grid {shape} has {len(candidates)} vessel voxels, fewer than {num_landmarks} landmarks")
-    ref_points = candidates[rng.choice(len(candidates), num_landmarks, replace=False)].astype(np.float32)
+    return _deform_group(np.broadcast_to(ref, (num_timepoints, *shape)), velocities, candidates, num_landmarks,
+                         noise, spacing, rng)
 
+
+def _deform_group(refs: np.ndarray, velocities: np.ndarray, candidates: np.ndarray, num_landmarks: int,
+                  noise: float, spacing, rng) -> SyntheticGroup:
+    """Images ``refs[k] ∘ exp(v_k)`` plus noise, and landmarks ``exp(-v_k)(r)`` for random candidates r."""
+    k, shape = refs.shape[0], refs.shape[1:]
+    if len(candidates) < num_landmarks:
+        raise InputError(f"synthetic: grid {tuple(shape)} has {len(candidates)} landmark candidates, fewer than {num_landmarks}")
+    ref_points = candidates[rng.choice(len(candidates), num_landmarks, replace=False)].astype(np.float32)
     with torch.no_grad():
-        vel = torch.from_numpy(velocities)
-        fwd = integrate_velocity(vel)
-        inv = integrate_velocity(-vel)
-        r = torch.from_numpy(ref).expand(num_timepoints, 1, *shape).contiguous()
-        images = warp(r, fwd)[:, 0].numpy()
-        pts = torch.from_numpy(ref_points).expand(num_timepoints, -1, -1).contiguous()
+        vel = torch.from_numpy(np.ascontiguousarray(velocities, dtype=np.float32))
+        fwd, inv = integrate_velocity(vel), integrate_velocity(-vel)
+        images = warp(torch.from_numpy(np.ascontiguousarray(refs, dtype=np.float32))[:, None], fwd)[:, 0].numpy()
+        pts = torch.from_numpy(ref_points).expand(k, -1, -1).contiguous()
         landmarks = map_points(pts, inv).numpy()
     images = images + noise * rng.standard_normal(images.shape).astype(np.float32)
     affine = np.diag([*spacing, 1.0])
-    return SyntheticGroup(images.astype(np.float32), spacing, affine, landmarks.astype(np.float32), velocities)
+    return SyntheticGroup(images.astype(np.float32), spacing, affine, landmarks.astype(np.float32),
+                          velocities.astype(np.float32))
+
+
+def dce_phantom(shape=(48, 48, 32), num_timepoints: int = 6, amplitude: float = 2.5, num_landmarks: int = 30,
+                spacing=(1.0, 1.0, 1.0), noise: float = 0.01, seed: int = 0) -> SyntheticGroup:
+    """Breast DCE-MRI-like series: two breasts on a chest wall, fibroglandular texture, fat, an
+    enhancing lesion; contrast uptake changes intensities over time (timepoint 0 = pre-contrast)
+    and each timepoint has its own small smooth motion (``amplitude`` voxels at most).
+
+    Args as :func:`breathing_phantom`; axes are (left–right, anterior–posterior, superior–inferior).
+    """
+    shape = check_spatial_shape(shape, minimum=16)
+    spacing = check_spacing(spacing)
+    if int(num_timepoints) != num_timepoints or num_timepoints < 2:
+        raise InputError(f"num_timepoints: expected an integer >= 2, got {num_timepoints!r}")
+    rng = np.random.default_rng(seed)
+    c = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    breasts = _ellipsoid(c, (-0.45, 0.2, 0.0), (0.42, 0.75, 0.85)) | _ellipsoid(c, (0.45, 0.2, 0.0), (0.42, 0.75, 0.85))
+    breasts &= c[1] > -0.4
+    chest = c[1] <= -0.4
+    texture = gaussian_filter(rng.standard_normal(shape), 1.5)
+    texture /= texture.std()
+    gland = breasts & (texture > 0.4)
+    lesion = _ellipsoid(c, (0.45, 0.3, 0.1), (0.12, 0.12, 0.15))
+    base = np.where(chest, 0.35 + 0.03 * texture, 0.0)
+    base = np.where(breasts, 0.8 + 0.03 * texture, base)  # fat: bright on T1 without fat suppression
+    base = np.where(gland, 0.3, base)
+    t = np.arange(num_timepoints) / max(num_timepoints - 1, 1)
+    uptake_lesion = 0.6 * (1 - np.exp(-8 * t)) * np.where(t > 0, 1, 0)  # fast wash-in
+    uptake_gland = 0.25 * t  # slow, progressive
+    refs = np.stack([gaussian_filter(base + ul * lesion + ug * gland, 0.6) for ul, ug in zip(uptake_lesion, uptake_gland)])
+
+    velocities = np.zeros((num_timepoints, 3, *shape), dtype=np.float32)
+    for k in range(1, num_timepoints):
+        field = np.stack([gaussian_filter(rng.standard_normal(shape), 6.0) for _ in range(3)])
+        velocities[k] = amplitude * field / np.abs(field).max()
+    candidates = np.argwhere(gland & (np.abs(np.stack(c)).max(0) < 0.85))
+    return _deform_group(refs, velocities, candidates, num_landmarks, noise, spacing, rng)

@@ -50,7 +50,15 @@ def load_training_groups(cfg: Config) -> list[torch.Tensor]:
 
     k = cfg.model.num_timepoints
     raw = []
-    for paths in cfg.data.groups:
+    paths_list = [list(p) for p in cfg.data.groups]
+    if cfg.data.manifest:
+        from .data import load_manifest
+
+        rows = [e for e in load_manifest(cfg.data.manifest, k) if e.split == cfg.data.split]
+        if not rows:
+            raise InputError(f"{cfg.data.manifest}: no series with split {cfg.data.split!r}")
+        paths_list += [e.images for e in rows]
+    for paths in paths_list:
         images, _, _ = load_group(paths)
         if images.shape[0] != k:
             raise InputError(f"data.groups: group {paths} has {images.shape[0]} images, model.num_timepoints is {k}")
@@ -146,6 +154,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
         guide.load_state_dict(state["guide"])
         optim.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        sched.T_max = tcfg.iterations  # a resume that extends train.iterations stretches the cosine schedule
         start = state["iteration"]
         torch.set_rng_state(state["torch_rng"])
         if state.get("sampler_rng") is not None:
