@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 import yaml
-from scipy.ndimage import zoom
+from scipy.ndimage import affine_transform
 
 from .checks import InputError, check_spacing
 from .io import Volume, load_volume
@@ -120,7 +120,7 @@ def check_landmarks_in_image(points: np.ndarray, shape: Sequence[int], source: s
     if len(bad):
         i = int(bad[0])
         raise InputError(f"{source}: {len(bad)} landmark(s) outside the image of size {tuple(shape)}, "
-                         f"first #{i + 1} at 1-based {tuple(np.round(points[i] + 1, 2))}")
+                         f"first #{i + 1} at 1-based ({', '.join(f'{x:.4g}' for x in points[i] + 1)})")
 
 
 def write_landmarks(path, points: np.ndarray, one_based: bool = True) -> None:
@@ -132,16 +132,20 @@ def write_landmarks(path, points: np.ndarray, one_based: bool = True) -> None:
 
 
 def resample_to_spacing(vol: Volume, spacing: float | Sequence[float] = 1.0, order: int = 1) -> Volume:
-    """Resample to a new voxel size (mm) on the same field of view; the affine is updated.
+    """Resample to exactly ``spacing`` mm, keeping voxel 0's centre; the affine is updated.
+
+    The new grid has ``floor((n − 1) · s / t) + 1`` voxels per axis (old spacing s, target t), so
+    it covers the old field of view (centre to centre) without extrapolating.
 
     Args:
         vol: input volume; spacing: target spacing (one number = isotropic); order: spline order.
     """
-    target = check_spacing([spacing] * 3 if np.isscalar(spacing) else spacing)
-    factors = np.asarray(vol.spacing) / np.asarray(target)
-    data = zoom(vol.data, factors, order=order, grid_mode=False)
+    target = np.asarray(check_spacing([spacing] * 3 if np.isscalar(spacing) else spacing))
+    ratio = target / np.asarray(vol.spacing)  # old voxels per new voxel
+    shape = [int(np.floor((n - 1) / r + 1e-6)) + 1 for n, r in zip(vol.data.shape, ratio)]
+    data = affine_transform(vol.data, ratio, output_shape=shape, order=order, mode="nearest")
     affine = vol.affine.copy()
-    affine[:3, :3] = vol.affine[:3, :3] / factors  # columns scale with the voxel size
+    affine[:3, :3] = vol.affine[:3, :3] * ratio  # column c scales with axis c's voxel size
     return Volume(data.astype(np.float32), affine, vol.path)
 
 
@@ -195,8 +199,9 @@ def read_series(paths: Sequence, spacing: float | Sequence[float] | None = 1.0) 
     ref = vols[0]
     for v in vols[1:]:
         if not np.allclose(v.spacing, ref.spacing, rtol=1e-3):
-            raise InputError(f"{v.path}: spacing {tuple(np.round(v.spacing, 4))} mm differs from "
-                             f"{ref.path} {tuple(np.round(ref.spacing, 4))} mm (mixed spacings in one series)")
+            fmt = lambda sp: "(" + ", ".join(f"{x:.4g}" for x in sp) + ")"  # noqa: E731
+            raise InputError(f"{v.path}: spacing {fmt(v.spacing)} mm differs from {ref.path} {fmt(ref.spacing)} mm "
+                             f"(mixed spacings in one series)")
     return vols
 
 

@@ -7,7 +7,9 @@ import torch
 from .checks import InputError, check_spacing, check_tensor
 from .spatial import map_points
 
-__all__ = ["map_landmarks", "landmark_distances", "summarize_distances", "folding_percent", "pairwise_rmse"]
+__all__ = [
+    "map_landmarks", "landmark_distances", "summarize_distances", "folding_percent", "pairwise_rmse", "landmark_report",
+]
 
 
 def map_landmarks(landmarks: torch.Tensor, disp: torch.Tensor, inverse_disp: torch.Tensor) -> torch.Tensor:
@@ -77,3 +79,15 @@ def pairwise_rmse(images) -> float:
     k = x.shape[0]
     vals = [((x[i] - x[j]) ** 2).mean().sqrt() for i in range(k) for j in range(k) if i != j]
     return float(torch.stack(vals).mean())
+
+
+def landmark_report(landmarks, result, spacing) -> dict:
+    """Landmark distance before (identity) and after a registration result, mean ± sd in mm.
+
+    Args:
+        landmarks: ``(K, L, 3)`` 0-based voxel coordinates; result: a RegistrationResult;
+        spacing: voxel size in mm.
+    """
+    before = summarize_distances(landmark_distances(landmarks, spacing=spacing))
+    after = summarize_distances(landmark_distances(landmarks, result.displacement, result.inverse_displacement, spacing))
+    return {"identity": before, "registered": after}

@@ -64,7 +64,7 @@ def crop_window(size: int, crop: int, points: np.ndarray) -> int:
 
 
 def prepare_dirlab(folder, out_dir, case: int, phases: Sequence[str] = PAPER_PHASES, crop: int | None = 256,
-                   shape=None, spacing=None) -> Path:
+                   shape=None, spacing=None, split: str = "test") -> Path:
     """Convert a DIR-Lab case to NIfTI + landmarks + ``manifest.yaml`` in ``out_dir``.
 
     The in-plane (x, y) crop to ``crop x crop`` (the paper's 256x256; None = no crop) keeps every
@@ -73,7 +73,8 @@ def prepare_dirlab(folder, out_dir, case: int, phases: Sequence[str] = PAPER_PHA
     the case table (for non-standard files such as the synthetic twin).
 
     Writes ``case<N>_<TXX>.nii.gz``, ``case<N>_<TXX>_landmarks.txt`` (1-based x y z),
-    ``case<N>_<TXX>_landmarks300.txt`` where available, and returns the manifest path.
+    ``case<N>_<TXX>_landmarks300.txt`` where available, and ``manifest.yaml`` (one series named
+    ``case<N>`` with ``split``); returns the manifest path.
     """
     out_dir = Path(out_dir)
     files = find_dirlab_files(folder, case)
@@ -93,7 +94,7 @@ def prepare_dirlab(folder, out_dir, case: int, phases: Sequence[str] = PAPER_PHA
     x0, y0 = int(offset[0]), int(offset[1])
     cx = crop if crop is not None else grid[0]
     cy = crop if crop is not None else grid[1]
-    entry = SeriesEntry(f"case{case}", [], [], "test")
+    entry = SeriesEntry(f"case{case}", [], [], split)
     for t in phases:
         vol = vols[t]
         data = vol.data[x0 : x0 + cx, y0 : y0 + cy]

@@ -1,0 +1,98 @@
+"""Breast DCE-MRI end to end: prepare (1 mm isotropic) -> train all-moving -> register -> evaluate.
+
+Real data: one folder per patient holding one NIfTI file (or one DICOM series folder) per
+timepoint, sorted by name::
+
+    python examples/breast_mr/pipeline.py --series /data/breast --test-patients p07 p12 --work runs/breast
+
+Synthetic twin (DCE-like series with contrast uptake and small motion), about a minute on a CPU::
+
+    python examples/breast_mr/pipeline.py --smoke --work /tmp/breast_smoke
+
+Evaluation as in the paper's Table 1: RMSE and NMI between aligned timepoints, % det J <= 0, time.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from groupmorph_pyro.config import load_config
+from groupmorph_pyro.data import load_manifest, write_manifest
+from groupmorph_pyro.io import load_group, write_json, write_registration
+from groupmorph_pyro.metrics import pairwise_rmse
+from groupmorph_pyro.prepare import prepare_series, write_dce_twin
+from groupmorph_pyro.registration import register
+from groupmorph_pyro.train import load_checkpoint, train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--series", help="folder with one sub-folder per patient (timepoint files or DICOM folders)")
+    p.add_argument("--test-patients", nargs="*", default=[], help="patients held out for evaluation")
+    p.add_argument("--work", required=True)
+    p.add_argument("--config", default=str(ROOT / "configs" / "breast_mr.yaml"))
+    p.add_argument("--spacing", type=float, default=1.0, help="isotropic resampling (mm)")
+    p.add_argument("--checkpoint", help="skip training and use this checkpoint")
+    p.add_argument("--finetune-steps", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="run on a small synthetic twin with a tiny model "
+                   "(and 15 per-case SVI steps unless --finetune-steps is given)")
+    return p.parse_args(argv)
+
+
+def main(args=None) -> dict:
+    args = parse(args) if not isinstance(args, argparse.Namespace) else args
+    work = Path(args.work)
+    if args.smoke:
+        args.finetune_steps = args.finetune_steps or 15
+        args.series = str(work / "raw")
+        for i in range(2):
+            write_dce_twin(Path(args.series) / f"patient{i}", f"patient{i}", shape=(40, 40, 16), spacing=(1.0, 1.0, 3.0), seed=i)
+        args.test_patients = ["patient0"]
+        args.spacing = 2.0
+    if not args.series:
+        raise SystemExit("pass --series FOLDER or --smoke")
+
+    # 1. prepare: resample every timepoint to isotropic spacing, write NIfTI + manifest
+    entries = []
+    for patient in sorted(p for p in Path(args.series).iterdir() if p.is_dir()):
+        timepoints = sorted(patient.iterdir())
+        split = "test" if patient.name in args.test_patients else "train"
+        m = prepare_series({patient.name: timepoints}, work / "prepared" / patient.name, args.spacing, split)
+        entries += load_manifest(m)
+    manifest = work / "prepared" / "manifest.yaml"
+    write_manifest(manifest, entries)
+
+    # 2. train the all-moving model (group's geodesic average as common frame)
+    cfg = load_config(ROOT / "configs" / "smoke.yaml" if args.smoke else args.config)
+    cfg.model.mode, cfg.model.num_timepoints = "all-moving", len(entries[0].images)
+    cfg.data.manifest, cfg.data.split, cfg.data.synthetic = str(manifest), "train", {}
+    cfg.train.output_dir = str(work / "model")
+    ckpt = args.checkpoint
+    if not ckpt:
+        resume = (Path(cfg.train.output_dir) / "last.pt").exists()
+        ckpt = str(train(cfg, resume=resume, progress=not args.smoke))
+    cfg, guide, _ = load_checkpoint(ckpt)
+
+    # 3. register and 4. evaluate
+    results = {}
+    for e in (e for e in load_manifest(manifest) if e.split == "test"):
+        images, affine, _ = load_group(e.images)
+        res = register(images, cfg, guide, finetune_steps=args.finetune_steps)
+        write_registration(res, work / "registered" / e.name, affine, e.images)
+        results[e.name] = {
+            "rmse_before": pairwise_rmse(images), "rmse_after": pairwise_rmse(res.warped),
+            "nmi_before": res.summary["nmi_before"], "nmi_after": res.summary["nmi_after"],
+            "folding_percent": res.summary["folding_percent_all"], "seconds": res.summary["seconds"],
+        }
+    write_json(work / "results.json", results)
+    for name, r in results.items():
+        print(f"{name}: RMSE {r['rmse_before']:.2f} -> {r['rmse_after']:.2f}, NMI {r['nmi_before']:.3f} -> "
+              f"{r['nmi_after']:.3f}, folding {r['folding_percent']:.3f}%, {r['seconds']:.2f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,31 @@
+"""Every example runs end to end on its synthetic twin (--smoke)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*/pipeline.py"))
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(f"example_{path.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_examples_are_found():
+    assert {p.parent.name for p in EXAMPLES} >= {"dirlab_4dct", "breast_mr"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.parent.name)
+def test_example_smoke(tmp_path, path):
+    results = _load(path).main(["--smoke", "--work", str(tmp_path)])
+    assert results, "no test series evaluated"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved.keys() == results.keys()
+    for name in results:
+        out = tmp_path / "registered" / name
+        assert (out / "summary.json").exists() and (out / "warped_0.nii.gz").exists()
+    assert (tmp_path / "model" / "last.pt").exists()
