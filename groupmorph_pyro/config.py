@@ -13,6 +13,8 @@ import yaml
 
 from .checks import InputError, check_positive
 from .group import MODES
+from .likelihoods import REDUCTIONS, SIMILARITIES
+from .priors import PRIORS
 
 __all__ = ["ModelConfig", "TrainConfig", "DataConfig", "RegisterConfig", "Config", "load_config"]
 
@@ -27,6 +29,11 @@ class ModelConfig:
     integration_steps: int = 7
     lambda_u: float = 1.0
     lambda_v: float = 0.01
+    prior: str = "laplacian"  # "laplacian" (λ_v I + λ_u L), "diagonal" (λ_v I), "bending" (λ_v I + λ_b L²)
+    lambda_b: float = 1.0  # curvature weight of the "bending" prior
+    likelihood: str = "nmi"  # "nmi", "mi", "lncc", "ssd" (see likelihoods.SIMILARITIES)
+    reduction: str = "pairs"  # "pairs" (mean over i≠j, paper) or "template" (each vs the mean image)
+    likelihood_options: dict = field(default_factory=dict)  # e.g. {window: 9} for lncc, {sigma: 0.1} for ssd
     beta: float = 5.0  # per-voxel likelihood weight (see likelihoods.GroupNMI; 5 measured best of 1/5/20, README)
     bins: int = 32
     alpha: float = 15.0  # bound on |guide mean| in voxels
@@ -41,6 +48,13 @@ class ModelConfig:
         for name in ("beta", "lambda_v", "alpha"):
             check_positive(f"model.{name}", getattr(self, name))
         check_positive("model.lambda_u", self.lambda_u, allow_zero=True)
+        check_positive("model.lambda_b", self.lambda_b, allow_zero=True)
+        if self.prior not in PRIORS:
+            raise InputError(f"model.prior: expected one of {PRIORS}, got {self.prior!r}")
+        if self.likelihood not in SIMILARITIES:
+            raise InputError(f"model.likelihood: expected one of {sorted(SIMILARITIES)}, got {self.likelihood!r}")
+        if self.reduction not in REDUCTIONS:
+            raise InputError(f"model.reduction: expected one of {REDUCTIONS}, got {self.reduction!r}")
 
 
 @dataclass

@@ -9,14 +9,26 @@ Group likelihood (paper): ``log p(x | z) = β · N_vox · mean_{i≠j} NMI(φ_i�
 The factor ``N_vox`` (voxels per image) makes ``β`` a *per-voxel* weight, on the same footing as
 the prior's log-density which Pyro sums over voxels (VoxelMorph averages both per voxel instead,
 which is the same optimum with ``β`` scaled).
+
+Research API: :class:`GroupSimilarity` combines any pairwise similarity
+``sim(a: (B, D, H, W), b: (B, D, H, W)) -> (B,)`` (built in: ``"nmi"``, ``"mi"``, ``"lncc"``,
+``"ssd"``; or your own function) with a group reduction: ``"pairs"`` (mean over pairs i ≠ j, the
+paper) or ``"template"`` (each warped image against the mean warped image). Any callable
+``likelihood(warped: (B, K, D, H, W)) -> (B,)`` can be passed to the model instead.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
+import torch.nn.functional as F
 
 from .checks import InputError, check_positive, check_tensor
 
-__all__ = ["parzen_weights", "nmi", "group_nmi", "GroupNMI"]
+__all__ = [
+    "parzen_weights", "nmi", "mutual_information", "lncc", "ssd", "group_nmi",
+    "SIMILARITIES", "REDUCTIONS", "GroupSimilarity", "GroupNMI", "check_likelihood",
+]
 
 _EPS = 1e-10
 
@@ -45,10 +57,63 @@ def _entropy(p: torch.Tensor, dims) -> torch.Tensor:
 
 def _nmi_from_weights(wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     """NMI from Parzen weights ``(B, N, bins)`` x2 -> ``(B,)``."""
+    ha, hb, hab = _joint_entropies(wa, wb)
+    return 2.0 * (ha + hb - hab) / (ha + hb + _EPS)
+
+
+def _joint_entropies(wa: torch.Tensor, wb: torch.Tensor):
     joint = torch.einsum("bni,bnj->bij", wa, wb) / wa.shape[1]  # (B, bins, bins)
     pa, pb = joint.sum(-1), joint.sum(-2)  # (B, bins)
-    ha, hb, hab = _entropy(pa, -1), _entropy(pb, -1), _entropy(joint, (-2, -1))
-    return 2.0 * (ha + hb - hab) / (ha + hb + _EPS)
+    return _entropy(pa, -1), _entropy(pb, -1), _entropy(joint, (-2, -1))
+
+
+def _check_pair(a, b):
+    check_tensor("a", a)
+    check_tensor("b", b)
+    if a.shape != b.shape or a.dim() < 2:
+        raise InputError(f"expected a and b of equal shape (B, ...), got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32, sigma_ratio: float = 0.5) -> torch.Tensor:
+    """Parzen-window mutual information ``I(A; B) = H(A) + H(B) − H(A, B)`` in nats, ``(B,)``."""
+    _check_pair(a, b)
+    wa = parzen_weights(a.reshape(a.shape[0], -1), bins, sigma_ratio)
+    wb = parzen_weights(b.reshape(b.shape[0], -1), bins, sigma_ratio)
+    ha, hb, hab = _joint_entropies(wa, wb)
+    return ha + hb - hab
+
+
+def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-6) -> torch.Tensor:
+    """Local normalised cross-correlation (squared, as in VoxelMorph), mean over voxels, in [0, 1].
+
+    ``cc = cov² / (var_a · var_b + eps)`` per window; ``eps`` guards flat windows (where cc → 0)
+    and is small against the local variances of images in [0, 1].
+
+    Args:
+        a, b: ``(B, D, H, W)``; window: cubic window size in voxels (odd; reduced to the largest
+            odd size that fits a smaller grid).
+    Returns:
+        ``(B,)``.
+    """
+    _check_pair(a, b)
+    if a.dim() != 4:
+        raise InputError(f"lncc: expected (B, D, H, W) images, got {tuple(a.shape)}")
+    if int(window) != window or window < 1 or window % 2 == 0:
+        raise InputError(f"lncc window: expected an odd integer >= 1, got {window!r}")
+    smallest = min(a.shape[-3:])
+    window = min(int(window), smallest if smallest % 2 else smallest - 1)  # grids smaller than the window
+    pool = lambda t: F.avg_pool3d(t[:, None], window, stride=1, padding=window // 2, count_include_pad=False)[:, 0]  # noqa: E731
+    ma, mb = pool(a), pool(b)
+    cov = pool(a * b) - ma * mb
+    va, vb = pool(a * a) - ma * ma, pool(b * b) - mb * mb
+    cc = cov * cov / (va.clamp_min(0) * vb.clamp_min(0) + eps)
+    return cc.mean(dim=(-3, -2, -1))
+
+
+def ssd(a: torch.Tensor, b: torch.Tensor, sigma: float = 0.1) -> torch.Tensor:
+    """Gaussian log-likelihood per voxel up to a constant: ``−mean((a − b)²) / (2σ²)``, ``(B,)``."""
+    _check_pair(a, b)
+    return -(a - b).pow(2).reshape(a.shape[0], -1).mean(-1) / (2 * sigma**2)
 
 
 def nmi(a: torch.Tensor, b: torch.Tensor, bins: int = 32, sigma_ratio: float = 0.5) -> torch.Tensor:
@@ -60,10 +125,7 @@ def nmi(a: torch.Tensor, b: torch.Tensor, bins: int = 32, sigma_ratio: float = 0
     Returns:
         ``(B,)`` NMI in [0, 1] (1 for a perfect one-to-one intensity relation, 0 for independence).
     """
-    check_tensor("a", a)
-    check_tensor("b", b)
-    if a.shape != b.shape or a.dim() < 2:
-        raise InputError(f"nmi: expected a and b of equal shape (B, ...), got {tuple(a.shape)} and {tuple(b.shape)}")
+    _check_pair(a, b)
     wa = parzen_weights(a.reshape(a.shape[0], -1), bins, sigma_ratio)
     wb = parzen_weights(b.reshape(b.shape[0], -1), bins, sigma_ratio)
     return _nmi_from_weights(wa, wb)
@@ -86,27 +148,87 @@ def group_nmi(images: torch.Tensor, bins: int = 32, sigma_ratio: float = 0.5) ->
     return torch.stack(pairs, dim=-1).mean(-1)
 
 
-class GroupNMI:
-    """Group NMI log-likelihood: ``β · N_vox · group_nmi(warped)``.
+SIMILARITIES = {"nmi": nmi, "mi": mutual_information, "lncc": lncc, "ssd": ssd}
+REDUCTIONS = ("pairs", "template")
+
+
+class GroupSimilarity:
+    """Group log-likelihood ``β · N_vox · reduce(sim)`` from a pairwise similarity.
 
     Call signature (the contract for any likelihood plugged into the model):
     ``likelihood(warped: (B, K, D, H, W)) -> (B,)`` log-likelihood up to a constant.
 
     Args:
+        similarity: a name in :data:`SIMILARITIES` or a function ``sim(a, b) -> (B,)`` on
+            ``(B, D, H, W)`` images (larger = more similar).
+        reduction: ``"pairs"`` (mean over pairs i ≠ j; the paper) or ``"template"`` (mean over k of
+            ``sim(x_k, mean_j x_j)``).
         beta: per-voxel weight β (> 0).
-        bins: Parzen histogram bins.
-        sigma_ratio: Parzen kernel width in bins.
+        **options: passed to the similarity (e.g. ``bins`` for NMI/MI, ``window`` for LNCC,
+            ``sigma`` for SSD).
     """
 
-    def __init__(self, beta: float = 1.0, bins: int = 32, sigma_ratio: float = 0.5):
+    def __init__(self, similarity="nmi", reduction: str = "pairs", beta: float = 1.0, **options):
+        if isinstance(similarity, str):
+            if similarity not in SIMILARITIES:
+                raise InputError(f"likelihood: expected one of {sorted(SIMILARITIES)} or a function, got {similarity!r}")
+            self.name, fn = similarity, SIMILARITIES[similarity]
+        elif callable(similarity):
+            self.name, fn = getattr(similarity, "__name__", "custom"), similarity
+            _check_arity("similarity", fn, 2, "sim(a: (B, D, H, W), b: (B, D, H, W)) -> (B,)")
+        else:
+            raise InputError(f"likelihood: expected a name or a function sim(a, b), got {type(similarity).__name__}")
+        if reduction not in REDUCTIONS:
+            raise InputError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        self.fn, self.reduction, self.options = fn, reduction, options
         self.beta = check_positive("beta", beta)
-        self.bins = int(bins)
-        self.sigma_ratio = check_positive("sigma_ratio", sigma_ratio)
 
     def similarity(self, warped: torch.Tensor) -> torch.Tensor:
-        """Mean pairwise NMI ``(B,)`` of the warped group ``(B, K, D, H, W)``."""
-        return group_nmi(warped, self.bins, self.sigma_ratio)
+        """Reduced similarity ``(B,)`` of the warped group ``(B, K, D, H, W)``."""
+        check_tensor("warped", warped, ndim=5, layout="(B, K, D, H, W)")
+        k = warped.shape[1]
+        if k < 2:
+            raise InputError(f"group similarity: expected K >= 2 timepoints on dim 1, got K={k}")
+        if self.reduction == "template":
+            template = warped.mean(1)
+            vals = [self.fn(warped[:, i], template, **self.options) for i in range(k)]
+        else:
+            vals = [self.fn(warped[:, i], warped[:, j], **self.options) for i in range(k) for j in range(i + 1, k)]
+        return torch.stack(vals, dim=-1).mean(-1)
 
     def __call__(self, warped: torch.Tensor) -> torch.Tensor:
-        n_vox = warped.shape[2:].numel()
-        return self.beta * n_vox * self.similarity(warped)
+        return self.beta * warped.shape[2:].numel() * self.similarity(warped)
+
+
+class GroupNMI(GroupSimilarity):
+    """The paper's likelihood: ``β · N_vox · mean_{i≠j} NMI`` (Parzen histogram with ``bins``)."""
+
+    def __init__(self, beta: float = 1.0, bins: int = 32, sigma_ratio: float = 0.5):
+        super().__init__("nmi", "pairs", beta, bins=int(bins), sigma_ratio=check_positive("sigma_ratio", sigma_ratio))
+
+    def similarity(self, warped: torch.Tensor) -> torch.Tensor:
+        return group_nmi(warped, **self.options)  # shares Parzen weights across pairs
+
+
+def _check_arity(name: str, fn, n: int, signature: str) -> None:
+    """Fail clearly unless ``fn`` can be called with ``n`` positional arguments."""
+    try:
+        inspect.signature(fn).bind(*range(n))
+    except TypeError as exc:
+        raise InputError(f"{name}: expected a callable with signature {signature}, got {_describe(fn)} ({exc})") from exc
+    except ValueError:  # builtins without signature: accept
+        pass
+
+
+def _describe(fn) -> str:
+    try:
+        return f"{getattr(fn, '__name__', type(fn).__name__)}{inspect.signature(fn)}"
+    except (TypeError, ValueError):
+        return repr(fn)
+
+
+def check_likelihood(likelihood) -> None:
+    """Validate a user likelihood: callable as ``likelihood(warped)``."""
+    if not callable(likelihood):
+        raise InputError(f"likelihood: expected a callable likelihood(warped: (B, K, D, H, W)) -> (B,), got {likelihood!r}")
+    _check_arity("likelihood", likelihood, 1, "likelihood(warped: (B, K, D, H, W)) -> (B,)")

@@ -16,12 +16,13 @@ from pyro.nn import PyroModule, PyroParam
 
 from .checks import InputError, check_positive, check_tensor
 from .group import assemble_fields, check_mode, displacements, latent_indices, warp_group
-from .likelihoods import GroupNMI
+from .likelihoods import GroupNMI, GroupSimilarity, _check_arity, check_likelihood
 from .networks import UNet3D
 from .preprocess import crop_to_shape, pad_to_multiple
-from .priors import LaplacianNormal, dct3, idct3
+from .priors import LaplacianNormal, dct3, idct3, make_prior
 
-__all__ = ["GroupMorphModel", "GroupMorphGuide", "CaseGuide", "build_model", "build_guide"]
+__all__ = ["LocalParamsModule", "GroupMorphModel", "GroupMorphGuide", "CaseGuide", "build_model", "build_guide",
+           "build_likelihood"]
 
 
 class LocalParamsModule(PyroModule):
@@ -64,9 +65,15 @@ class GroupMorphModel(PyroModule):
         mode: ``"all-to-one"`` or ``"all-moving"`` (pairwise = all-to-one with K=2).
         diffeomorphic: z is a velocity (True) or a displacement (False).
         integration_steps: scaling-and-squaring steps T.
-        prior: callable ``prior(spatial_shape, device) -> distribution`` with event shape
-            ``(3, D, H, W)``; default :class:`LaplacianNormal` with ``lambda_u``, ``lambda_v``.
-        likelihood: callable ``likelihood(warped (B, K, D, H, W)) -> (B,)``; default :class:`GroupNMI`.
+        prior: callable ``prior(spatial_shape: tuple, device) -> distribution`` with event shape
+            ``(3, D, H, W)`` (e.g. :class:`~groupmorph_pyro.priors.BendingNormal`, or your own
+            Pyro distribution); default :class:`LaplacianNormal` with ``lambda_u``, ``lambda_v``.
+            Give it an analytic KL (``torch.distributions.register_kl``) to use TraceMeanField_ELBO.
+        likelihood: callable ``likelihood(warped: (B, K, D, H, W)) -> (B,)`` log-likelihood up to a
+            constant (e.g. :class:`~groupmorph_pyro.likelihoods.GroupSimilarity`); default
+            :class:`GroupNMI` with β = 1.
+
+    Both are checked when the model is built (signature) and when it runs (shapes).
     """
 
     def __init__(self, num_timepoints: int, mode: str = "all-to-one", diffeomorphic: bool = True,
@@ -79,6 +86,10 @@ class GroupMorphModel(PyroModule):
         self.diffeomorphic = bool(diffeomorphic)
         self.integration_steps = int(integration_steps)
         self.lambda_u, self.lambda_v = lambda_u, lambda_v
+        if prior is not None:
+            _check_arity("prior", prior, 2, "prior(spatial_shape: tuple, device) -> distribution with event (3, D, H, W)")
+        if likelihood is not None:
+            check_likelihood(likelihood)
         self.prior = prior or (lambda shape, device: LaplacianNormal(shape, lambda_u, lambda_v, device=device))
         self.likelihood = likelihood or GroupNMI()
 
@@ -92,13 +103,21 @@ class GroupMorphModel(PyroModule):
         fixed = check_mode(self.mode, self.num_timepoints, fixed)
         b, k_lat = images.shape[0], len(latent_indices(self.num_timepoints, self.mode, fixed))
         prior = self.prior(tuple(images.shape[2:]), images.device)
+        event = (3, *images.shape[2:])
+        if tuple(getattr(prior, "event_shape", ())) != event:
+            raise InputError(f"prior: expected a distribution with event shape {event} (3, D, H, W), "
+                             f"got {type(prior).__name__} with event shape {tuple(getattr(prior, 'event_shape', ()))}")
         with pyro.plate("groups", b, dim=-2):
             with pyro.plate("timepoints", k_lat, dim=-1):
                 z = pyro.sample("z", prior)
             fields = assemble_fields(z, self.num_timepoints, self.mode, fixed)
             disp = displacements(fields, self.diffeomorphic, self.integration_steps)
             warped = warp_group(images, disp)
-            pyro.factor("likelihood", self.likelihood(warped).unsqueeze(-1))
+            log_lik = self.likelihood(warped)
+            if not isinstance(log_lik, torch.Tensor) or log_lik.shape != (b,):
+                got = tuple(log_lik.shape) if isinstance(log_lik, torch.Tensor) else type(log_lik).__name__
+                raise InputError(f"likelihood: expected a tensor of shape (B,) = ({b},), got {got}")
+            pyro.factor("likelihood", log_lik.unsqueeze(-1))
         return disp
 
 
@@ -191,11 +210,22 @@ class CaseGuide(LocalParamsModule):
                 return pyro.sample("z", dist.Normal(loc, scale).to_event(4))
 
 
+def build_likelihood(cfg) -> GroupSimilarity:
+    """Likelihood named by a :class:`~groupmorph_pyro.config.ModelConfig` (likelihood, reduction, beta)."""
+    if cfg.likelihood == "nmi" and cfg.reduction == "pairs" and not cfg.likelihood_options:
+        return GroupNMI(cfg.beta, cfg.bins)
+    options = dict(cfg.likelihood_options)
+    if cfg.likelihood in ("nmi", "mi"):
+        options.setdefault("bins", cfg.bins)
+    return GroupSimilarity(cfg.likelihood, cfg.reduction, cfg.beta, **options)
+
+
 def build_model(cfg, likelihood: Callable | None = None, prior: Callable | None = None) -> GroupMorphModel:
-    """Model from a :class:`~groupmorph_pyro.config.ModelConfig`."""
+    """Model from a :class:`~groupmorph_pyro.config.ModelConfig`; ``likelihood``/``prior`` override it."""
     return GroupMorphModel(
         cfg.num_timepoints, cfg.mode, cfg.diffeomorphic, cfg.integration_steps, cfg.lambda_u, cfg.lambda_v,
-        prior=prior, likelihood=likelihood or GroupNMI(cfg.beta, cfg.bins),
+        prior=prior or make_prior(cfg.prior, cfg.lambda_u, cfg.lambda_v, cfg.lambda_b),
+        likelihood=likelihood or build_likelihood(cfg),
     )
 
 

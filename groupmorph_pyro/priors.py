@@ -22,7 +22,10 @@ from torch.distributions import Independent, Normal, register_kl
 
 from .checks import InputError, check_positive, check_spatial_shape
 
-__all__ = ["LaplacianNormal", "dct_matrix", "dct3", "idct3", "laplacian_eigenvalues", "laplacian_quadratic_form"]
+__all__ = [
+    "DCTGaussianField", "LaplacianNormal", "BendingNormal", "PRIORS", "make_prior",
+    "dct_matrix", "dct3", "idct3", "laplacian_eigenvalues", "laplacian_quadratic_form", "apply_laplacian",
+]
 
 
 @lru_cache(maxsize=64)
@@ -98,55 +101,69 @@ def _degree(spatial_shape: Sequence[int], device, dtype) -> torch.Tensor:
     return deg
 
 
-class LaplacianNormal(TorchDistribution):
-    """Gaussian field prior ``N(0, Λ⁻¹)``, ``Λ = λ_v I + λ_u L``, per vector component.
+def apply_laplacian(z: torch.Tensor) -> torch.Tensor:
+    """``L z`` over the last three axes (free boundary): ``(L z)_i = Σ_{j ∈ N(i)} (z_i − z_j)``.
 
-    Args:
-        spatial_shape: grid size ``(D, H, W)``.
-        lambda_u: weight of the Laplacian (smoothness), >= 0.
-        lambda_v: weight of the identity (magnitude), > 0 so that the density is proper.
-        batch_shape: batch shape (e.g. ``(B, K)`` inside plates); set by :meth:`expand`.
-        device: device of samples drawn by :meth:`rsample` (log_prob follows its argument).
+    ``(..., D, H, W) -> (..., D, H, W)``.
+    """
+    out = torch.zeros_like(z)
+    for dim in (-3, -2, -1):
+        if z.shape[dim] > 1:
+            d = torch.diff(z, dim=dim)  # z[i+1] − z[i]
+            zero = torch.zeros_like(d.narrow(dim, 0, 1))
+            out = out + torch.cat([zero, d], dim=dim) - torch.cat([d, zero], dim=dim)
+    return out
 
-    Event shape is ``(3, D, H, W)``: a vector field in voxels. ``log_prob`` is exact (normaliser
-    included); ``rsample`` draws exact samples via the DCT.
+
+class DCTGaussianField(TorchDistribution):
+    """Zero-mean Gaussian field whose precision is a function of the grid Laplacian, ``Λ = f(L)``.
+
+    Shared machinery for priors diagonalised by the 3D DCT: subclasses give the precision
+    eigenvalues ``f(μ)``, the quadratic form ``zᵀΛz`` and ``diag Λ``; this class provides the
+    exact ``log_prob``, DCT ``rsample``, variance, entropy, ``expand`` and the analytic KL from a
+    diagonal Normal (for ``TraceMeanField_ELBO``). Event shape ``(3, D, H, W)``: a vector field in
+    voxels, components independent.
+
+    Subclass contract: ``_precision_from_mu(mu)`` (elementwise on the (D, H, W) eigenvalue grid),
+    ``quadratic_form(z) -> (...)``, ``precision_diagonal(device, dtype) -> (D, H, W)``, and
+    ``_kwargs()`` (constructor arguments other than shape, batch_shape and device).
     """
 
     arg_constraints = {}
     support = constraints.independent(constraints.real, 4)
     has_rsample = True
 
-    def __init__(self, spatial_shape, lambda_u=1.0, lambda_v=0.01, batch_shape=(), device=None, validate_args=None):
+    def __init__(self, spatial_shape, batch_shape=(), device=None, validate_args=None):
         self.spatial_shape = check_spatial_shape(spatial_shape)
-        self.lambda_u = check_positive("lambda_u", lambda_u, allow_zero=True)
-        self.lambda_v = check_positive("lambda_v", lambda_v)
         self.device = torch.device(device or "cpu")
         super().__init__(torch.Size(batch_shape), torch.Size((3, *self.spatial_shape)), validate_args=validate_args)
 
-    # --- helpers -------------------------------------------------------------------------------
+    def _precision_from_mu(self, mu: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _kwargs(self) -> dict:
+        raise NotImplementedError
+
+    def quadratic_form(self, z: torch.Tensor) -> torch.Tensor:
+        """``zᵀΛz`` summed over the event dims. ``(..., 3, D, H, W) -> (...)``."""
+        raise NotImplementedError
+
+    def precision_diagonal(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        """Diagonal of ``Λ`` per voxel, shape (D, H, W)."""
+        raise NotImplementedError
+
     def precision_eigenvalues(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        """``λ_v + λ_u μ`` on the DCT grid, shape (D, H, W)."""
+        """Eigenvalues of ``Λ`` on the DCT grid, shape (D, H, W)."""
         mu = laplacian_eigenvalues(self.spatial_shape, device=device, dtype=torch.float64)
-        return (self.lambda_v + self.lambda_u * mu).to(dtype)
+        return self._precision_from_mu(mu).to(dtype)
 
     def log_det_precision(self, device=None, dtype=torch.float32) -> torch.Tensor:
         """``log|Λ|`` of the full event (3 components), a scalar."""
         return (3.0 * self.precision_eigenvalues(device, torch.float64).log().sum()).to(dtype)
 
-    def quadratic_form(self, z: torch.Tensor) -> torch.Tensor:
-        """``zᵀΛz`` summed over the event dims. ``(..., 3, D, H, W) -> (...)``."""
-        lap = laplacian_quadratic_form(z).sum(-1)
-        return self.lambda_v * z.pow(2).sum(dim=(-4, -3, -2, -1)) + self.lambda_u * lap
-
-    def precision_diagonal(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        """Diagonal of ``Λ`` per voxel, ``λ_v + λ_u deg(i)``, shape (D, H, W)."""
-        return self.lambda_v + self.lambda_u * _degree(self.spatial_shape, device, dtype)
-
-    # --- Distribution API ----------------------------------------------------------------------
     def expand(self, batch_shape, _instance=None):
-        return LaplacianNormal(
-            self.spatial_shape, self.lambda_u, self.lambda_v, batch_shape, self.device, validate_args=False
-        )
+        return type(self)(self.spatial_shape, **self._kwargs(), batch_shape=batch_shape, device=self.device,
+                          validate_args=False)
 
     @property
     def mean(self):
@@ -168,7 +185,7 @@ class LaplacianNormal(TorchDistribution):
     def log_prob(self, value):
         if value.shape[-4:] != self.event_shape:
             raise InputError(
-                f"LaplacianNormal.log_prob: expected trailing shape {tuple(self.event_shape)} (3, D, H, W), "
+                f"{type(self).__name__}.log_prob: expected trailing shape {tuple(self.event_shape)} (3, D, H, W), "
                 f"got {tuple(value.shape)}"
             )
         n = self.event_shape.numel()
@@ -181,8 +198,71 @@ class LaplacianNormal(TorchDistribution):
         return h.expand(self.batch_shape)
 
 
-@register_kl(Independent, LaplacianNormal)
-def _kl_independent_normal_laplacian(q, p):
+class LaplacianNormal(DCTGaussianField):
+    """The paper's prior ``N(0, Λ⁻¹)``, ``Λ = λ_v I + λ_u L``, per vector component.
+
+    Args:
+        spatial_shape: grid size ``(D, H, W)``.
+        lambda_u: weight of the Laplacian (smoothness), >= 0 (0 gives a diagonal Normal).
+        lambda_v: weight of the identity (magnitude), > 0 so that the density is proper.
+        batch_shape: batch shape (e.g. ``(B, K)`` inside plates); set by :meth:`expand`.
+        device: device of samples drawn by :meth:`rsample` (log_prob follows its argument).
+
+    ``log_prob`` is exact (normaliser included); ``rsample`` draws exact samples via the DCT.
+    """
+
+    def __init__(self, spatial_shape, lambda_u=1.0, lambda_v=0.01, batch_shape=(), device=None, validate_args=None):
+        self.lambda_u = check_positive("lambda_u", lambda_u, allow_zero=True)
+        self.lambda_v = check_positive("lambda_v", lambda_v)
+        super().__init__(spatial_shape, batch_shape, device, validate_args)
+
+    def _kwargs(self):
+        return {"lambda_u": self.lambda_u, "lambda_v": self.lambda_v}
+
+    def _precision_from_mu(self, mu):
+        return self.lambda_v + self.lambda_u * mu
+
+    def quadratic_form(self, z):
+        lap = laplacian_quadratic_form(z).sum(-1)
+        return self.lambda_v * z.pow(2).sum(dim=(-4, -3, -2, -1)) + self.lambda_u * lap
+
+    def precision_diagonal(self, device=None, dtype=torch.float32):
+        return self.lambda_v + self.lambda_u * _degree(self.spatial_shape, device, dtype)
+
+
+class BendingNormal(DCTGaussianField):
+    """Second-order (bending-energy-like) smoothness prior ``Λ = λ_v I + λ_b L²``.
+
+    ``zᵀΛz = λ_v ‖z‖² + λ_b ‖L z‖²`` penalises curvature rather than gradients, so affine-like
+    (linear) fields cost only through the boundary. Exact log-density: ``L²`` has the DCT
+    eigenvectors with eigenvalues ``μ²``.
+
+    Args:
+        spatial_shape: ``(D, H, W)``; lambda_b: curvature weight >= 0; lambda_v: > 0.
+    """
+
+    def __init__(self, spatial_shape, lambda_b=1.0, lambda_v=0.01, batch_shape=(), device=None, validate_args=None):
+        self.lambda_b = check_positive("lambda_b", lambda_b, allow_zero=True)
+        self.lambda_v = check_positive("lambda_v", lambda_v)
+        super().__init__(spatial_shape, batch_shape, device, validate_args)
+
+    def _kwargs(self):
+        return {"lambda_b": self.lambda_b, "lambda_v": self.lambda_v}
+
+    def _precision_from_mu(self, mu):
+        return self.lambda_v + self.lambda_b * mu.pow(2)
+
+    def quadratic_form(self, z):
+        return self.lambda_v * z.pow(2).sum(dim=(-4, -3, -2, -1)) + self.lambda_b * apply_laplacian(z).pow(2).sum(
+            dim=(-4, -3, -2, -1))
+
+    def precision_diagonal(self, device=None, dtype=torch.float32):
+        deg = _degree(self.spatial_shape, device, dtype)
+        return self.lambda_v + self.lambda_b * (deg.pow(2) + deg)  # (L²)_ii = deg_i² + deg_i
+
+
+@register_kl(Independent, DCTGaussianField)
+def _kl_independent_normal_dct_field(q, p):
     """Analytic ``KL(N(μ, diag σ²) || N(0, Λ⁻¹))`` over the 4 event dims, shape = batch shape.
 
     ``½ [tr(Λ diag σ²) + μᵀΛμ − n − Σ log σ² − log|Λ|]``, ``tr(Λ diag σ²) = Σ_i Λ_ii σ_i²``.
@@ -192,7 +272,7 @@ def _kl_independent_normal_laplacian(q, p):
         base = base.base_dist
     if not isinstance(base, Normal) or q.event_shape != p.event_shape:
         raise NotImplementedError(
-            f"KL to LaplacianNormal needs Normal(loc, scale).to_event(4) with event shape {tuple(p.event_shape)}, "
+            f"KL to {type(p).__name__} needs Normal(loc, scale).to_event(4) with event shape {tuple(p.event_shape)}, "
             f"got {type(base).__name__} with event shape {tuple(q.event_shape)}"
         )
     loc, scale = base.loc, base.scale
@@ -204,3 +284,21 @@ def _kl_independent_normal_laplacian(q, p):
     logdet = p.log_det_precision(loc.device, loc.dtype)
     log_var = 2.0 * scale.log().sum(dim=(-4, -3, -2, -1))
     return 0.5 * (trace + p.quadratic_form(loc) - n - log_var - logdet)
+
+
+PRIORS = ("laplacian", "diagonal", "bending")
+
+
+def make_prior(name: str = "laplacian", lambda_u: float = 1.0, lambda_v: float = 0.01, lambda_b: float = 1.0):
+    """Prior factory by name, as used by configs: returns ``prior(spatial_shape, device)``.
+
+    ``"laplacian"``: ``λ_v I + λ_u L`` (paper); ``"diagonal"``: ``λ_v I`` (λ_u = 0);
+    ``"bending"``: ``λ_v I + λ_b L²``.
+    """
+    if name == "laplacian":
+        return lambda shape, device: LaplacianNormal(shape, lambda_u, lambda_v, device=device)
+    if name == "diagonal":
+        return lambda shape, device: LaplacianNormal(shape, 0.0, lambda_v, device=device)
+    if name == "bending":
+        return lambda shape, device: BendingNormal(shape, lambda_b, lambda_v, device=device)
+    raise InputError(f"prior: expected one of {PRIORS}, got {name!r}")

@@ -80,7 +80,7 @@ def fit_case(model, images: torch.Tensor, fixed, loc: torch.Tensor, scale: torch
 
 def register(images, config: Config | None = None, guide: GroupMorphGuide | None = None, fixed: int | None = None,
              finetune_steps: int | None = None, device: str | torch.device = "cpu", seed: int = 0,
-             progress: bool = False) -> RegistrationResult:
+             progress: bool = False, likelihood=None, prior=None) -> RegistrationResult:
     """Register a group of K images.
 
     With ``guide`` (trained): one amortised pass gives the posterior; ``finetune_steps > 0`` then
@@ -92,6 +92,7 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
         config: settings (model section must match the guide's); default: paper defaults with K from images.
         fixed: fixed timepoint in all-to-one mode (default 0); must be None in all-moving mode.
         device: torch device for the computation.
+        likelihood, prior: custom callables overriding the config's (see GroupMorphModel).
     Returns:
         :class:`RegistrationResult` (posterior-mean fields).
     """
@@ -111,7 +112,7 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     pyro.set_rng_seed(seed)
     x = normalize_group(images, config.data.percentiles).to(device)
     raw = torch.from_numpy(images)[None].to(device)
-    model = build_model(mcfg)
+    model = build_model(mcfg, likelihood=likelihood, prior=prior)
     k_lat = len(latent_indices(k, mcfg.mode, fixed))
 
     start = time.perf_counter()

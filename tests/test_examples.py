@@ -29,3 +29,11 @@ def test_example_smoke(tmp_path, path):
         out = tmp_path / "registered" / name
         assert (out / "summary.json").exists() and (out / "warped_0.nii.gz").exists()
     assert (tmp_path / "model" / "last.pt").exists()
+
+
+def test_custom_likelihood_example():
+    module = _load(Path(__file__).parent.parent / "examples" / "custom_likelihood.py")
+    results = module.main(["--smoke"])
+    assert len(results) == 2
+    for r in results.values():
+        assert r["registered_mm"] >= 0 and r["folding_percent"] < 1.0
