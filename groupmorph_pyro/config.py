@@ -105,7 +105,8 @@ class DataConfig:
 class RegisterConfig:
     """Per-case optimisation settings (registration without a checkpoint, or fine-tuning)."""
 
-    steps: int = 300  # per-case SVI steps when no checkpoint is given
+    steps: int = 300  # per-case SVI steps when no checkpoint is given (an upper bound with early stopping)
+    patience: int = 50  # early stopping: steps without improvement of the smoothed loss, after 2x this warm-up (0 = off)
     lr: float = 0.2  # Adam step on the whitened guide mean and log σ
     init_scale: float = 0.05  # initial posterior sd (voxels) when starting from zero
     window: list = field(default_factory=list)  # amortised pass on tiles of this size (d, h, w); [] = whole volume

@@ -19,6 +19,7 @@ from .group import assemble_fields, check_mode, displacements, latent_indices, w
 from .likelihoods import GroupNMI, GroupSimilarity, _check_arity, check_likelihood
 from .networks import UNet3D
 from .preprocess import crop_to_shape, pad_to_multiple
+from .spatial import jacobian_determinant
 from .priors import LaplacianNormal, dct3, idct3, make_prior
 
 __all__ = ["LocalParamsModule", "GroupMorphModel", "GroupMorphGuide", "CaseGuide", "build_model", "build_guide",
@@ -59,6 +60,8 @@ class GroupMorphModel(PyroModule):
             v_k = 0 for k = p (all-to-one) | v = z − mean_k z (all-moving)
             φ_k = exp(v_k)  (scaling and squaring)  |  Id + v_k  (non-diffeomorphic)
             x ~ ∝ exp(β · N_vox · mean_{i≠j} NMI(x_i∘φ_i, x_j∘φ_j))  factor "likelihood"
+        displacement = φ − Id, jacobian = det Jφ     deterministic sites, only when
+                                                     ``record_deterministic`` is set (posterior sampling)
 
     Args:
         num_timepoints: K.
@@ -92,6 +95,7 @@ class GroupMorphModel(PyroModule):
             check_likelihood(likelihood)
         self.prior = prior or (lambda shape, device: LaplacianNormal(shape, lambda_u, lambda_v, device=device))
         self.likelihood = likelihood or GroupNMI()
+        self.record_deterministic = False  # set by posterior sampling: adds "displacement" and "jacobian" sites
 
     def forward(self, images: torch.Tensor, fixed: int | None = None) -> torch.Tensor:
         """Run the generative story on ``images`` ``(B, K, D, H, W)`` in [0, 1].
@@ -118,6 +122,10 @@ class GroupMorphModel(PyroModule):
                 got = tuple(log_lik.shape) if isinstance(log_lik, torch.Tensor) else type(log_lik).__name__
                 raise InputError(f"likelihood: expected a tensor of shape (B,) = ({b},), got {got}")
             pyro.factor("likelihood", log_lik.unsqueeze(-1))
+        if self.record_deterministic:  # outside the plates: whole-tensor events
+            pyro.deterministic("displacement", disp, event_dim=disp.dim())
+            jac = jacobian_determinant(disp.reshape(-1, *disp.shape[2:])).reshape(disp.shape[:2] + disp.shape[3:])
+            pyro.deterministic("jacobian", jac, event_dim=jac.dim())
         return disp
 
 

@@ -1,6 +1,7 @@
 """Register one group: amortised guide pass and/or per-case SVI; fields, Jacobians, summary."""
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -14,12 +15,13 @@ from .checks import InputError
 from .config import Config
 from .group import assemble_fields, check_mode, displacements, inverse_displacements, latent_indices, warp_group
 from .likelihoods import group_nmi
-from .metrics import folding_percent
+from .metrics import folding_percent, landmark_distances, landmark_report, summarize_distances
 from .model import CaseGuide, GroupMorphGuide, build_model
 from .preprocess import percentile_normalize, sliding_window
+from .posterior import landmark_posterior, sample_posterior, to_inference_data, uncertainty_maps
 from .spatial import jacobian_determinant
 
-__all__ = ["RegistrationResult", "normalize_group", "fit_case", "register"]
+__all__ = ["RegistrationResult", "normalize_group", "elbo_loss", "fit_case", "register"]
 
 
 @dataclass
@@ -32,7 +34,8 @@ class RegistrationResult:
         inverse_displacement: ``(K, 3, D, H, W)`` ``φ_k⁻¹ − Id`` in voxels.
         jacobian: ``(K, D, H, W)`` ``det Jφ_k``.
         loc, scale: ``(K_lat, 3, D, H, W)`` posterior mean and sd of the latent fields (voxels).
-        summary: seconds, NMI before/after, folding, settings (JSON-serialisable).
+        summary: seconds, NMI before/after, folding, fine-tuning gain, settings (JSON-serialisable).
+        uncertainty, landmark_posterior, inference_data: posterior products when samples were drawn.
     """
 
     warped: np.ndarray
@@ -42,6 +45,9 @@ class RegistrationResult:
     loc: np.ndarray
     scale: np.ndarray
     summary: dict = field(default_factory=dict)
+    uncertainty: dict | None = None  # (K, D, H, W) maps: displacement_std_mm, warped_std, folding_probability
+    landmark_posterior: dict | None = None  # mean_mm (K, L, 3), cov_mm2 (K, L, 3, 3), world mm, common frame
+    inference_data: object = None  # arviz.InferenceData of the posterior samples
 
 
 def normalize_group(images, percentiles=(1.0, 99.0)) -> torch.Tensor:
@@ -52,21 +58,40 @@ def normalize_group(images, percentiles=(1.0, 99.0)) -> torch.Tensor:
     return torch.from_numpy(np.stack([percentile_normalize(a, *percentiles) for a in arr]))[None]
 
 
+def elbo_loss(model, guide, images: torch.Tensor, fixed, particles: int = 8, seed: int = 0) -> float:
+    """Negative ELBO per voxel, averaged over ``particles`` draws with a fixed seed (common random
+    numbers, so two guides are compared on the same noise). Leaves the global RNG untouched."""
+    with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        loss = Trace_ELBO(num_particles=particles).loss(model, guide, images, fixed)
+    return loss / images.shape[1:].numel()
+
+
 def fit_case(model, images: torch.Tensor, fixed, loc: torch.Tensor, scale: torch.Tensor, steps: int, lr: float,
-             lambda_u: float, lambda_v: float, elbo: str = "trace", progress: bool = False) -> tuple[CaseGuide, list]:
+             lambda_u: float, lambda_v: float, elbo: str = "trace", progress: bool = False, patience: int = 50,
+             eval_particles: int = 8) -> tuple[CaseGuide, dict]:
     """Per-case SVI: refine a :class:`CaseGuide` initialised at (loc, scale) on this group alone.
+
+    Stops early when an exponential moving average of the loss has not improved for ``patience``
+    steps, never before ``2 * patience`` steps (the loss has an early transient while σ adapts;
+    0 disables). Then the ELBO of the initial and the refined posterior are compared with
+    common random numbers, and the refined one is kept only if it is not worse, so fine-tuning
+    never makes the case's ELBO worse.
 
     Args:
         model: a GroupMorphModel; images: ``(1, K, D, H, W)`` in [0, 1];
-        loc, scale: ``(1, K_lat, 3, D, H, W)`` initial posterior (voxels); steps: SVI steps; lr: Adam step.
+        loc, scale: ``(1, K_lat, 3, D, H, W)`` initial posterior (voxels); steps: max SVI steps; lr: Adam step.
     Returns:
-        (fitted guide, list of per-step losses per voxel).
+        (guide, info) with info keys ``losses`` (per step, per voxel), ``steps_run``,
+        ``elbo_loss_before`` / ``elbo_loss_after`` (negative ELBO per voxel), ``kept`` ("refined"/"initial").
     """
     guide = CaseGuide(loc, scale, lambda_u, lambda_v)
+    initial = copy.deepcopy(guide.state_dict())
+    before = elbo_loss(model, guide, images, fixed, eval_particles)
     loss_fn = (TraceMeanField_ELBO() if elbo == "meanfield" else Trace_ELBO()).differentiable_loss
     optim = torch.optim.Adam(guide.parameters(), lr=lr)
     n_vox = images.shape[1:].numel()
-    losses = []
+    losses, ema, best, wait = [], None, float("inf"), 0
     bar = tqdm(range(int(steps)), desc="per-case SVI", disable=not progress, leave=False)
     for _ in bar:
         optim.zero_grad()
@@ -74,13 +99,27 @@ def fit_case(model, images: torch.Tensor, fixed, loc: torch.Tensor, scale: torch
         loss.backward()
         optim.step()
         losses.append(loss.detach().item() / n_vox)
+        ema = losses[-1] if ema is None else 0.9 * ema + 0.1 * losses[-1]
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    return guide, losses
+        if ema < best - 1e-4 * abs(best):
+            best, wait = ema, 0
+        else:
+            wait += 1
+        if patience and wait >= patience and len(losses) >= 2 * patience:  # warm-up: early transients
+            break
+    after = elbo_loss(model, guide, images, fixed, eval_particles)
+    kept = "refined"
+    if after > before:
+        guide.load_state_dict(initial)
+        after, kept = before, "initial"
+    info = {"losses": losses, "steps_run": len(losses), "elbo_loss_before": before, "elbo_loss_after": after, "kept": kept}
+    return guide, info
 
 
 def register(images, config: Config | None = None, guide: GroupMorphGuide | None = None, fixed: int | None = None,
              finetune_steps: int | None = None, device: str | torch.device = "cpu", seed: int = 0,
-             progress: bool = False, likelihood=None, prior=None) -> RegistrationResult:
+             progress: bool = False, likelihood=None, prior=None, samples: int = 0, landmarks=None,
+             affine=None) -> RegistrationResult:
     """Register a group of K images.
 
     With ``guide`` (trained): one amortised pass gives the posterior; ``finetune_steps > 0`` then
@@ -93,8 +132,12 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
         fixed: fixed timepoint in all-to-one mode (default 0); must be None in all-moving mode.
         device: torch device for the computation.
         likelihood, prior: custom callables overriding the config's (see GroupMorphModel).
+        samples: draw this many posterior samples for uncertainty maps and InferenceData.
+        landmarks: ``(K, L, 3)`` 0-based voxel coordinates: landmark distances in the summary
+            (before/after fine-tuning) and, with ``samples``, the landmarks' posterior.
+        affine: voxel -> world matrix (default: diagonal of ``spacing`` = 1 mm) for landmark posteriors.
     Returns:
-        :class:`RegistrationResult` (posterior-mean fields).
+        :class:`RegistrationResult` (posterior-mean fields; posterior products when ``samples``).
     """
     images = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images, dtype=np.float32)
     config = config or Config()
@@ -127,10 +170,12 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     else:
         loc = torch.zeros(1, k_lat, 3, *x.shape[2:], device=device)
         scale = torch.full_like(loc, config.register.init_scale)
-    losses = []
+    sampler, finetune = guide, None
+    loc0 = loc
     if steps > 0:
-        case, losses = fit_case(model, x, fixed, loc, scale, steps, config.register.lr, mcfg.lambda_u,
-                                mcfg.lambda_v, config.train.elbo, progress)
+        case, finetune = fit_case(model, x, fixed, loc, scale, steps, config.register.lr, mcfg.lambda_u,
+                                  mcfg.lambda_v, config.train.elbo, progress, config.register.patience)
+        sampler = case
         with torch.no_grad():
             loc, scale = case.distribution_params()
     with torch.no_grad():
@@ -153,12 +198,52 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
         "folding_percent_all": folding_percent(jac),
         "amortized": guide is not None,
         "per_case_steps": steps,
-        "final_loss_per_voxel": losses[-1] if losses else None,
+        "final_loss_per_voxel": finetune["losses"][-1] if finetune and finetune["losses"] else None,
         "fixed": fixed,
         "mode": mcfg.mode,
         "diffeomorphic": mcfg.diffeomorphic,
         "device": str(device),
         "model": dict(vars(mcfg)),
     }
+    spacing = _spacing(affine)
+    if finetune is not None:
+        with torch.no_grad():
+            disp0 = displacements(assemble_fields(loc0, k, mcfg.mode, fixed), mcfg.diffeomorphic, mcfg.integration_steps)
+            nmi0 = float(group_nmi(warp_group(x, disp0), mcfg.bins)[0])
+        summary["finetune"] = {key: finetune[key] for key in ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept")}
+        summary["finetune"].update(nmi_before=nmi0, nmi_after=nmi_after, nmi_gain=nmi_after - nmi0)
     cpu = lambda t: t.detach().cpu().numpy()  # noqa: E731
-    return RegistrationResult(cpu(warped), cpu(disp[0]), cpu(inv[0]), cpu(jac), cpu(loc[0]), cpu(scale[0]), summary)
+    result = RegistrationResult(cpu(warped), cpu(disp[0]), cpu(inv[0]), cpu(jac), cpu(loc[0]), cpu(scale[0]), summary)
+    if landmarks is not None:
+        landmarks = np.asarray(landmarks, dtype=np.float64)
+        summary["landmarks"] = landmark_report(landmarks, result, spacing)
+        if finetune is not None:
+            with torch.no_grad():
+                f0 = assemble_fields(loc0, k, mcfg.mode, fixed)
+                d0 = displacements(f0, mcfg.diffeomorphic, mcfg.integration_steps)[0].cpu()
+                i0 = inverse_displacements(f0, mcfg.diffeomorphic, mcfg.integration_steps)[0].cpu()
+            before = summarize_distances(landmark_distances(landmarks, d0, i0, spacing))
+            summary["finetune"].update(landmarks_before_mm=before["mean_mm"],
+                                       landmarks_after_mm=summary["landmarks"]["registered"]["mean_mm"])
+    if samples:
+        draws = sample_posterior(model, sampler, x, fixed, samples)
+        result.uncertainty = uncertainty_maps(draws, raw, spacing)
+        positions = None
+        if landmarks is not None:
+            lp = landmark_posterior(draws, landmarks, _affine(affine), k, mcfg.mode, fixed, mcfg.diffeomorphic,
+                                    mcfg.integration_steps)
+            result.landmark_posterior = {"mean_mm": lp["mean"], "cov_mm2": lp["cov"]}
+            positions = lp["positions"]
+        result.inference_data = to_inference_data(draws, x, spacing, positions)
+        summary["samples"] = int(samples)
+        summary["folding_probability_max"] = float(result.uncertainty["folding_probability"].max())
+        summary["displacement_std_mm_mean"] = float(result.uncertainty["displacement_std_mm"].mean())
+    return result
+
+
+def _affine(affine) -> np.ndarray:
+    return np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+
+
+def _spacing(affine) -> tuple:
+    return tuple(float(v) for v in np.linalg.norm(_affine(affine)[:3, :3], axis=0))
