@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--finetune-steps", type=int, help="per-case SVI steps (after the amortised pass with --checkpoint)")
     r.add_argument("--no-diffeomorphic", action="store_true", help="displacement model instead of velocity + scaling and squaring")
     r.add_argument("--resample", action="store_true", help="resample every image onto the first image's grid")
+    r.add_argument("--samples", type=int, default=0,
+                   help="draw S posterior samples: uncertainty maps, folding probability, posterior.nc, figures")
+    r.add_argument("--landmarks", nargs="+", metavar="TXT",
+                   help="K landmark files (1-based 'x y z' voxel indices, DIR-Lab format), one per image")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -79,8 +83,23 @@ def _register(args) -> int:
             cfg.model.diffeomorphic = False
     if args.fixed is not None and cfg.model.mode == "all-moving":
         raise InputError(f"--fixed {args.fixed}: all-moving mode has no fixed timepoint")
+    if args.samples < 0:
+        raise InputError(f"--samples: expected an integer >= 0, got {args.samples}")
+    landmarks = None
+    if args.landmarks:
+        from .data import read_landmarks
+
+        if len(args.landmarks) != len(args.images):
+            raise InputError(f"--landmarks: expected {len(args.images)} files (one per image), got {len(args.landmarks)}")
+        import numpy as np
+
+        landmarks = [read_landmarks(p, images.shape[1:]) for p in args.landmarks]
+        if len({len(lm) for lm in landmarks}) != 1:
+            raise InputError(f"--landmarks: files hold different numbers of points {[len(lm) for lm in landmarks]}")
+        landmarks = np.stack(landmarks)
     out = Path(args.out)
-    result = register(images, cfg, guide, args.fixed, args.finetune_steps, device, args.seed, progress=not args.quiet)
+    result = register(images, cfg, guide, args.fixed, args.finetune_steps, device, args.seed, progress=not args.quiet,
+                      samples=args.samples, landmarks=landmarks, affine=affine)
     result.summary["inputs"] = [str(p) for p in args.images]
     result.summary["checkpoint"] = args.checkpoint
     write_registration(result, out, affine, args.images)
@@ -108,9 +127,8 @@ def _train(args) -> int:
 
 
 def _demo(args) -> int:
-    import numpy as np
-
     from .config import Config
+    from .data import write_landmarks
     from .io import save_nifti, write_json, write_registration
     from .metrics import landmark_distances, summarize_distances
     from .registration import register
@@ -121,7 +139,7 @@ def _demo(args) -> int:
     inputs = [out / "inputs" / f"phase_{k}.nii.gz" for k in range(args.timepoints)]
     for k, path in enumerate(inputs):
         save_nifti(path, group.images[k], group.affine)
-        np.savetxt(out / "inputs" / f"landmarks_{k}.txt", group.landmarks[k], fmt="%.3f", header="x y z (0-based voxels)")
+        write_landmarks(out / "inputs" / f"landmarks_{k}.txt", group.landmarks[k])  # DIR-Lab text: 1-based x y z
     cfg = Config()
     cfg.model.num_timepoints = args.timepoints
     result = register(group.images, cfg, finetune_steps=args.steps, seed=args.seed, progress=not args.quiet)

@@ -135,7 +135,10 @@ def write_registration(result, out_dir, affine: np.ndarray, input_paths: Sequenc
     Files (k = 0-based timepoint, in input order): ``warped_<k>.nii.gz`` (input intensities in the
     common frame), ``displacement_<k>.nii.gz`` (``φ_k − Id`` in world mm, shape (X, Y, Z, 1, 3),
     NIfTI intent "vector": ``d = A[:3,:3] @ u_vox``), ``jacobian_<k>.nii.gz`` (``det Jφ_k``) and
-    ``summary.json``. Refuses to write over any input file. Returns the written paths.
+    ``summary.json``; with posterior samples also ``displacement_std_mm_<k>``, ``warped_std_<k>``,
+    ``folding_probability_<k>`` (.nii.gz), ``uncertainty_<k>.png``, ``posterior.nc`` (arviz) and,
+    with landmarks, ``landmarks_posterior.json``. Refuses to write over any input file. Returns the
+    written paths.
     """
     out_dir = Path(out_dir)
     k = result.warped.shape[0]
@@ -147,12 +150,36 @@ def write_registration(result, out_dir, affine: np.ndarray, input_paths: Sequenc
             (out_dir / f"displacement_{i}.nii.gz", world, "vector"),
             (out_dir / f"jacobian_{i}.nii.gz", result.jacobian[i], None),
         ]
+    extra = []
+    if getattr(result, "uncertainty", None):
+        for name, maps in result.uncertainty.items():
+            plan += [(out_dir / f"{name}_{i}.nii.gz", maps[i], None) for i in range(k)]
+        extra += [out_dir / f"uncertainty_{i}.png" for i in range(k)]
+    if getattr(result, "inference_data", None) is not None:
+        extra.append(out_dir / "posterior.nc")
+    if getattr(result, "landmark_posterior", None):
+        extra.append(out_dir / "landmarks_posterior.json")
     inputs = {Path(p).resolve() for p in input_paths}
-    targets = [p for p, _, _ in plan] + [out_dir / "summary.json"]
+    targets = [p for p, _, _ in plan] + extra + [out_dir / "summary.json"]
     clash = [str(p) for p in targets if p.resolve() in inputs]
     if clash:
         raise InputError(f"refusing to overwrite input file(s) {clash}: choose another --out")
     for path, data, intent in plan:
         save_nifti(path, data, affine, intent)
+    if getattr(result, "uncertainty", None):
+        from .plots import uncertainty_figure
+
+        for i in range(k):
+            uncertainty_figure(out_dir / f"uncertainty_{i}.png", result.warped[i],
+                               result.uncertainty["displacement_std_mm"][i], result.jacobian[i], title=f"timepoint {i}")
+    if getattr(result, "inference_data", None) is not None:
+        from .posterior import save_inference_data
+
+        save_inference_data(result.inference_data, out_dir / "posterior.nc")
+    if getattr(result, "landmark_posterior", None):
+        lp = result.landmark_posterior
+        write_json(out_dir / "landmarks_posterior.json", {
+            "frame": "common frame (fixed image in all-to-one mode), world mm",
+            "mean_mm": np.asarray(lp["mean_mm"]).tolist(), "cov_mm2": np.asarray(lp["cov_mm2"]).tolist()})
     write_json(out_dir / "summary.json", result.summary)
     return [str(p) for p in targets]

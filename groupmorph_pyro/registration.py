@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,7 +84,8 @@ def fit_case(model, images: torch.Tensor, fixed, loc: torch.Tensor, scale: torch
         loc, scale: ``(1, K_lat, 3, D, H, W)`` initial posterior (voxels); steps: max SVI steps; lr: Adam step.
     Returns:
         (guide, info) with info keys ``losses`` (per step, per voxel), ``steps_run``,
-        ``elbo_loss_before`` / ``elbo_loss_after`` (negative ELBO per voxel), ``kept`` ("refined"/"initial").
+        ``elbo_loss_before`` / ``elbo_loss_after`` (negative ELBO per voxel), ``kept`` ("refined"/"initial"),
+        ``diverged`` (a non-finite loss stopped the run).
     """
     guide = CaseGuide(loc, scale, lambda_u, lambda_v)
     initial = copy.deepcopy(guide.state_dict())
@@ -93,9 +95,15 @@ def fit_case(model, images: torch.Tensor, fixed, loc: torch.Tensor, scale: torch
     n_vox = images.shape[1:].numel()
     losses, ema, best, wait = [], None, float("inf"), 0
     bar = tqdm(range(int(steps)), desc="per-case SVI", disable=not progress, leave=False)
+    diverged = False
     for _ in bar:
         optim.zero_grad()
-        loss = loss_fn(model, guide, images, fixed)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encountered NaN")  # handled: reported as `diverged`
+            loss = loss_fn(model, guide, images, fixed)
+        if not torch.isfinite(loss):  # diverged: stop, the guard below restores the initial posterior
+            diverged = True
+            break
         loss.backward()
         optim.step()
         losses.append(loss.detach().item() / n_vox)
@@ -107,12 +115,15 @@ def fit_case(model, images: torch.Tensor, fixed, loc: torch.Tensor, scale: torch
             wait += 1
         if patience and wait >= patience and len(losses) >= 2 * patience:  # warm-up: early transients
             break
-    after = elbo_loss(model, guide, images, fixed, eval_particles)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Encountered NaN")
+        after = elbo_loss(model, guide, images, fixed, eval_particles)
     kept = "refined"
-    if after > before:
+    if not after <= before:  # also catches NaN
         guide.load_state_dict(initial)
         after, kept = before, "initial"
-    info = {"losses": losses, "steps_run": len(losses), "elbo_loss_before": before, "elbo_loss_after": after, "kept": kept}
+    info = {"losses": losses, "steps_run": len(losses), "elbo_loss_before": before, "elbo_loss_after": after,
+            "kept": kept, "diverged": diverged}
     return guide, info
 
 
@@ -210,7 +221,8 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
         with torch.no_grad():
             disp0 = displacements(assemble_fields(loc0, k, mcfg.mode, fixed), mcfg.diffeomorphic, mcfg.integration_steps)
             nmi0 = float(group_nmi(warp_group(x, disp0), mcfg.bins)[0])
-        summary["finetune"] = {key: finetune[key] for key in ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept")}
+        summary["finetune"] = {key: finetune[key] for key in
+                               ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "diverged")}
         summary["finetune"].update(nmi_before=nmi0, nmi_after=nmi_after, nmi_gain=nmi_after - nmi0)
     cpu = lambda t: t.detach().cpu().numpy()  # noqa: E731
     result = RegistrationResult(cpu(warped), cpu(disp[0]), cpu(inv[0]), cpu(jac), cpu(loc[0]), cpu(scale[0]), summary)

@@ -1,0 +1,128 @@
+"""Posterior sampling: maps, sample behaviour, fine-tuning guard, InferenceData, CLI."""
+import json
+
+import arviz as az
+import numpy as np
+import pytest
+import torch
+
+from groupmorph_pyro.cli import main
+from groupmorph_pyro.config import Config
+from groupmorph_pyro.data import write_landmarks
+from groupmorph_pyro.io import save_nifti
+from groupmorph_pyro.model import CaseGuide, GroupMorphModel
+from groupmorph_pyro.posterior import (
+    landmark_posterior, sample_posterior, save_inference_data, to_inference_data, uncertainty_maps,
+)
+from groupmorph_pyro.registration import elbo_loss, fit_case, normalize_group, register
+from groupmorph_pyro.synthetic import breathing_phantom
+
+SHAPE = (12, 12, 12)
+
+
+@pytest.fixture(scope="module")
+def group():
+    return breathing_phantom((20, 20, 20), 3, amplitude=2.0, num_landmarks=6, seed=4)
+
+
+def _case_guide(scale):
+    loc = torch.zeros(1, 2, 3, *SHAPE)
+    loc[:, :, 0] = 0.5
+    return CaseGuide(loc, torch.full_like(loc, scale))
+
+
+def test_samples_differ_when_sigma_positive_and_coincide_when_sigma_vanishes():
+    model, x = GroupMorphModel(3), torch.rand(1, 3, *SHAPE)
+    wide = sample_posterior(model, _case_guide(0.5), x, 0, 4)["displacement"]
+    narrow = sample_posterior(model, _case_guide(1e-7), x, 0, 4)["displacement"]
+    assert wide.shape == narrow.shape == (4, 1, 3, 3, *SHAPE)
+    assert (wide[0] - wide[1]).abs().max() > 0.1
+    assert (narrow - narrow[0]).abs().max() < 1e-4
+    assert torch.equal(wide[:, :, 0], torch.zeros_like(wide[:, :, 0]))  # fixed timepoint: identity in every sample
+
+
+def test_uncertainty_map_shapes_and_units():
+    s, k = 6, 2
+    g = torch.Generator().manual_seed(0)
+    disp = torch.zeros(s, 1, k, 3, *SHAPE)
+    disp[:, 0, 1, 2] = torch.randn(s, 1, 1, 1, generator=g).expand(s, *SHAPE)  # only axis 2 of timepoint 1 varies
+    jac = torch.ones(s, 1, k, *SHAPE)
+    jac[:3, 0, 1, 0, 0, 0] = -1.0  # folds in half of the samples at one voxel
+    samples = {"displacement": disp, "jacobian": jac}
+    raw = torch.rand(1, k, *SHAPE) * 1000
+    maps = uncertainty_maps(samples, raw, spacing=(1.0, 1.0, 2.5))
+    for name in ("displacement_std_mm", "warped_std", "folding_probability"):
+        assert maps[name].shape == (k, *SHAPE)
+    expected_mm = disp[:, 0, 1, 2, 0, 0, 0].double().std(unbiased=False) * 2.5  # voxels -> mm on axis 2
+    assert np.allclose(maps["displacement_std_mm"][1], float(expected_mm), rtol=1e-5)
+    assert np.allclose(maps["displacement_std_mm"][0], 0.0)
+    assert maps["folding_probability"][1, 0, 0, 0] == pytest.approx(0.5)
+    assert maps["folding_probability"].sum() == pytest.approx(0.5)
+    assert maps["warped_std"][0].max() == pytest.approx(0.0, abs=1e-3)  # identity in every sample
+    assert maps["warped_std"][1].max() > 1.0  # intensity units (raw images scaled by 1000)
+
+
+def test_landmark_posterior_and_inference_data_round_trip(tmp_path):
+    model, x = GroupMorphModel(3), torch.rand(1, 3, *SHAPE)
+    samples = sample_posterior(model, _case_guide(0.3), x, 0, 5)
+    landmarks = torch.rand(3, 4, 3) * 10 + 0.5
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    lp = landmark_posterior(samples, landmarks, affine, 3, "all-to-one", 0, True)
+    assert lp["positions"].shape == (5, 3, 4, 3) and lp["cov"].shape == (3, 4, 3, 3)
+    assert np.allclose(lp["mean"][0], landmarks[0].numpy() * [2.0, 2.0, 3.0])  # fixed timepoint: exact, in mm
+    assert np.allclose(lp["cov"][0], 0.0) and (np.diagonal(lp["cov"][1], axis1=-2, axis2=-1) > 0).all()
+    idata = to_inference_data(samples, x, (2.0, 2.0, 3.0), lp["positions"])
+    save_inference_data(idata, tmp_path / "posterior.nc")
+    back = az.from_netcdf(tmp_path / "posterior.nc")
+    pos = back.posterior["landmark_position"]
+    assert pos.dims == ("chain", "draw", "timepoint", "landmark", "axis")
+    assert np.allclose(pos.values, idata.posterior["landmark_position"].values)
+    assert list(back.posterior["axis"].values) == ["x", "y", "z"]
+    summary = az.summary(back, var_names=["landmark_position"], kind="stats")
+    assert len(summary) == 3 * 4 * 3
+
+
+@pytest.mark.parametrize("lr", [0.2, 50.0])
+def test_finetuning_never_makes_the_elbo_worse(group, lr):
+    cfg = Config()
+    cfg.model.num_timepoints = 3
+    model = GroupMorphModel(3, lambda_u=1.0, lambda_v=0.01)
+    x = normalize_group(group.images)
+    loc, scale = torch.zeros(1, 2, 3, *x.shape[2:]), torch.full((1, 2, 3, *x.shape[2:]), 0.05)
+    guide, info = fit_case(model, x, 0, loc, scale, 8, lr, 1.0, 0.01, patience=0)
+    assert info["elbo_loss_after"] <= info["elbo_loss_before"]
+    # the guide returned is the one whose ELBO was reported
+    assert elbo_loss(model, guide, x, 0) == pytest.approx(info["elbo_loss_after"], rel=1e-5)
+    if lr > 1:
+        assert info["kept"] == "initial" and info["diverged"]
+
+
+def test_register_reports_finetune_gain_and_landmarks(group):
+    cfg = Config()
+    cfg.model.num_timepoints = 3
+    res = register(group.images, cfg, finetune_steps=5, landmarks=group.landmarks, affine=group.affine, samples=3)
+    ft = res.summary["finetune"]
+    assert {"nmi_before", "nmi_after", "nmi_gain", "landmarks_before_mm", "landmarks_after_mm", "steps_run"} <= set(ft)
+    assert res.summary["landmarks"]["identity"]["mean_mm"] == pytest.approx(ft["landmarks_before_mm"])
+    assert res.uncertainty["displacement_std_mm"].shape == (3, 20, 20, 20)
+    assert res.landmark_posterior["cov_mm2"].shape == (3, 6, 3, 3)
+
+
+def test_cli_samples_and_landmarks(tmp_path, group):
+    paths, lms = [], []
+    for k in range(3):
+        paths.append(str(tmp_path / f"t{k}.nii.gz"))
+        save_nifti(paths[-1], group.images[k], group.affine)
+        lms.append(str(tmp_path / f"l{k}.txt"))
+        write_landmarks(lms[-1], group.landmarks[k])
+    out = tmp_path / "out"
+    rc = main(["register", *paths, "--out", str(out), "--finetune-steps", "3", "--samples", "3", "--landmarks", *lms, "--quiet"])
+    assert rc == 0
+    for k in range(3):
+        for name in ("displacement_std_mm", "warped_std", "folding_probability"):
+            assert (out / f"{name}_{k}.nii.gz").exists()
+        assert (out / f"uncertainty_{k}.png").read_bytes()[:4] == b"\x89PNG"
+    assert az.from_netcdf(out / "posterior.nc").posterior["landmark_position"].shape == (1, 3, 3, 6, 3)
+    assert np.asarray(json.loads((out / "landmarks_posterior.json").read_text())["cov_mm2"]).shape == (3, 6, 3, 3)
+    rc = main(["register", *paths, "--out", str(tmp_path / "bad"), "--landmarks", *lms[:2], "--quiet"])
+    assert rc == 2 and not (tmp_path / "bad").exists()
