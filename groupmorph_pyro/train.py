@@ -24,7 +24,8 @@ from .likelihoods import group_nmi
 from .model import GroupMorphGuide, build_guide, build_model
 from .preprocess import extract_patch, percentile_normalize, random_patch_corner
 
-__all__ = ["load_training_groups", "save_checkpoint", "load_checkpoint", "train", "resolve_device", "CHECKPOINT_NAME"]
+__all__ = ["load_training_groups", "save_checkpoint", "load_checkpoint", "train", "train_or_load", "resolve_device",
+           "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "last.pt"
 _FORMAT = 1
@@ -204,3 +205,17 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
             if stopping:
                 break
     return ckpt_path
+
+
+def train_or_load(cfg: Config, checkpoint=None, progress: bool = True) -> tuple[Config, GroupMorphGuide]:
+    """The trained guide for a workflow: ``checkpoint`` when given; otherwise train ``cfg`` (resuming
+    ``<output_dir>/last.pt`` when it exists, e.g. after an interruption) and load the result.
+
+    Returns:
+        ``(config stored in the checkpoint, guide)``.
+    """
+    if not checkpoint:
+        resume = (Path(cfg.train.output_dir) / CHECKPOINT_NAME).exists()
+        checkpoint = train(cfg, resume=resume, progress=progress)
+    cfg, guide, _ = load_checkpoint(checkpoint)
+    return cfg, guide

@@ -23,7 +23,7 @@ from groupmorph_pyro.io import load_group, write_json, write_registration
 from groupmorph_pyro.metrics import landmark_report
 from groupmorph_pyro.prepare import prepare_dirlab, write_dirlab_twin
 from groupmorph_pyro.registration import register
-from groupmorph_pyro.train import load_checkpoint, train
+from groupmorph_pyro.train import train_or_load
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,11 +72,7 @@ def main(args=None) -> dict:
     cfg.model.num_timepoints = 6
     cfg.data.manifest, cfg.data.split, cfg.data.synthetic = str(manifest), "train", {}
     cfg.train.output_dir = str(work / "model")
-    ckpt = args.checkpoint
-    if not ckpt:
-        resume = (Path(cfg.train.output_dir) / "last.pt").exists()
-        ckpt = str(train(cfg, resume=resume, progress=not args.smoke))
-    cfg, guide, _ = load_checkpoint(ckpt)
+    cfg, guide = train_or_load(cfg, args.checkpoint, progress=not args.smoke)
 
     # 3. register and 4. evaluate every test series
     results = {}
