@@ -146,7 +146,9 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
         samples: draw this many posterior samples for uncertainty maps and InferenceData.
         landmarks: ``(K, L, 3)`` 0-based voxel coordinates: landmark distances in the summary
             (before/after fine-tuning) and, with ``samples``, the landmarks' posterior.
-        affine: voxel -> world matrix (default: diagonal of ``spacing`` = 1 mm) for landmark posteriors.
+        affine: voxel -> world matrix (default identity: 1 mm voxels) giving the spacing for landmark
+            distances and uncertainty maps, and the frame of landmark posteriors.
+        seed: seeds Pyro's random streams (torch, numpy, random) for a reproducible result.
     Returns:
         :class:`RegistrationResult` (posterior-mean fields; posterior products when ``samples``).
     """
@@ -238,6 +240,8 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
             summary["finetune"].update(landmarks_before_mm=before["mean_mm"],
                                        landmarks_after_mm=summary["landmarks"]["registered"]["mean_mm"])
     if samples:
+        if sampler is None:  # no network and no per-case steps: sample the starting posterior N(0, init_scale²)
+            sampler = CaseGuide(loc, scale, mcfg.lambda_u, mcfg.lambda_v)
         draws = sample_posterior(model, sampler, x, fixed, samples)
         result.uncertainty = uncertainty_maps(draws, raw, spacing)
         positions = None

@@ -126,3 +126,13 @@ def test_cli_samples_and_landmarks(tmp_path, group):
     assert np.asarray(json.loads((out / "landmarks_posterior.json").read_text())["cov_mm2"]).shape == (3, 6, 3, 3)
     rc = main(["register", *paths, "--out", str(tmp_path / "bad"), "--landmarks", *lms[:2], "--quiet"])
     assert rc == 2 and not (tmp_path / "bad").exists()
+
+
+def test_samples_without_network_or_steps_sample_the_starting_posterior(group):
+    cfg = Config()
+    cfg.model.num_timepoints = 3
+    cfg.register.init_scale = 0.2
+    res = register(group.images, cfg, finetune_steps=0, samples=3)
+    assert res.summary["per_case_steps"] == 0 and np.allclose(res.displacement, 0.0)
+    assert res.uncertainty["displacement_std_mm"][1:].mean() > 0.0
+    assert np.allclose(res.uncertainty["displacement_std_mm"][0], 0.0)  # the fixed timepoint
