@@ -1,4 +1,4 @@
-"""Command line: ``groupmorph train | register | demo``.
+"""Command line: ``groupmorph train | register | evaluate | demo``.
 
 Bad input prints one line ``groupmorph: error: ...`` to stderr and exits with code 2, before
 anything is written.
@@ -44,6 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("evaluate", help="Table-1 metrics for a manifest split or registration output folders")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", help="register and evaluate every series of --split (outputs under --out)")
+    src.add_argument("--outputs", nargs="+", metavar="DIR", help="existing 'groupmorph register' output folders")
+    e.add_argument("--out", required=True, help="folder for evaluation.json / evaluation.csv (and registrations)")
+    e.add_argument("--split", default="test")
+    e.add_argument("--checkpoint", help="trained model for --manifest (default: per-case SVI)")
+    e.add_argument("--config", help="YAML config for per-case SVI without a checkpoint")
+    e.add_argument("--fixed", type=int)
+    e.add_argument("--finetune-steps", type=int)
+    e.add_argument("--landmarks", nargs="+", metavar="TXT", help="with one --outputs folder: K landmark files")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--quiet", action="store_true")
 
     d = sub.add_parser("demo", help="register a built-in synthetic 4DCT-like group and report landmark error")
     d.add_argument("--out", default="demo", help="folder for the synthetic inputs and the registration")
@@ -100,7 +114,6 @@ def _register(args) -> int:
     out = Path(args.out)
     result = register(images, cfg, guide, args.fixed, args.finetune_steps, device, args.seed, progress=not args.quiet,
                       samples=args.samples, landmarks=landmarks, affine=affine)
-    result.summary["inputs"] = [str(p) for p in args.images]
     result.summary["checkpoint"] = args.checkpoint
     write_registration(result, out, affine, args.images)
     s = result.summary
@@ -155,10 +168,45 @@ def _demo(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    from .config import Config, load_config
+    from .evaluation import evaluate_manifest, evaluate_output, write_table
+    from .train import load_checkpoint, resolve_device
+
+    if args.manifest:
+        device = resolve_device(args.device)
+        guide = None
+        if args.checkpoint:
+            cfg, guide, _ = load_checkpoint(args.checkpoint, device)
+        else:
+            cfg = load_config(args.config) if args.config else Config()
+        rows = evaluate_manifest(args.manifest, Path(args.out) / "registered", cfg, guide, args.split, args.fixed,
+                                 args.finetune_steps, device, progress=not args.quiet)
+    else:
+        landmarks = None
+        if args.landmarks:
+            import numpy as np
+
+            from .data import read_landmarks
+
+            if len(args.outputs) != 1:
+                raise InputError(f"--landmarks: give exactly one --outputs folder, got {len(args.outputs)}")
+            landmarks = np.stack([read_landmarks(p) for p in args.landmarks])
+        rows = [evaluate_output(d, landmarks=landmarks) for d in args.outputs]
+    json_path, csv_path = write_table(rows, args.out)
+    for r in rows:
+        lm = "" if r["landmark_mm_after"] is None else (
+            f", landmarks {r['landmark_mm_before']:.2f} -> {r['landmark_mm_after']:.2f} mm")
+        print(f"{r['series']}: RMSE {r['rmse_before']:.2f} -> {r['rmse_after']:.2f}, NMI {r['nmi_before']:.3f} -> "
+              f"{r['nmi_after']:.3f}{lm}, folding {r['folding_percent']:.3f}%")
+    print(f"wrote {json_path} and {csv_path}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "register": _register, "demo": _demo}[args.command](args)
+        return {"train": _train, "register": _register, "demo": _demo, "evaluate": _evaluate}[args.command](args)
     except InputError as exc:
         print(f"groupmorph: error: {exc}", file=sys.stderr)
         return 2

@@ -181,5 +181,8 @@ def write_registration(result, out_dir, affine: np.ndarray, input_paths: Sequenc
         write_json(out_dir / "landmarks_posterior.json", {
             "frame": "common frame (fixed image in all-to-one mode), world mm",
             "mean_mm": np.asarray(lp["mean_mm"]).tolist(), "cov_mm2": np.asarray(lp["cov_mm2"]).tolist()})
-    write_json(out_dir / "summary.json", result.summary)
+    summary = dict(result.summary)
+    if input_paths:
+        summary["inputs"] = [str(Path(p).resolve()) for p in input_paths]
+    write_json(out_dir / "summary.json", summary)
     return [str(p) for p in targets]
