@@ -23,7 +23,7 @@ from .metrics import folding_percent, landmark_distances, pairwise_rmse, summari
 from .registration import normalize_group, register
 from .spatial import invert_displacement
 
-__all__ = ["group_metrics", "evaluate_output", "evaluate_manifest", "write_table", "COLUMNS"]
+__all__ = ["group_metrics", "landmark_columns", "evaluate_output", "evaluate_manifest", "write_table", "COLUMNS"]
 
 COLUMNS = ["series", "method", "rmse_before", "rmse_after", "nmi_before", "nmi_after", "landmark_mm_before",
            "landmark_sd_before", "landmark_mm_after", "landmark_sd_after", "folding_percent", "seconds"]
@@ -42,7 +42,7 @@ def group_metrics(images: np.ndarray, warped: np.ndarray, jacobian: np.ndarray |
     return row
 
 
-def _landmark_columns(landmarks, disp, inv, spacing) -> dict:
+def landmark_columns(landmarks, disp, inv, spacing) -> dict:
     before = summarize_distances(landmark_distances(landmarks, spacing=spacing))
     after = summarize_distances(landmark_distances(landmarks, disp, inv, spacing))
     return {"landmark_mm_before": before["mean_mm"], "landmark_sd_before": before["sd_mm"],
@@ -87,7 +87,7 @@ def evaluate_output(folder, images=None, landmarks=None, series: str = "", metho
                          for i in range(k)])  # world mm -> voxels, (K, 3, D, H, W)
         disp_t = torch.from_numpy(disp).double()
         inv = invert_displacement(disp_t, iterations=30)
-        row.update(_landmark_columns(landmarks, disp_t, inv, vols[0].spacing))
+        row.update(landmark_columns(landmarks, disp_t, inv, vols[0].spacing))
     return {c: row.get(c) for c in COLUMNS}
 
 
@@ -114,7 +114,7 @@ def evaluate_manifest(manifest, out_dir, config: Config | None = None, guide=Non
                **group_metrics(images, res.warped, res.jacobian), "seconds": res.summary["seconds"]}
         if e.landmarks:
             lms = np.stack([read_landmarks(p, images.shape[1:]) for p in e.landmarks])
-            row.update(_landmark_columns(lms, res.displacement, res.inverse_displacement, vols[0].spacing))
+            row.update(landmark_columns(lms, res.displacement, res.inverse_displacement, vols[0].spacing))
         rows.append({c: row.get(c) for c in COLUMNS})
     return rows
 

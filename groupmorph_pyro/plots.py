@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["uncertainty_figure"]
+__all__ = ["uncertainty_figure", "comparison_figure"]
 
 
 def _middle_slice(vol: np.ndarray, axis: int = 2) -> np.ndarray:
@@ -36,6 +36,37 @@ def uncertainty_figure(path, image: np.ndarray, std_mm: np.ndarray, jacobian: np
         fig.colorbar(im, ax=ax, shrink=0.8)
     if title:
         fig.suptitle(title)
+    _save(fig, path, plt)
+
+
+def comparison_figure(path, results: dict, title: str = "") -> None:
+    """Paper Fig. 4 style: per method, the middle slice of (mean aligned timepoint − first aligned
+    timepoint) and of ``det J`` of the last timepoint. ``results``: ``{method: (warped (K, D, H, W),
+    jacobian (K, D, H, W))}``. Written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n = len(results)
+    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.4), constrained_layout=True, squeeze=False)
+    diffs = {m: w.mean(0) - w[0] for m, (w, _) in results.items()}
+    lim = max(float(np.abs(d).max()) for d in diffs.values()) or 1.0
+    for col, (method, (warped, jac)) in enumerate(results.items()):
+        im = axes[0, col].imshow(_middle_slice(diffs[method]), cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
+        axes[0, col].set_title(f"{method}\nmean − first", fontsize=8)
+        im2 = axes[1, col].imshow(_middle_slice(jac[-1]), cmap="RdBu_r", vmin=0.0, vmax=2.0, origin="lower")
+        axes[1, col].set_title("det J (last timepoint)", fontsize=8)
+        for ax in axes[:, col]:
+            ax.axis("off")
+    fig.colorbar(im, ax=axes[0, :].tolist(), shrink=0.8)
+    fig.colorbar(im2, ax=axes[1, :].tolist(), shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path, plt)
+
+
+def _save(fig, path, plt) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)

@@ -87,7 +87,9 @@ def fit_case(model, images: torch.Tensor, fixed, loc: torch.Tensor, scale: torch
         ``elbo_loss_before`` / ``elbo_loss_after`` (negative ELBO per voxel), ``kept`` ("refined"/"initial"),
         ``diverged`` (a non-finite loss stopped the run).
     """
-    guide = CaseGuide(loc, scale, lambda_u, lambda_v)
+    # Whitening only preconditions the steps; a floor on λ_v keeps the (nearly) unpenalised constant
+    # mode from taking steps of size lr / sqrt(λ_v) when λ_v is tiny (e.g. the VoxelMorph baseline).
+    guide = CaseGuide(loc, scale, lambda_u, max(lambda_v, 0.01))
     initial = copy.deepcopy(guide.state_dict())
     before = elbo_loss(model, guide, images, fixed, eval_particles)
     loss_fn = (TraceMeanField_ELBO() if elbo == "meanfield" else Trace_ELBO()).differentiable_loss
