@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from groupmorph_pyro.baselines import elastix_all_to_one, identity, pairwise_groupmorph
+from groupmorph_pyro.baselines import elastix_all_to_one, elastix_groupwise, identity, pairwise_groupmorph
 from groupmorph_pyro.config import Config
 from groupmorph_pyro.evaluation import COLUMNS, landmark_columns, group_metrics, write_table
 from groupmorph_pyro.plots import comparison_figure
@@ -70,6 +70,7 @@ def main(argv=None) -> list:
         methods = {
             "identity": lambda: identity(images),
             "elastix (B-spline, NMI)": lambda: elastix_all_to_one(images, spacing, 0, elx),
+            "elastix group-wise": lambda: elastix_groupwise(images, spacing, elx),
             "voxelmorph-diff (K=2, per-case)": lambda: pairwise_groupmorph(images, cfg, 0, steps),
             "groupmorph-diff all-to-one (per-case)": lambda: register(images, cfg, finetune_steps=steps),
         }
