@@ -53,6 +53,7 @@ def main(argv=None) -> list:
     p.add_argument("--manifest")
     p.add_argument("--split", default="test")
     p.add_argument("--checkpoint", help="trained GroupMorph model (amortised row)")
+    p.add_argument("--pairwise-checkpoint", help="trained K=2 model (amortised VoxelMorph row)")
     p.add_argument("--size", type=int, default=48)
     p.add_argument("--timepoints", type=int, default=4)
     p.add_argument("--steps", type=int, default=100, help="per-case SVI steps (GroupMorph, VoxelMorph rows)")
@@ -79,6 +80,11 @@ def main(argv=None) -> list:
 
             ckpt_cfg, guide, _ = load_checkpoint(args.checkpoint)
             methods["groupmorph-diff all-to-one (amortised)"] = lambda: register(images, ckpt_cfg, guide)
+        if args.pairwise_checkpoint:
+            from groupmorph_pyro.train import load_checkpoint
+
+            pair_cfg, pair_guide, _ = load_checkpoint(args.pairwise_checkpoint)
+            methods["voxelmorph (K=2, amortised)"] = lambda: pairwise_groupmorph(images, pair_cfg, 0, 0, guide=pair_guide)
         figure = {}
         for method, run in tqdm(methods.items(), desc=name, disable=args.smoke):
             res = run()

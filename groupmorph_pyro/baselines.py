@@ -157,22 +157,30 @@ def elastix_groupwise(images, spacing, parameters: dict | None = None) -> Regist
 
 
 def pairwise_groupmorph(images, config: Config | None = None, fixed: int = 0, steps: int | None = None,
-                        lambda_v: float = 1e-6) -> RegistrationResult:
-    """VoxelMorph(-diff) baseline: K = 2 all-to-one model, per-case SVI for each pair (fixed, k).
+                        lambda_v: float = 1e-6, guide=None) -> RegistrationResult:
+    """VoxelMorph(-diff) baseline: K = 2 all-to-one model applied to each pair (fixed, k).
 
-    ``config.model.diffeomorphic`` selects VoxelMorph-diff (True) or VoxelMorph (False).
+    Without ``guide``: per-case SVI (``steps``). With ``guide``: a trained K = 2 network (train one
+    with ``model.num_timepoints: 2`` and ``model.lambda_v`` tiny; pass its checkpoint's config),
+    plus ``steps`` of fine-tuning if given. ``config.model.diffeomorphic`` selects VoxelMorph-diff
+    (True) or VoxelMorph (False).
     """
     images = np.asarray(images, dtype=np.float32)
     k = images.shape[0]
     check_mode("all-to-one", k, fixed)
     cfg = copy.deepcopy(config or Config())
-    cfg.model.num_timepoints, cfg.model.mode, cfg.model.lambda_v = 2, "all-to-one", lambda_v
+    if guide is not None and (cfg.model.num_timepoints, cfg.model.mode) != (2, "all-to-one"):
+        raise InputError(f"pairwise baseline: the network must be a K=2 all-to-one model, got K={cfg.model.num_timepoints} "
+                         f"{cfg.model.mode}")
+    if guide is None:
+        cfg.model.lambda_v = lambda_v
+    cfg.model.num_timepoints, cfg.model.mode = 2, "all-to-one"
     disp = np.zeros((k, 3, *images.shape[1:]), np.float32)
     start = time.perf_counter()
     for i in range(k):
         if i == fixed:
             continue
-        res = register(images[[fixed, i]], cfg, fixed=0, finetune_steps=steps)
+        res = register(images[[fixed, i]], cfg, guide, fixed=0, finetune_steps=steps)
         disp[i] = res.displacement[1]
     name = "voxelmorph-diff" if cfg.model.diffeomorphic else "voxelmorph"
     return result_from_displacements(images, disp, time.perf_counter() - start, name, fixed)

@@ -9,6 +9,7 @@ import torch
 
 from conftest import smooth_image
 from groupmorph_pyro.baselines import elastix_all_to_one, elastix_groupwise, identity, pairwise_groupmorph
+from groupmorph_pyro.checks import InputError
 from groupmorph_pyro.config import Config
 from groupmorph_pyro.spatial import warp
 from groupmorph_pyro.synthetic import breathing_phantom
@@ -60,6 +61,14 @@ def test_pairwise_groupmorph_baseline_shapes():
     cfg.model.diffeomorphic = False
     assert pairwise_groupmorph(g.images, cfg, 0, 1).summary["method"] == "voxelmorph"
     assert cfg.model.num_timepoints == 6  # the caller's config is not modified
+    from groupmorph_pyro.model import build_guide
+
+    pair = Config()
+    pair.model.num_timepoints, pair.model.encoder, pair.model.decoder = 2, [4], [4]
+    res = pairwise_groupmorph(g.images, pair, 0, 0, guide=build_guide(pair.model))  # amortised K=2 network
+    assert res.displacement.shape == (3, 3, 20, 20, 20)
+    with pytest.raises(InputError, match="must be a K=2 all-to-one model"):
+        pairwise_groupmorph(g.images, cfg, 0, 0, guide=build_guide(pair.model))
 
 
 def test_table1_benchmark_smoke(tmp_path):
