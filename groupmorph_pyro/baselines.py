@@ -17,6 +17,7 @@ Every baseline returns a :class:`~groupmorph_pyro.registration.RegistrationResul
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 
 import numpy as np
@@ -96,6 +97,14 @@ def _parameter_object(itk, default: str, settings: dict):
     return params
 
 
+def _deformation_field(itk, image, transform) -> np.ndarray:
+    """Transformix deformation field as numpy (..., D, H, W, dims); transformix writes its files to a
+    temporary folder, never to the current directory."""
+    with tempfile.TemporaryDirectory(prefix="transformix-") as tmp:
+        field = itk.transformix_deformation_field(image, transform, output_directory=tmp)
+        return np.asarray(itk.array_from_image(field)).copy()
+
+
 def _field_to_voxels(field: np.ndarray, spacing) -> np.ndarray:
     """ITK deformation field (..., D, H, W, >=3) in (x, y, z) mm -> (..., 3, D, H, W) voxels along array axes."""
     return np.stack([field[..., 2 - c] / spacing[c] for c in range(3)], axis=-4).astype(np.float32)
@@ -124,7 +133,7 @@ def elastix_all_to_one(images, spacing, fixed: int = 0, parameters: dict | None 
             continue
         moving = _to_itk(itk, images[i], spacing)
         _, transform = itk.elastix_registration_method(fixed_image, moving, parameter_object=params, log_to_console=False)
-        field = itk.array_from_image(itk.transformix_deformation_field(moving, transform))  # (D, H, W, 3)
+        field = _deformation_field(itk, moving, transform)  # (D, H, W, 3)
         disp[i] = _field_to_voxels(field, spacing)
     return result_from_displacements(images, disp, time.perf_counter() - start, "elastix-bspline-nmi", fixed)
 
@@ -151,7 +160,7 @@ def elastix_groupwise(images, spacing, parameters: dict | None = None) -> Regist
     start = time.perf_counter()
     stack = _to_itk(itk, images, spacing)  # ITK (x, y, z, t)
     _, transform = itk.elastix_registration_method(stack, stack, parameter_object=params, log_to_console=False)
-    field = itk.array_from_image(itk.transformix_deformation_field(stack, transform))  # (K, D, H, W, 4)
+    field = _deformation_field(itk, stack, transform)  # (K, D, H, W, 4)
     return result_from_displacements(images, _field_to_voxels(field, spacing), time.perf_counter() - start,
                                      "elastix-groupwise", None)
 

@@ -22,8 +22,9 @@ def test_identity_baseline():
     assert np.allclose(res.warped, images, atol=1e-6) and (res.jacobian == 1).all()
 
 
-def test_elastix_recovers_a_known_translation_in_our_convention():
+def test_elastix_recovers_a_known_translation_in_our_convention(tmp_path, monkeypatch):
     pytest.importorskip("itk")
+    monkeypatch.chdir(tmp_path)  # Elastix/transformix must not write into the working directory
     shape, spacing = (32, 32, 24), (1.0, 1.2, 2.0)
     x0 = smooth_image(shape, seed=3)[0, 0]
     t = torch.tensor([1.5, 0.0, -1.0])  # voxels along the array axes
@@ -35,6 +36,7 @@ def test_elastix_recovers_a_known_translation_in_our_convention():
     interior = res.displacement[1][:, 6:-6, 6:-6, 5:-5].reshape(3, -1).mean(1)
     assert np.allclose(interior, t.numpy(), atol=0.3), interior
     assert res.summary["seconds"] > 0 and res.summary["method"] == "elastix-bspline-nmi"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_elastix_groupwise_moves_everyone_to_the_mean_frame():
