@@ -17,7 +17,7 @@ import torch
 
 from .checks import InputError
 from .config import Config
-from .io import atomic_write_text, load_group, load_volume, write_json, write_registration
+from .io import atomic_write_text, load_displacement, load_group, load_volume, write_json, write_registration
 from .likelihoods import group_nmi
 from .metrics import folding_percent, landmark_distances, pairwise_rmse, summarize_distances
 from .registration import normalize_group, register
@@ -80,11 +80,7 @@ def evaluate_output(folder, images=None, landmarks=None, series: str = "", metho
     row = {"series": series or folder.name, "method": method, **group_metrics(raw, warped, jac),
            "seconds": summary.get("seconds")}
     if landmarks is not None:
-        import nibabel as nib
-
-        lin_inv = np.linalg.inv(affine[:3, :3])
-        disp = np.stack([np.einsum("rc,...c->r...", lin_inv, np.asarray(nib.load(folder / f"displacement_{i}.nii.gz").dataobj)[..., 0, :])
-                         for i in range(k)])  # world mm -> voxels, (K, 3, D, H, W)
+        disp = np.stack([load_displacement(folder / f"displacement_{i}.nii.gz", affine) for i in range(k)])  # voxels
         disp_t = torch.from_numpy(disp).double()
         inv = invert_displacement(disp_t, iterations=30)
         row.update(landmark_columns(landmarks, disp_t, inv, vols[0].spacing))

@@ -18,7 +18,8 @@ from scipy.ndimage import affine_transform
 
 from .checks import InputError
 
-__all__ = ["Volume", "load_volume", "load_group", "save_nifti", "write_json", "atomic_write_text", "write_registration", "displacement_to_world"]
+__all__ = ["Volume", "load_volume", "load_group", "save_nifti", "write_json", "atomic_write_text", "atomic_write",
+           "load_displacement", "write_registration", "displacement_to_world"]
 
 
 @dataclass
@@ -90,7 +91,9 @@ def load_group(paths: Sequence, resample: bool = False) -> tuple[np.ndarray, np.
     return np.stack([v.data for v in vols]), ref.affine, vols
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``
+    (atomic on one filesystem); the temporary file is removed on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
@@ -111,12 +114,12 @@ def save_nifti(path, data: np.ndarray, affine: np.ndarray, intent: str | None = 
     if intent:
         img.header.set_intent(intent)
     img.header.set_xyzt_units("mm")
-    _atomic(path, lambda tmp: nib.save(img, tmp))
+    atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 def atomic_write_text(path, text: str) -> None:
     """Write a text file atomically (temporary file + rename)."""
-    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_json(path, obj) -> None:
@@ -127,6 +130,19 @@ def write_json(path, obj) -> None:
 def displacement_to_world(disp_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Voxel displacement ``(3, D, H, W)`` -> world displacement in mm ``(D, H, W, 3)``: ``A[:3,:3] @ u``."""
     return np.einsum("rc,c...->...r", affine[:3, :3], disp_vox)
+
+
+def load_displacement(path, affine: np.ndarray) -> np.ndarray:
+    """Read a ``displacement_<k>.nii.gz`` written by :func:`write_registration` (world mm,
+    (X, Y, Z, 1, 3)) back to voxels ``(3, D, H, W)``: the inverse of :func:`displacement_to_world`."""
+    path = str(path)
+    try:
+        world = np.asarray(nib.load(path).dataobj, dtype=np.float64)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read as a displacement field ({type(exc).__name__}: {exc})") from exc
+    if world.ndim != 5 or world.shape[3:] != (1, 3):
+        raise InputError(f"{path}: expected a displacement field of shape (X, Y, Z, 1, 3), got {world.shape}")
+    return np.einsum("rc,...c->r...", np.linalg.inv(affine[:3, :3]), world[..., 0, :])
 
 
 def write_registration(result, out_dir, affine: np.ndarray, input_paths: Sequence = ()) -> list:

@@ -1,10 +1,6 @@
 """Figures (matplotlib, Agg backend: no display needed). Only this module imports matplotlib."""
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import numpy as np
 
 __all__ = ["uncertainty_figure", "comparison_figure"]
@@ -67,14 +63,9 @@ def comparison_figure(path, results: dict, title: str = "") -> None:
 
 
 def _save(fig, path, plt) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    from .io import atomic_write
+
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

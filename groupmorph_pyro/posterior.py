@@ -6,15 +6,12 @@ Samples come from the variational posterior q(z | x) (amortised guide or per-cas
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import torch
 from pyro.infer import Predictive
 
 from .checks import InputError, check_spacing
+from .io import atomic_write
 from .group import assemble_fields, inverse_displacements, warp_group
 from .likelihoods import group_nmi
 from .spatial import map_points
@@ -124,14 +121,4 @@ def to_inference_data(samples: dict, images: torch.Tensor, spacing, landmark_pos
 
 def save_inference_data(idata, path) -> None:
     """Write InferenceData to netCDF atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nc", dir=path.parent)
-    os.close(fd)
-    try:
-        idata.to_netcdf(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, idata.to_netcdf)

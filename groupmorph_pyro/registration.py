@@ -221,9 +221,10 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
         "model": dict(vars(mcfg)),
     }
     spacing = _spacing(affine)
-    if finetune is not None:
+    if finetune is not None:  # the posterior fine-tuning started from
         with torch.no_grad():
-            disp0 = displacements(assemble_fields(loc0, k, mcfg.mode, fixed), mcfg.diffeomorphic, mcfg.integration_steps)
+            fields0 = assemble_fields(loc0, k, mcfg.mode, fixed)
+            disp0 = displacements(fields0, mcfg.diffeomorphic, mcfg.integration_steps)
             nmi0 = float(group_nmi(warp_group(x, disp0), mcfg.bins)[0])
         summary["finetune"] = {key: finetune[key] for key in
                                ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "diverged")}
@@ -235,10 +236,8 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
         summary["landmarks"] = landmark_report(landmarks, result, spacing)
         if finetune is not None:
             with torch.no_grad():
-                f0 = assemble_fields(loc0, k, mcfg.mode, fixed)
-                d0 = displacements(f0, mcfg.diffeomorphic, mcfg.integration_steps)[0].cpu()
-                i0 = inverse_displacements(f0, mcfg.diffeomorphic, mcfg.integration_steps)[0].cpu()
-            before = summarize_distances(landmark_distances(landmarks, d0, i0, spacing))
+                inv0 = inverse_displacements(fields0, mcfg.diffeomorphic, mcfg.integration_steps)[0].cpu()
+            before = summarize_distances(landmark_distances(landmarks, disp0[0].cpu(), inv0, spacing))
             summary["finetune"].update(landmarks_before_mm=before["mean_mm"],
                                        landmarks_after_mm=summary["landmarks"]["registered"]["mean_mm"])
     if samples:

@@ -7,8 +7,6 @@ A checkpoint (``torch.save`` dict) holds ``config`` (the full :class:`Config` as
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -76,19 +74,6 @@ def load_training_groups(cfg: Config) -> list[torch.Tensor]:
     return [torch.from_numpy(np.stack([percentile_normalize(a, lo, hi) for a in g])) for g in raw]
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(path, cfg: Config, guide: GroupMorphGuide, optimizer=None, scheduler=None, iteration: int = 0,
                     sampler_state: torch.Tensor | None = None) -> None:
     """Write a self-describing checkpoint atomically (see module docstring)."""
@@ -102,7 +87,9 @@ def save_checkpoint(path, cfg: Config, guide: GroupMorphGuide, optimizer=None, s
         "torch_rng": torch.get_rng_state(),
         "sampler_rng": sampler_state,
     }
-    _atomic_torch_save(state, Path(path))
+    from .io import atomic_write
+
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path, device="cpu") -> tuple[Config, GroupMorphGuide, dict]:
