@@ -3,12 +3,18 @@ data and machine, evaluated by the same code (groupmorph_pyro.evaluation).
 
     python benchmarks/table1.py --out runs/table1                      # synthetic 4DCT-like + DCE-like
     python benchmarks/table1.py --manifest data/manifest.yaml --split test --checkpoint ckpt.pt --out runs/table1
+    python benchmarks/table1.py --train-iterations 300 --out runs/table1  # also train the amortised rows
     python benchmarks/table1.py --smoke --out /tmp/table1               # tiny, for the test-suite
 
 Prints a markdown table shaped like the paper's (method, RMSE, NMI, landmark mm, % det J ≤ 0,
 seconds), writes table1.csv / table1.json and one Fig.-4-style PNG per series. Times are per series
 on this machine; GroupMorph without --checkpoint is per-case SVI (no trained network), which is
 slower than the paper's amortised 2 s.
+
+``--train-iterations N`` trains, on training groups drawn like the test data (other seeds, or the
+manifest's ``train`` split), three amortised networks and adds their rows: GroupMorph (K), the K = 2
+model (VoxelMorph as in the paper) and the external ``voxelmorph`` package (VxmPairwise, NCC +
+gradient penalty). Checkpoints go to ``<out>/models/<series>/``; a rerun resumes or reuses them.
 """
 from __future__ import annotations
 
@@ -17,14 +23,76 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from groupmorph_pyro.baselines import elastix_all_to_one, elastix_groupwise, identity, pairwise_groupmorph
 from groupmorph_pyro.config import Config
 from groupmorph_pyro.evaluation import COLUMNS, landmark_columns, group_metrics, write_table
 from groupmorph_pyro.plots import comparison_figure
+from groupmorph_pyro.preprocess import percentile_normalize
 from groupmorph_pyro.registration import register
 from groupmorph_pyro.synthetic import breathing_phantom, dce_phantom
+
+TRAIN_SEED = 100  # training phantoms use seeds TRAIN_SEED.. ; the test phantoms use seeds 1 and 2
+
+
+def _phantoms(args):
+    size = 24 if args.smoke else args.size
+    return {"synthetic-4dct": lambda seed, n: breathing_phantom((size,) * 3, args.timepoints, seed=seed, num_landmarks=n),
+            "synthetic-dce": lambda seed, n: dce_phantom((size, size, max(16, size * 2 // 3)), args.timepoints, seed=seed,
+                                                         num_landmarks=n)}
+
+
+def training_groups(name, args) -> list:
+    """``(K, D, H, W)`` tensors in [0, 1] to train the amortised rows for series ``name``."""
+    if args.manifest:
+        from groupmorph_pyro.data import load_manifest
+        from groupmorph_pyro.io import load_group
+
+        raw = [load_group(e.images)[0] for e in load_manifest(args.manifest) if e.split == "train"]
+    else:
+        raw = [_phantoms(args)[name](TRAIN_SEED + i, 0).images for i in range(args.train_groups)]
+    return [torch.from_numpy(np.stack([percentile_normalize(a) for a in g])) for g in raw]
+
+
+def trained_rows(name, images, groups, args) -> dict:
+    """Train (or resume / reuse) the three amortised networks; returns {method: run()}.
+
+    With a manifest every series shares one set of networks (trained on its ``train`` split).
+    """
+    from groupmorph_pyro.peers import VoxelMorphSettings, load_voxelmorph, train_voxelmorph, voxelmorph_all_to_one
+    from groupmorph_pyro.train import CHECKPOINT_NAME, load_checkpoint, train
+
+    k, shape = images.shape[0], images.shape[1:]
+    root = Path(args.out) / "models" / ("manifest" if args.manifest else name)
+    patch = [min(args.patch, n) for n in shape]
+    rows = {}
+    for label, kk, lambda_v, data in (("groupmorph-diff all-to-one (trained)", k, 0.01, groups),
+                                      ("voxelmorph-diff (K=2, trained)", 2, 1e-6,
+                                       [g[[i, j]] for g in groups for i in range(k) for j in range(i + 1, k)])):
+        cfg = Config()
+        cfg.model.num_timepoints, cfg.model.lambda_v = kk, lambda_v
+        cfg.train.iterations, cfg.train.lr, cfg.train.patch_size = args.train_iterations, args.train_lr, patch
+        cfg.train.checkpoint_every, cfg.train.device = 50, "cpu"
+        cfg.train.output_dir = str(root / ("groupmorph" if kk == k else "pairwise"))
+        ckpt = Path(cfg.train.output_dir) / CHECKPOINT_NAME
+        train(cfg, resume=ckpt.exists(), groups=data, progress=not args.smoke)
+        ckpt_cfg, guide, _ = load_checkpoint(ckpt)
+        if kk == k:
+            rows[label] = lambda c=ckpt_cfg, g=guide: register(images, c, g)
+        else:
+            rows[label] = lambda c=ckpt_cfg, g=guide: pairwise_groupmorph(images, c, 0, 0, guide=g)
+    vxm_path = root / "voxelmorph.pt"
+    if vxm_path.exists():
+        model, settings = load_voxelmorph(vxm_path)
+    else:
+        model, settings = None, VoxelMorphSettings(patch_size=[max(32, n // 32 * 32) for n in patch], lr=args.vxm_lr)
+    remaining = args.train_iterations - settings.iterations
+    if remaining > 0:
+        model, settings = train_voxelmorph(groups, remaining, settings, model, progress=not args.smoke, checkpoint=vxm_path)
+    rows["voxelmorph package (VxmPairwise, trained)"] = lambda: voxelmorph_all_to_one(images, model, settings)
+    return rows
 
 
 def datasets(args):
@@ -40,10 +108,10 @@ def datasets(args):
             lms = np.stack([read_landmarks(p, images.shape[1:]) for p in e.landmarks]) if e.landmarks else None
             yield e.name, images, vols[0].spacing, lms
         return
-    size = 24 if args.smoke else args.size
-    g = breathing_phantom((size,) * 3, args.timepoints, seed=1, num_landmarks=20 if args.smoke else 75)
+    make = _phantoms(args)
+    g = make["synthetic-4dct"](1, 20 if args.smoke else 75)
     yield "synthetic-4dct", g.images, g.spacing, g.landmarks
-    d = dce_phantom((size, size, max(16, size * 2 // 3)), args.timepoints, seed=2, num_landmarks=10 if args.smoke else 30)
+    d = make["synthetic-dce"](2, 10 if args.smoke else 30)
     yield "synthetic-dce", d.images, d.spacing, d.landmarks
 
 
@@ -58,13 +126,19 @@ def main(argv=None) -> list:
     p.add_argument("--timepoints", type=int, default=4)
     p.add_argument("--steps", type=int, default=100, help="per-case SVI steps (GroupMorph, VoxelMorph rows)")
     p.add_argument("--elastix-iterations", type=int, default=500)
+    p.add_argument("--train-iterations", type=int, default=0,
+                   help="train the amortised rows (GroupMorph, K=2, voxelmorph package) for this many iterations")
+    p.add_argument("--train-groups", type=int, default=8, help="synthetic training groups per series")
+    p.add_argument("--train-lr", type=float, default=1e-3, help="Adam lr of the GroupMorph / K=2 guides")
+    p.add_argument("--vxm-lr", type=float, default=1e-3, help="Adam lr of the voxelmorph package network")
+    p.add_argument("--patch", type=int, default=48, help="training patch edge (voxels)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     steps = 3 if args.smoke else args.steps
     elx = {"MaximumNumberOfIterations": ["20" if args.smoke else str(args.elastix_iterations)]}
     if args.smoke:
         elx["NumberOfResolutions"] = ["1"]
-    rows = []
+    rows, train_sets = [], {}
     for name, images, spacing, landmarks in datasets(args):
         cfg = Config()
         cfg.model.num_timepoints = images.shape[0]
@@ -85,6 +159,11 @@ def main(argv=None) -> list:
 
             pair_cfg, pair_guide, _ = load_checkpoint(args.pairwise_checkpoint)
             methods["voxelmorph (K=2, amortised)"] = lambda: pairwise_groupmorph(images, pair_cfg, 0, 0, guide=pair_guide)
+        if args.train_iterations:
+            key = "manifest" if args.manifest else name
+            if key not in train_sets:
+                train_sets[key] = training_groups(name, args)
+            methods.update(trained_rows(name, images, train_sets[key], args))
         figure = {}
         for method, run in tqdm(methods.items(), desc=name, disable=args.smoke):
             res = run()

@@ -1,4 +1,5 @@
 """Baselines: conventions (a known translation), shapes, and the Table-1 benchmark smoke run."""
+import argparse
 import csv
 import importlib.util
 from pathlib import Path
@@ -79,8 +80,19 @@ def test_table1_benchmark_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("table1", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    rows = module.main(["--smoke", "--out", str(tmp_path)])
-    assert len(rows) == 2 * 5
+    trained = importlib.util.find_spec("voxelmorph") is not None
+    rows = module.main(["--smoke", "--out", str(tmp_path)] + (["--train-iterations", "2"] if trained else []))
+    assert len(rows) == 2 * (8 if trained else 5)
+    if trained:  # the three trained rows, checkpoints written and reused (not retrained) on a rerun
+        assert {"groupmorph-diff all-to-one (trained)", "voxelmorph-diff (K=2, trained)",
+                "voxelmorph package (VxmPairwise, trained)"} <= {r["method"] for r in rows}
+        models = tmp_path / "models" / "synthetic-4dct"
+        assert (models / "groupmorph" / "last.pt").is_file() and (models / "pairwise" / "last.pt").is_file()
+        stamp = (models / "voxelmorph.pt").stat().st_mtime_ns
+        args = argparse.Namespace(out=str(tmp_path), manifest=None, patch=48, train_iterations=2, train_lr=1e-3,
+                                  vxm_lr=1e-3, smoke=True)
+        again = module.trained_rows("synthetic-4dct", np.zeros((4, 24, 24, 24), np.float32), [], args)
+        assert len(again) == 3 and (models / "voxelmorph.pt").stat().st_mtime_ns == stamp
     table = list(csv.DictReader(open(tmp_path / "evaluation.csv")))
     assert {r["method"] for r in table} >= {"identity", "elastix (B-spline, NMI)"}
     for name in ("synthetic-4dct", "synthetic-dce"):
