@@ -13,7 +13,7 @@ import yaml
 
 from .checks import InputError, check_positive
 from .group import MODES
-from .likelihoods import REDUCTIONS, SIMILARITIES
+from .likelihoods import HISTOGRAMS, REDUCTIONS, SIMILARITIES
 from .priors import PRIORS
 
 __all__ = ["ModelConfig", "TrainConfig", "DataConfig", "RegisterConfig", "Config", "load_config"]
@@ -36,6 +36,7 @@ class ModelConfig:
     likelihood_options: dict = field(default_factory=dict)  # e.g. {window: 9} for lncc, {sigma: 0.1} for ssd
     beta: float = 5.0  # per-voxel likelihood weight (see likelihoods.GroupNMI; 5 measured best of 1/5/20, README)
     bins: int = 32
+    histogram: str = "gaussian"  # Parzen kernel of NMI/MI: "gaussian" (paper, dense) or "bspline" (memory-lean)
     alpha: float = 15.0  # bound on |guide mean| in voxels
     encoder: list = field(default_factory=lambda: [16, 32, 32, 32])
     decoder: list = field(default_factory=lambda: [32, 32, 32, 32, 32, 16, 16])
@@ -55,6 +56,8 @@ class ModelConfig:
             raise InputError(f"model.likelihood: expected one of {sorted(SIMILARITIES)}, got {self.likelihood!r}")
         if self.reduction not in REDUCTIONS:
             raise InputError(f"model.reduction: expected one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.histogram not in HISTOGRAMS:
+            raise InputError(f"model.histogram: expected one of {HISTOGRAMS}, got {self.histogram!r}")
 
 
 @dataclass

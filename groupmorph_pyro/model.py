@@ -219,12 +219,13 @@ class CaseGuide(LocalParamsModule):
 
 
 def build_likelihood(cfg) -> GroupSimilarity:
-    """Likelihood named by a :class:`~groupmorph_pyro.config.ModelConfig` (likelihood, reduction, beta)."""
+    """Likelihood named by a :class:`~groupmorph_pyro.config.ModelConfig` (likelihood, reduction, beta, bins, histogram)."""
     if cfg.likelihood == "nmi" and cfg.reduction == "pairs" and not cfg.likelihood_options:
-        return GroupNMI(cfg.beta, cfg.bins)
+        return GroupNMI(cfg.beta, cfg.bins, histogram=cfg.histogram)
     options = dict(cfg.likelihood_options)
     if cfg.likelihood in ("nmi", "mi"):
         options.setdefault("bins", cfg.bins)
+        options.setdefault("histogram", cfg.histogram)
     return GroupSimilarity(cfg.likelihood, cfg.reduction, cfg.beta, **options)
 
 

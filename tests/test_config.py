@@ -30,6 +30,7 @@ def test_paper_defaults():
         ({"model": {"mode": "pairwise"}}, r"model.mode: expected one of"),
         ({"train": {"elbo": "renyi"}}, r"train.elbo"),
         ({"model": {"lambda_v": 0}}, r"model.lambda_v"),
+        ({"model": {"histogram": "box"}}, r"model.histogram: expected one of \('gaussian', 'bspline'\), got 'box'"),
         ([1, 2], r"must hold a mapping"),
     ],
 )
@@ -43,3 +44,14 @@ def test_bad_config_is_a_clear_error(tmp_path, content, match):
 def test_missing_config_file(tmp_path):
     with pytest.raises(InputError, match="cannot read"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_histogram_setting_reaches_the_likelihood():
+    from groupmorph_pyro.model import build_likelihood
+
+    cfg = Config()
+    assert build_likelihood(cfg.model).options["histogram"] == "gaussian"
+    cfg.model.histogram = "bspline"
+    assert build_likelihood(cfg.model).options["histogram"] == "bspline"
+    cfg.model.likelihood = "mi"
+    assert build_likelihood(cfg.model).options["histogram"] == "bspline"

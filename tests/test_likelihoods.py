@@ -3,7 +3,7 @@ import torch
 
 from conftest import smooth_image
 from groupmorph_pyro.checks import InputError
-from groupmorph_pyro.likelihoods import GroupNMI, group_nmi, nmi
+from groupmorph_pyro.likelihoods import GroupNMI, bspline_weights, group_nmi, joint_histograms, nmi
 
 SHAPE = (16, 16, 16)
 
@@ -13,11 +13,12 @@ def x():
     return smooth_image(SHAPE)[:, 0]  # (1, D, H, W)
 
 
-def test_nmi_of_image_with_itself_is_maximal(x):
-    self_nmi = nmi(x, x)
+@pytest.mark.parametrize("histogram", ["gaussian", "bspline"])
+def test_nmi_of_image_with_itself_is_maximal(x, histogram):
+    self_nmi = nmi(x, x, histogram=histogram)
     others = [torch.roll(x, 2, -1), torch.roll(x, 1, -2), torch.rand_like(x), 0.5 * x + 0.5 * torch.roll(x, 3, -3)]
     for y in others:
-        assert nmi(x, y) < self_nmi - 0.05
+        assert nmi(x, y, histogram=histogram) < self_nmi - 0.05
     assert 0.0 <= float(self_nmi) <= 1.0
 
 
@@ -36,18 +37,81 @@ def test_nmi_invariant_to_monotone_intensity_map_on_separated_levels(x, position
     assert float(nmi(a, y, bins)) < float(nmi(a, a, bins)) - 0.1
 
 
+@pytest.mark.parametrize("histogram", ["gaussian", "bspline"])
 @pytest.mark.parametrize("f", [lambda t: t**2, torch.sqrt, lambda t: 1 - t])
-def test_nmi_nearly_invariant_to_smooth_monotone_map(x, f):
+def test_nmi_nearly_invariant_to_smooth_monotone_map(x, f, histogram):
     y = torch.roll(x, 1, -1)
-    assert abs(float(nmi(f(x), y)) - float(nmi(x, y))) < 0.05
-    assert nmi(f(x), x) > nmi(x, y) + 0.1  # still far above a misaligned pair
+    assert abs(float(nmi(f(x), y, histogram=histogram)) - float(nmi(x, y, histogram=histogram))) < 0.05
+    assert nmi(f(x), x, histogram=histogram) > nmi(x, y, histogram=histogram) + 0.1  # far above a misaligned pair
 
 
-def test_nmi_symmetric_and_group_mean(x):
+@pytest.mark.parametrize("histogram", ["gaussian", "bspline"])
+def test_nmi_symmetric_and_group_mean(x, histogram):
     imgs = torch.stack([x[0], torch.roll(x[0], 1, -1), torch.roll(x[0], 2, -2)])[None]  # (1, 3, D, H, W)
-    pairs = [nmi(imgs[:, i], imgs[:, j]) for i in range(3) for j in range(3) if i != j]
-    assert torch.allclose(nmi(imgs[:, 0], imgs[:, 1]), nmi(imgs[:, 1], imgs[:, 0]), atol=1e-6)
-    assert torch.allclose(group_nmi(imgs), torch.stack(pairs).mean(0), atol=1e-6)
+    pairs = [nmi(imgs[:, i], imgs[:, j], histogram=histogram) for i in range(3) for j in range(3) if i != j]
+    assert torch.allclose(nmi(imgs[:, 0], imgs[:, 1], histogram=histogram),
+                          nmi(imgs[:, 1], imgs[:, 0], histogram=histogram), atol=1e-6)
+    assert torch.allclose(group_nmi(imgs, histogram=histogram), torch.stack(pairs).mean(0), atol=1e-6)
+
+
+def _dense_bspline_joint(images, bins):
+    """Reference: dense (N, bins) B-spline weights by autograd, joint = W_iᵀ W_j / N."""
+    b, k = images.shape[:2]
+    x = images.reshape(b, k, -1)
+    index, w = bspline_weights(x, bins)  # differentiable in x through w
+    dense = torch.zeros(*index.shape[:-1], bins, dtype=x.dtype).scatter_add(-1, index, w)
+    return torch.stack([torch.einsum("bni,bnj->bij", dense[:, i], dense[:, j])
+                        for i in range(k) for j in range(i + 1, k)], 1) / x.shape[-1]
+
+
+def test_bspline_weights_partition_of_unity_and_derivative():
+    x = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)
+    index, w, dw = bspline_weights(x, 16, derivative=True)
+    assert torch.allclose(w.sum(-1), torch.ones_like(x)) and (w >= 0).all()
+    assert index.min() == 0 and index.max() == 15
+    inner = (x > 0.01) & (x < 0.99)
+    h = 1e-6
+    num = (bspline_weights(x + h, 16)[1] - bspline_weights(x - h, 16)[1]) / (2 * h)
+    same_bins = (bspline_weights(x + h, 16)[0] == bspline_weights(x - h, 16)[0]).all(-1) & inner
+    assert torch.allclose(dw[same_bins], num[same_bins], atol=1e-5)
+
+
+def test_bspline_joint_histogram_matches_dense_reference_and_its_gradient():
+    imgs = (0.02 + 0.96 * smooth_image((6, 7, 5), seed=4, batch=3)).double().reshape(1, 3, 6, 7, 5)
+    lean_in = imgs.clone().requires_grad_(True)
+    ref_in = imgs.clone().requires_grad_(True)
+    lean, ref = joint_histograms(lean_in, 8, histogram="bspline"), _dense_bspline_joint(ref_in, 8)
+    assert lean.shape == (1, 3, 8, 8) and torch.allclose(lean.sum((-2, -1)), torch.ones(1, 3, dtype=torch.float64))
+    assert torch.allclose(lean, ref, atol=1e-12)
+    weights = torch.rand_like(ref)
+    (lean * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert torch.allclose(lean_in.grad, ref_in.grad, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda t: joint_histograms(t, 8, histogram="bspline"), (ref_in.detach().requires_grad_(),))
+
+
+def _saved_bytes(fn, x):
+    """Bytes autograd keeps for the backward pass of fn(x), beyond x itself (storages counted once)."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    storages.pop(x.untyped_storage().data_ptr(), None)
+    return sum(storages.values())
+
+
+def test_bspline_histogram_keeps_no_voxels_by_bins_tensor():
+    imgs = smooth_image((24, 24, 24), seed=1, batch=4).reshape(1, 4, 24, 24, 24).requires_grad_(True)
+    voxels_bytes = imgs.numel() * 4  # all K images once
+    lean = _saved_bytes(lambda t: group_nmi(t, 32, histogram="bspline"), imgs)
+    dense = _saved_bytes(lambda t: group_nmi(t, 32, histogram="gaussian"), imgs)
+    assert lean <= 0.5 * voxels_bytes, (lean, voxels_bytes)  # only the bins x bins histograms
+    assert dense >= 32 * voxels_bytes, (dense, voxels_bytes)
 
 
 def test_group_likelihood_scale_and_gradient(x):
@@ -66,6 +130,9 @@ def test_group_likelihood_scale_and_gradient(x):
         (lambda: nmi(torch.rand(1, 4, 4, 4), torch.rand(1, 4, 4, 5)), r"equal shape"),
         (lambda: nmi(torch.rand(1, 8), torch.rand(1, 8), bins=1), r"bins"),
         (lambda: GroupNMI(beta=-1.0), r"beta"),
+        (lambda: GroupNMI(histogram="box"), r"histogram: expected one of \('gaussian', 'bspline'\), got 'box'"),
+        (lambda: nmi(torch.rand(1, 8), torch.rand(1, 8), histogram="box"), r"histogram"),
+        (lambda: nmi(torch.rand(1, 8), torch.rand(1, 8), bins=1, histogram="bspline"), r"bins"),
     ],
 )
 def test_bad_input(call, match):
