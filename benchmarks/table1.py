@@ -109,10 +109,12 @@ def datasets(args):
             yield e.name, images, vols[0].spacing, lms
         return
     make = _phantoms(args)
-    g = make["synthetic-4dct"](1, 20 if args.smoke else 75)
-    yield "synthetic-4dct", g.images, g.spacing, g.landmarks
-    d = make["synthetic-dce"](2, 10 if args.smoke else 30)
-    yield "synthetic-dce", d.images, d.spacing, d.landmarks
+    if args.series in (None, "synthetic-4dct"):
+        g = make["synthetic-4dct"](1, 20 if args.smoke else 75)
+        yield "synthetic-4dct", g.images, g.spacing, g.landmarks
+    if args.series in (None, "synthetic-dce"):
+        d = make["synthetic-dce"](2, 10 if args.smoke else 30)
+        yield "synthetic-dce", d.images, d.spacing, d.landmarks
 
 
 def main(argv=None) -> list:
@@ -120,6 +122,7 @@ def main(argv=None) -> list:
     p.add_argument("--out", required=True)
     p.add_argument("--manifest")
     p.add_argument("--split", default="test")
+    p.add_argument("--series", choices=["synthetic-4dct", "synthetic-dce"], help="only this synthetic series")
     p.add_argument("--checkpoint", help="trained GroupMorph model (amortised row)")
     p.add_argument("--pairwise-checkpoint", help="trained K=2 model (amortised VoxelMorph row)")
     p.add_argument("--size", type=int, default=48)

@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--iterations", type=int, help="override train.iterations")
     t.add_argument("--device", help="override train.device (auto, cpu, cuda, cuda:1, ...)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--distributed", action="store_true",
+                   help="one of several processes started by torchrun (DistributedDataParallel; batch_size is per process)")
+    t.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"], help="with --distributed")
 
     r = sub.add_parser("register", help="register one group of K images")
     r.add_argument("images", nargs="+", help="K 3D images (NIfTI), one per timepoint, in order")
@@ -134,8 +137,23 @@ def _train(args) -> int:
     if args.device:
         cfg.train.device = args.device
     cfg.train.validate()
-    path = train(cfg, resume=args.resume, progress=not args.quiet)
-    print(f"checkpoint: {path}")
+    device = None
+    if args.distributed:
+        import os
+
+        from .train import distributed_rank, init_distributed
+
+        if "LOCAL_RANK" not in os.environ:
+            raise InputError("--distributed: expected to be started by torchrun (LOCAL_RANK is not set), e.g. "
+                             "torchrun --nproc_per_node 2 -m groupmorph_pyro.cli train --distributed --config C")
+        device = init_distributed(int(os.environ["LOCAL_RANK"]), args.backend, cfg.train.device)
+    path = train(cfg, resume=args.resume, progress=not args.quiet, device=device)
+    if not args.distributed or distributed_rank()[0] == 0:
+        print(f"checkpoint: {path}")
+    if args.distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 
