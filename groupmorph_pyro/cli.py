@@ -30,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one of several processes started by torchrun (DistributedDataParallel; batch_size is per process)")
     t.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"], help="with --distributed")
 
-    r = sub.add_parser("register", help="register one group of K images")
-    r.add_argument("images", nargs="+", help="K 3D images (NIfTI), one per timepoint, in order")
+    r = sub.add_parser("register", help="register one group of K images, or every series of a manifest")
+    r.add_argument("images", nargs="*", help="K 3D images (NIfTI), one per timepoint, in order")
+    r.add_argument("--manifest", help="register every series of --split instead (resumable: finished series are skipped)")
+    r.add_argument("--split", default="test", help="with --manifest: which split to register")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--checkpoint", help="trained model (amortised inference); without it: per-case SVI")
     r.add_argument("--config", help="YAML config for per-case SVI without a checkpoint (default: paper defaults)")
@@ -72,12 +74,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _config_and_guide(args, device):
+    """``(config, trained guide or None)`` from ``--checkpoint``, else ``--config`` / defaults with
+    ``--mode`` and ``--no-diffeomorphic`` applied (commands that have them)."""
+    from .config import Config, load_config
+    from .train import load_checkpoint
+
+    if args.checkpoint:
+        cfg, guide, _ = load_checkpoint(args.checkpoint, device)
+        return cfg, guide
+    cfg = load_config(args.config) if args.config else Config()
+    if getattr(args, "mode", None):
+        cfg.model.mode = args.mode
+    if getattr(args, "no_diffeomorphic", False):
+        cfg.model.diffeomorphic = False
+    return cfg, None
+
+
+def _register_manifest(args) -> int:
+    from .batch import register_manifest
+    from .train import resolve_device
+
+    if args.images or args.landmarks or args.resample:
+        raise InputError("--manifest: images, --landmarks and --resample come from the manifest; give none on the command line")
+    if args.samples < 0:
+        raise InputError(f"--samples: expected an integer >= 0, got {args.samples}")
+    device = resolve_device(args.device)
+    cfg, guide = _config_and_guide(args, device)
+    if args.fixed is not None and cfg.model.mode == "all-moving":
+        raise InputError(f"--fixed {args.fixed}: all-moving mode has no fixed timepoint")
+    rows = register_manifest(args.manifest, args.out, cfg, guide, args.split, args.fixed, args.finetune_steps, device,
+                             args.samples, args.seed, progress=not args.quiet)
+    done = sum(r["status"] == "registered" for r in rows)
+    print(f"{done} series registered, {len(rows) - done} already done -> {Path(args.out) / 'batch.csv'}")
+    return 0
+
+
 def _register(args) -> int:
     from .config import Config, load_config
     from .io import load_group, write_registration
     from .registration import register
     from .train import load_checkpoint, resolve_device
 
+    if args.manifest:
+        return _register_manifest(args)
     if len(args.images) < 2:
         raise InputError(f"expected at least 2 images (K >= 2), got {len(args.images)}")
     device = resolve_device(args.device)
@@ -187,17 +227,12 @@ def _demo(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .config import Config, load_config
     from .evaluation import evaluate_manifest, evaluate_output, write_table
-    from .train import load_checkpoint, resolve_device
+    from .train import resolve_device
 
     if args.manifest:
         device = resolve_device(args.device)
-        guide = None
-        if args.checkpoint:
-            cfg, guide, _ = load_checkpoint(args.checkpoint, device)
-        else:
-            cfg = load_config(args.config) if args.config else Config()
+        cfg, guide = _config_and_guide(args, device)
         rows = evaluate_manifest(args.manifest, Path(args.out) / "registered", cfg, guide, args.split, args.fixed,
                                  args.finetune_steps, device, progress=not args.quiet)
     else:

@@ -202,8 +202,8 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
         inv = inverse_displacements(fields, mcfg.diffeomorphic, mcfg.integration_steps)
         warped = warp_group(raw, disp)[0]
         jac = jacobian_determinant(disp[0])
-        nmi_before = float(group_nmi(x, mcfg.bins)[0])
-        nmi_after = float(group_nmi(warp_group(x, disp), mcfg.bins)[0])
+        nmi_before = float(group_nmi(x, mcfg.bins, histogram=mcfg.histogram)[0])
+        nmi_after = float(group_nmi(warp_group(x, disp), mcfg.bins, histogram=mcfg.histogram)[0])
 
     summary = {
         "seconds": seconds,
@@ -225,7 +225,7 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
         with torch.no_grad():
             fields0 = assemble_fields(loc0, k, mcfg.mode, fixed)
             disp0 = displacements(fields0, mcfg.diffeomorphic, mcfg.integration_steps)
-            nmi0 = float(group_nmi(warp_group(x, disp0), mcfg.bins)[0])
+            nmi0 = float(group_nmi(warp_group(x, disp0), mcfg.bins, histogram=mcfg.histogram)[0])
         summary["finetune"] = {key: finetune[key] for key in
                                ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "diverged")}
         summary["finetune"].update(nmi_before=nmi0, nmi_after=nmi_after, nmi_gain=nmi_after - nmi0)

@@ -1,0 +1,108 @@
+"""Batch registration of every series of a manifest into one resumable output folder.
+
+Layout: ``<out>/<series>/`` holds what ``groupmorph register`` writes for one group
+(:func:`~groupmorph_pyro.io.write_registration`; its ``summary.json`` is written last, so it marks
+a finished series), and ``<out>/batch.csv`` one row per series of the split (rewritten atomically
+after each one). A rerun skips the finished series and redoes any that was interrupted.
+"""
+from __future__ import annotations
+
+import csv
+import io as _io
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .checks import InputError
+from .config import Config
+from .data import load_manifest, read_landmarks
+from .io import atomic_write_text, load_group, write_registration
+from .registration import register
+
+__all__ = ["register_manifest", "BATCH_COLUMNS"]
+
+BATCH_COLUMNS = ["series", "status", "seconds", "nmi_before", "nmi_after", "folding_percent_all",
+                 "landmark_mm_before", "landmark_mm_after", "folder"]
+
+
+def _read_summary(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / "summary.json").read_text())
+
+
+def _row(name: str, status: str, summary: dict, folder: Path) -> dict:
+    lm = summary.get("landmarks") or {}
+    return {"series": name, "status": status, "seconds": summary.get("seconds"),
+            "nmi_before": summary.get("nmi_before"), "nmi_after": summary.get("nmi_after"),
+            "folding_percent_all": summary.get("folding_percent_all"),
+            "landmark_mm_before": (lm.get("identity") or {}).get("mean_mm"),
+            "landmark_mm_after": (lm.get("registered") or {}).get("mean_mm"), "folder": str(folder)}
+
+
+def _write_index(path: Path, rows: list[dict]) -> None:
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=BATCH_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def register_manifest(manifest, out_dir, config: Config | None = None, guide=None, split: str = "test",
+                      fixed: int | None = None, finetune_steps: int | None = None, device="cpu",
+                      samples: int = 0, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Register every series of ``split`` in ``manifest``; finished series are skipped.
+
+    Args:
+        manifest: CSV/YAML manifest (:func:`~groupmorph_pyro.data.load_manifest`).
+        out_dir: output folder (``<out_dir>/<series>/`` per series, ``<out_dir>/batch.csv``).
+        config, guide: as for :func:`~groupmorph_pyro.registration.register` (``guide`` = trained
+            network; its config's K must match every series).
+        fixed, finetune_steps, device, samples, seed: passed to ``register`` for each series.
+    Returns:
+        one row per series (:data:`BATCH_COLUMNS`); ``status`` is ``"registered"`` or ``"skipped"``
+        (already finished by an earlier run).
+    """
+    out_dir = Path(out_dir)
+    config = config or Config()
+    entries = [e for e in load_manifest(manifest) if e.split == split]
+    if not entries:
+        raise InputError(f"{manifest}: no series with split {split!r}")
+    names = [e.name for e in entries]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InputError(f"{manifest}: series names must be unique (they name the output folders), got duplicates {dupes}")
+    if guide is not None:
+        k = config.model.num_timepoints
+        wrong = [(e.name, len(e.images)) for e in entries if len(e.images) != k]
+        if wrong:
+            raise InputError(f"{manifest}: the network was trained for K={k} timepoints, got series {wrong}")
+    rows, index = [], out_dir / "batch.csv"
+    bar = tqdm(entries, desc="register", unit="series", disable=not progress)
+    for e in bar:
+        folder = out_dir / e.name
+        bar.set_postfix(series=e.name)
+        if (folder / "summary.json").is_file():
+            rows.append(_row(e.name, "skipped", _read_summary(folder), folder))
+            continue
+        images, affine, _ = load_group(e.images)
+        cfg = config
+        if guide is None and cfg.model.num_timepoints != images.shape[0]:
+            import copy
+
+            cfg = copy.deepcopy(config)
+            cfg.model.num_timepoints = images.shape[0]
+        landmarks = None
+        if e.landmarks:
+            landmarks = np.stack([read_landmarks(p, images.shape[1:]) for p in e.landmarks])
+        start = time.perf_counter()
+        result = register(images, cfg, guide, fixed=fixed, finetune_steps=finetune_steps, device=device, seed=seed,
+                          samples=samples, landmarks=landmarks, affine=affine)
+        result.summary.update(series=e.name, wall_seconds=time.perf_counter() - start)
+        write_registration(result, folder, affine, e.images)
+        rows.append(_row(e.name, "registered", result.summary, folder))
+        _write_index(index, rows)
+    _write_index(index, rows)
+    return rows
