@@ -1,4 +1,5 @@
-"""End to end: per-case SVI on a synthetic group with known motion and landmarks (CPU)."""
+"""End to end on synthetic groups with known motion and landmarks (CPU): per-case SVI, and a trained
+amortised network."""
 import numpy as np
 import torch
 
@@ -31,3 +32,25 @@ def test_per_case_registration_halves_landmark_error_without_folding():
     assert result.summary["folding_percent_all"] < 0.1
     assert result.summary["nmi_after"] > result.summary["nmi_before"]
     assert np.isfinite(result.warped).all()
+
+
+def test_amortised_network_learns_to_register_a_group(tmp_path):
+    """SVI training of the guide network (fixed timepoint 0) on one small group: one network pass
+    then halves the landmark error without folding (measured: 1.44 -> 0.45 mm in about 25 s)."""
+    from groupmorph_pyro.evaluation import landmark_columns
+    from groupmorph_pyro.preprocess import percentile_normalize
+    from groupmorph_pyro.train import load_checkpoint, train
+
+    g = breathing_phantom((24,) * 3, 3, seed=1, num_landmarks=20, amplitude=3.0)
+    groups = [torch.from_numpy(np.stack([percentile_normalize(a) for a in g.images]))]
+    cfg = Config()
+    cfg.model.num_timepoints = 3
+    cfg.model.encoder, cfg.model.decoder = [8, 16, 16], [16, 16, 16, 8]
+    cfg.train.iterations, cfg.train.lr, cfg.train.patch_size, cfg.train.fixed = 150, 3e-3, [24, 24, 24], 0
+    cfg.train.output_dir, cfg.train.checkpoint_every, cfg.train.device = str(tmp_path), 1000, "cpu"
+    ckpt_cfg, guide, _ = load_checkpoint(train(cfg, groups=groups, progress=False))
+    res = register(g.images, ckpt_cfg, guide, fixed=0)
+    cols = landmark_columns(g.landmarks, res.displacement, res.inverse_displacement, g.spacing)
+    assert res.summary["amortized"] and res.summary["per_case_steps"] == 0
+    assert cols["landmark_mm_after"] < 0.5 * cols["landmark_mm_before"], cols
+    assert res.summary["folding_percent_all"] < 0.1
