@@ -68,18 +68,18 @@ def trained_rows(name, images, groups, args) -> dict:
     root = Path(args.out) / "models" / ("manifest" if args.manifest else name)
     patch = [min(args.patch, n) for n in shape]
     rows = {}
-    for label, kk, lambda_v, data in (("groupmorph-diff all-to-one (trained)", k, 0.01, groups),
-                                      ("voxelmorph-diff (K=2, trained)", 2, 1e-6,
-                                       [g[[i, j]] for g in groups for i in range(k) for j in range(i + 1, k)])):
+    pairs = [g[[i, j]] for g in groups for i in range(k) for j in range(i + 1, k)]
+    for label, folder, kk, lambda_v, data in (("groupmorph-diff all-to-one (trained)", "groupmorph", k, 0.01, groups),
+                                              ("voxelmorph-diff (K=2, trained)", "pairwise", 2, 1e-6, pairs)):
         cfg = Config()
         cfg.model.num_timepoints, cfg.model.lambda_v = kk, lambda_v
         cfg.train.iterations, cfg.train.lr, cfg.train.patch_size = args.train_iterations, args.train_lr, patch
         cfg.train.checkpoint_every, cfg.train.device = 50, "cpu"
-        cfg.train.output_dir = str(root / ("groupmorph" if kk == k else "pairwise"))
+        cfg.train.output_dir = str(root / folder)
         ckpt = Path(cfg.train.output_dir) / CHECKPOINT_NAME
         train(cfg, resume=ckpt.exists(), groups=data, progress=not args.smoke)
         ckpt_cfg, guide, _ = load_checkpoint(ckpt)
-        if kk == k:
+        if folder == "groupmorph":
             rows[label] = lambda c=ckpt_cfg, g=guide: register(images, c, g)
         else:
             rows[label] = lambda c=ckpt_cfg, g=guide: pairwise_groupmorph(images, c, 0, 0, guide=g)
@@ -98,15 +98,12 @@ def trained_rows(name, images, groups, args) -> dict:
 def datasets(args):
     """Yield (name, images (K, D, H, W), spacing, landmarks or None)."""
     if args.manifest:
-        from groupmorph_pyro.data import load_manifest, read_landmarks
+        from groupmorph_pyro.data import entry_landmarks, split_entries
         from groupmorph_pyro.io import load_group
 
-        for e in load_manifest(args.manifest):
-            if e.split != args.split:
-                continue
+        for e in split_entries(args.manifest, args.split):
             images, _, vols = load_group(e.images)
-            lms = np.stack([read_landmarks(p, images.shape[1:]) for p in e.landmarks]) if e.landmarks else None
-            yield e.name, images, vols[0].spacing, lms
+            yield e.name, images, vols[0].spacing, entry_landmarks(e, images.shape[1:])
         return
     make = _phantoms(args)
     if args.series in (None, "synthetic-4dct"):

@@ -7,17 +7,18 @@ after each one). A rerun skips the finished series and redoes any that was inter
 """
 from __future__ import annotations
 
+import copy
 import csv
 import io as _io
+import json
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from .checks import InputError
 from .config import Config
-from .data import load_manifest, read_landmarks
+from .data import entry_landmarks, split_entries
 from .io import atomic_write_text, load_group, write_registration
 from .registration import register
 
@@ -25,12 +26,6 @@ __all__ = ["register_manifest", "BATCH_COLUMNS"]
 
 BATCH_COLUMNS = ["series", "status", "seconds", "nmi_before", "nmi_after", "folding_percent_all",
                  "landmark_mm_before", "landmark_mm_after", "folder"]
-
-
-def _read_summary(folder: Path) -> dict:
-    import json
-
-    return json.loads((folder / "summary.json").read_text())
 
 
 def _row(name: str, status: str, summary: dict, folder: Path) -> dict:
@@ -67,9 +62,7 @@ def register_manifest(manifest, out_dir, config: Config | None = None, guide=Non
     """
     out_dir = Path(out_dir)
     config = config or Config()
-    entries = [e for e in load_manifest(manifest) if e.split == split]
-    if not entries:
-        raise InputError(f"{manifest}: no series with split {split!r}")
+    entries = split_entries(manifest, split)
     names = [e.name for e in entries]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -85,18 +78,14 @@ def register_manifest(manifest, out_dir, config: Config | None = None, guide=Non
         folder = out_dir / e.name
         bar.set_postfix(series=e.name)
         if (folder / "summary.json").is_file():
-            rows.append(_row(e.name, "skipped", _read_summary(folder), folder))
+            rows.append(_row(e.name, "skipped", json.loads((folder / "summary.json").read_text()), folder))
             continue
         images, affine, _ = load_group(e.images)
         cfg = config
         if guide is None and cfg.model.num_timepoints != images.shape[0]:
-            import copy
-
             cfg = copy.deepcopy(config)
             cfg.model.num_timepoints = images.shape[0]
-        landmarks = None
-        if e.landmarks:
-            landmarks = np.stack([read_landmarks(p, images.shape[1:]) for p in e.landmarks])
+        landmarks = entry_landmarks(e, images.shape[1:])
         start = time.perf_counter()
         result = register(images, cfg, guide, fixed=fixed, finetune_steps=finetune_steps, device=device, seed=seed,
                           samples=samples, landmarks=landmarks, affine=affine)

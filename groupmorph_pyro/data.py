@@ -22,7 +22,8 @@ from .io import Volume, load_volume
 
 __all__ = [
     "DIRLAB_CASES", "read_dirlab_image", "read_landmarks", "write_landmarks", "check_landmarks_in_image",
-    "resample_to_spacing", "read_series", "SeriesEntry", "load_manifest", "write_manifest",
+    "resample_to_spacing", "read_series", "SeriesEntry", "load_manifest", "split_entries", "entry_landmarks",
+    "write_manifest",
 ]
 
 # (size x, y, z in voxels), (spacing x, y, z in mm): the DIR-Lab 4DCT documentation's table.
@@ -266,6 +267,21 @@ def load_manifest(path, num_timepoints: int | None = None) -> list[SeriesEntry]:
         if len(e.images) != k:
             raise InputError(f"{path}: series {e.name!r} has {len(e.images)} timepoints, expected {k}")
     return entries
+
+
+def split_entries(manifest, split: str, num_timepoints: int | None = None) -> list[SeriesEntry]:
+    """The series of ``split`` in a manifest (:func:`load_manifest`); an error when there are none."""
+    entries = [e for e in load_manifest(manifest, num_timepoints) if e.split == split]
+    if not entries:
+        raise InputError(f"{manifest}: no series with split {split!r}")
+    return entries
+
+
+def entry_landmarks(entry: SeriesEntry, shape: Sequence[int]) -> np.ndarray | None:
+    """``(K, L, 3)`` 0-based landmarks of a series on a ``(D, H, W)`` grid, or None without landmark files."""
+    if not entry.landmarks:
+        return None
+    return np.stack([read_landmarks(p, shape) for p in entry.landmarks])
 
 
 def write_manifest(path, entries: Sequence[SeriesEntry]) -> None:

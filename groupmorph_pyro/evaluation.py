@@ -93,14 +93,11 @@ def evaluate_manifest(manifest, out_dir, config: Config | None = None, guide=Non
     """Register and evaluate every series of ``split`` in a manifest; outputs under ``out_dir/<series>``."""
     from tqdm.auto import tqdm
 
-    from .data import load_manifest, read_landmarks
+    from .data import entry_landmarks, split_entries
 
     config = config or Config()
     rows = []
-    entries = [e for e in load_manifest(manifest) if e.split == split]
-    if not entries:
-        raise InputError(f"{manifest}: no series with split {split!r}")
-    for e in tqdm(entries, desc="evaluate", disable=not progress):
+    for e in tqdm(split_entries(manifest, split), desc="evaluate", disable=not progress):
         images, affine, vols = load_group(e.images)
         if guide is None:
             config.model.num_timepoints = images.shape[0]
@@ -108,8 +105,8 @@ def evaluate_manifest(manifest, out_dir, config: Config | None = None, guide=Non
         write_registration(res, Path(out_dir) / e.name, affine, e.images)
         row = {"series": e.name, "method": "groupmorph" if guide is not None else "groupmorph-per-case",
                **group_metrics(images, res.warped, res.jacobian), "seconds": res.summary["seconds"]}
-        if e.landmarks:
-            lms = np.stack([read_landmarks(p, images.shape[1:]) for p in e.landmarks])
+        lms = entry_landmarks(e, images.shape[1:])
+        if lms is not None:
             row.update(landmark_columns(lms, res.displacement, res.inverse_displacement, vols[0].spacing))
         rows.append({c: row.get(c) for c in COLUMNS})
     return rows

@@ -44,6 +44,12 @@ __all__ = [
 _EPS = 1e-10
 
 
+def _check_bins(bins) -> int:
+    if int(bins) != bins or bins < 2:
+        raise InputError(f"bins: expected an integer >= 2, got {bins!r}")
+    return int(bins)
+
+
 def parzen_weights(x: torch.Tensor, bins: int = 32, sigma_ratio: float = 0.5) -> torch.Tensor:
     """Soft bin memberships of each voxel.
 
@@ -54,8 +60,7 @@ def parzen_weights(x: torch.Tensor, bins: int = 32, sigma_ratio: float = 0.5) ->
     Returns:
         ``(B, N, bins)`` non-negative weights, each voxel's row summing to 1.
     """
-    if int(bins) != bins or bins < 2:
-        raise InputError(f"bins: expected an integer >= 2, got {bins!r}")
+    bins = _check_bins(bins)
     centres = (torch.arange(bins, device=x.device, dtype=x.dtype) + 0.5) / bins
     sigma = sigma_ratio / bins
     w = torch.exp(-0.5 * ((x[..., None] - centres) / sigma) ** 2)  # (B, N, bins)
@@ -76,8 +81,7 @@ def bspline_weights(x: torch.Tensor, bins: int = 32, derivative: bool = False):
         ``(index, weight[, dweight])``, each ``(..., N, 4)``: bin indices (int64, clamped to
         ``[0, bins)``, so mass beyond the edge bins folds into them) and weights summing to 1 per voxel.
     """
-    if int(bins) != bins or bins < 2:
-        raise InputError(f"bins: expected an integer >= 2, got {bins!r}")
+    bins = _check_bins(bins)
     s = x.clamp(0.0, 1.0) * bins - 0.5  # position in bin units; centre of bin b at s = b
     f = s.floor()
     u = (s - f)[..., None]
@@ -143,9 +147,7 @@ def joint_histograms(images: torch.Tensor, bins: int = 32, sigma_ratio: float = 
     b, k = images.shape[:2]
     x = images.reshape(b, k, -1)
     if histogram == "bspline":
-        if int(bins) != bins or bins < 2:
-            raise InputError(f"bins: expected an integer >= 2, got {bins!r}")
-        return _BSplineJoint.apply(x, int(bins))
+        return _BSplineJoint.apply(x, _check_bins(bins))
     w = [parzen_weights(x[:, i], bins, sigma_ratio) for i in range(k)]
     return torch.stack([torch.einsum("bni,bnj->bij", w[i], w[j]) for i, j in _pairs(k)], 1) / x.shape[-1]
 

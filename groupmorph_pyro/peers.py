@@ -125,13 +125,12 @@ def train_voxelmorph(groups, iterations: int, settings: VoxelMorphSettings | Non
     objective = _objective(neurite, settings)
     gen = torch.Generator().manual_seed(int(settings.seed) + int(settings.iterations))
     patch = [int(p) for p in settings.patch_size]
+    # volumes smaller than the patch: replicate-pad once, up to a multiple of the patch
+    groups = [pad_to_multiple(g[None], max(patch))[0][0] if any(p > n for p, n in zip(patch, g.shape[1:])) else g
+              for g in groups]
     bar = tqdm(range(int(iterations)), desc="voxelmorph", disable=not progress)
     for it in bar:
         g = groups[int(torch.randint(len(groups), (1,), generator=gen))]
-        pad = [max(0, p - n) for p, n in zip(patch, g.shape[1:])]
-        if any(pad):  # small volumes: replicate-pad up to the patch
-            g, _ = pad_to_multiple(g[None], max(patch))
-            g = g[0]
         corner = random_patch_corner(g.shape[1:], patch, gen)
         pair = torch.randperm(g.shape[0], generator=gen)[:2]
         x = extract_patch(g, corner, patch)[pair].to(device)[:, None]  # (2, 1, d, h, w): moving, fixed

@@ -106,12 +106,9 @@ def load_training_groups(cfg: Config) -> list[torch.Tensor]:
     raw = []
     paths_list = [list(p) for p in cfg.data.groups]
     if cfg.data.manifest:
-        from .data import load_manifest
+        from .data import split_entries
 
-        rows = [e for e in load_manifest(cfg.data.manifest, k) if e.split == cfg.data.split]
-        if not rows:
-            raise InputError(f"{cfg.data.manifest}: no series with split {cfg.data.split!r}")
-        paths_list += [e.images for e in rows]
+        paths_list += [e.images for e in split_entries(cfg.data.manifest, cfg.data.split, k)]
     for paths in paths_list:
         images, _, _ = load_group(paths)
         if images.shape[0] != k:
@@ -244,12 +241,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
         bar = tqdm(range(start, tcfg.iterations), initial=start, total=tcfg.iterations, desc="train",
                    disable=not (progress and lead))
         for it in bar:
-            batch = []
-            for _ in range(tcfg.batch_size * world):  # the global batch; this rank keeps its slice
+            draws = []  # the global batch (same draws on every rank); this rank extracts only its slice
+            for _ in range(tcfg.batch_size * world):
                 g = groups[int(torch.randint(len(groups), (1,), generator=gen))]
-                corner = random_patch_corner(g.shape[1:], patch, gen)
-                batch.append(extract_patch(g, corner, patch))
-            x = torch.stack(batch[rank * tcfg.batch_size:(rank + 1) * tcfg.batch_size]).to(device)
+                draws.append((g, random_patch_corner(g.shape[1:], patch, gen)))
+            mine = draws[rank * tcfg.batch_size:(rank + 1) * tcfg.batch_size]
+            x = torch.stack([extract_patch(g, corner, patch) for g, corner in mine]).to(device)
             fixed = None
             if mcfg.mode == "all-to-one":
                 fixed = int(torch.randint(mcfg.num_timepoints, (1,), generator=gen)) if tcfg.fixed == "random" else tcfg.fixed

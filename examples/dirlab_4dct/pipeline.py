@@ -15,10 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from groupmorph_pyro.config import load_config
-from groupmorph_pyro.data import load_manifest, read_landmarks, write_manifest
+from groupmorph_pyro.data import entry_landmarks, load_manifest, split_entries, write_manifest
 from groupmorph_pyro.io import load_group, write_json, write_registration
 from groupmorph_pyro.metrics import landmark_report
 from groupmorph_pyro.prepare import prepare_dirlab, write_dirlab_twin
@@ -76,12 +74,11 @@ def main(args=None) -> dict:
 
     # 3. register and 4. evaluate every test series
     results = {}
-    for e in (e for e in load_manifest(manifest) if e.split == "test"):
+    for e in split_entries(manifest, "test"):
         images, affine, vols = load_group(e.images)
         res = register(images, cfg, guide, fixed=args.fixed, finetune_steps=args.finetune_steps)
         write_registration(res, work / "registered" / e.name, affine, e.images)
-        landmarks = np.stack([read_landmarks(p, images.shape[1:]) for p in e.landmarks])
-        report = landmark_report(landmarks, res, vols[0].spacing)
+        report = landmark_report(entry_landmarks(e, images.shape[1:]), res, vols[0].spacing)
         report.update(seconds=res.summary["seconds"], nmi_before=res.summary["nmi_before"],
                       nmi_after=res.summary["nmi_after"], folding_percent=res.summary["folding_percent_all"])
         results[e.name] = report
