@@ -1,5 +1,6 @@
-"""Speed and memory: amortised inference against Elastix, and SVI training steps with the dense
-Gaussian and the memory-lean B-spline Parzen histogram, all measured in the same run.
+"""Speed and memory: amortised inference against Elastix, the network's runtime variants (bf16,
+channels_last_3d, torch.compile) against fp32 eager, and SVI training steps with the dense Gaussian
+and the memory-lean B-spline Parzen histogram, all measured in the same run.
 
     python benchmarks/speed.py --out runs/speed                                  # CPU: K=6 at 128x128x64
     python benchmarks/speed.py --device cuda --shape 256 256 96 --train-patch 96 --no-elastix --out runs/speed_gpu
@@ -8,8 +9,9 @@ Gaussian and the memory-lean B-spline Parzen histogram, all measured in the same
 
 Prints a markdown table and writes ``speed.json``. Inference time is ``register``'s ``seconds``
 (guide network + scaling and squaring, i.e. the posterior-mean fields; median of ``--repeats``
-after a warm-up) and, separately, the wall time of the whole call (inverse maps, warped images,
-Jacobians, NMI). Without ``--checkpoint`` the network is untrained: its time is the real one, its
+after a warm-up, which also compiles) and, separately, the wall time of the whole call (inverse maps,
+warped images, Jacobians, NMI). Each runtime variant is timed the same way; bf16 is left out on the
+CPU by default (see benchmarks/README.md). Without ``--checkpoint`` the network is untrained: its time is the real one, its
 accuracy is not reported. Memory: CUDA peak allocation on a GPU; on any device, the bytes autograd
 saves for one training step (``saved_tensors_hooks``), which is what the histogram choice changes.
 """
@@ -21,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pyro
@@ -49,7 +52,18 @@ def _peak_gib(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def inference(args, device, group) -> dict:
+VARIANTS = {  # runtime settings of the guide's network (config section `runtime`); fp32 eager is the peer
+    "fp32": {},
+    "channels_last": {"channels_last": True},
+    "compile": {"compile": True},
+    "channels_last+compile": {"channels_last": True, "compile": True},
+    "bf16": {"precision": "bf16"},
+    "bf16+channels_last": {"precision": "bf16", "channels_last": True},
+    "bf16+channels_last+compile": {"precision": "bf16", "channels_last": True, "compile": True},
+}
+
+
+def inference(args, device, group, runtime: dict) -> dict:
     if args.checkpoint:
         from groupmorph_pyro.train import load_checkpoint
 
@@ -57,19 +71,26 @@ def inference(args, device, group) -> dict:
     else:
         cfg = Config()
         cfg.model.num_timepoints = args.timepoints
+        torch.manual_seed(0)
         guide = build_guide(cfg.model)
     if args.window:
         cfg.register.window = list(args.window)
-    register(group.images, cfg, guide, device=device)  # warm-up
-    times, walls = [], []
-    _peak_reset(device)
-    for _ in range(args.repeats):
+    for key, value in runtime.items():
+        setattr(cfg.runtime, key, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # bf16 on the CPU: measured here on purpose
         start = time.perf_counter()
-        res = register(group.images, cfg, guide, device=device)
-        walls.append(time.perf_counter() - start)
-        times.append(res.summary["seconds"])
-    out = {"seconds": statistics.median(times), "wall_seconds": statistics.median(walls),
-           "peak_gpu_gib": _peak_gib(device), "trained": bool(args.checkpoint)}
+        register(group.images, cfg, guide, device=device)  # warm-up (and compilation)
+        first = time.perf_counter() - start
+        times, walls = [], []
+        _peak_reset(device)
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            res = register(group.images, cfg, guide, device=device)
+            walls.append(time.perf_counter() - start)
+            times.append(res.summary["seconds"])
+    out = {"seconds": statistics.median(times), "wall_seconds": statistics.median(walls), "first_call_seconds": first,
+           "peak_gpu_gib": _peak_gib(device), "trained": bool(args.checkpoint), "runtime": dict(runtime)}
     if args.checkpoint:
         out.update(landmark_columns(group.landmarks, res.displacement, res.inverse_displacement, group.spacing))
     return out
@@ -98,23 +119,30 @@ def _saved_bytes(fn) -> int:
     return out, sum(storages.values())
 
 
-def training(args, device, histogram: str) -> dict:
+def training(args, device, histogram: str, runtime: dict | None = None) -> dict:
+    """SVI steps per second; with the fp32 eager network also the bytes autograd saves (the hooks are
+    not used with other runtimes: torch.compile does not trace through them)."""
     cfg = Config()
     cfg.model.num_timepoints, cfg.model.histogram = args.timepoints, histogram
     pyro.set_rng_seed(0)
-    model, guide = build_model(cfg.model), build_guide(cfg.model).to(device)
+    model, guide = build_model(cfg.model), build_guide(cfg.model).to(device).set_runtime(**(runtime or {}))
     optim = torch.optim.Adam(guide.parameters(), lr=1e-5)
     elbo = Trace_ELBO().differentiable_loss
     x = torch.rand(1, args.timepoints, *(args.train_patch,) * 3, device=device)
 
     def step():
         optim.zero_grad()
-        loss, saved = _saved_bytes(lambda: svi_loss(elbo, model, guide, x, 0))
+        if runtime:
+            loss, saved = svi_loss(elbo, model, guide, x, 0), None
+        else:
+            loss, saved = _saved_bytes(lambda: svi_loss(elbo, model, guide, x, 0))
         loss.backward()
         optim.step()
         return saved
 
-    step()  # warm-up
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # bf16 on the CPU: measured here on purpose
+        step()  # warm-up (and compilation)
     _sync(device)
     _peak_reset(device)
     times = []
@@ -124,8 +152,9 @@ def training(args, device, histogram: str) -> dict:
         _sync(device)
         times.append(time.perf_counter() - start)
     s = statistics.median(times)
-    return {"seconds_per_step": s, "steps_per_second": 1.0 / s, "autograd_saved_gib": saved / 2**30,
-            "peak_gpu_gib": _peak_gib(device)}
+    return {"seconds_per_step": s, "steps_per_second": 1.0 / s,
+            "autograd_saved_gib": None if saved is None else saved / 2**30, "peak_gpu_gib": _peak_gib(device),
+            "histogram": histogram, "runtime": dict(runtime or {})}
 
 
 def main(argv=None) -> dict:
@@ -142,11 +171,17 @@ def main(argv=None) -> dict:
     p.add_argument("--elastix-iterations", type=int, default=500)
     p.add_argument("--train-patch", type=int, default=48, help="training patch edge (voxels)")
     p.add_argument("--train-steps", type=int, default=5)
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                   help="network runtime variants to time against fp32 (default: all; on the CPU all but bf16)")
+    p.add_argument("--train-variants", nargs="+", choices=list(VARIANTS),
+                   help="also time B-spline training steps with these runtimes (default on a GPU: channels_last, "
+                        "bf16+channels_last, bf16+channels_last+compile; on the CPU none)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
         args.shape, args.timepoints, args.repeats, args.train_patch, args.train_steps = [24, 24, 16], 3, 1, 16, 1
         args.elastix_iterations = 10
+        args.variants = args.variants or ["fp32", "channels_last"]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -154,11 +189,22 @@ def main(argv=None) -> dict:
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "threads": torch.get_num_threads(), "torch": torch.__version__, "shape": list(args.shape),
               "timepoints": args.timepoints, "train_patch": args.train_patch}
-    report["groupmorph"] = inference(args, device, group)
+    variants = args.variants or (list(VARIANTS) if device.type == "cuda" else [v for v in VARIANTS if "bf16" not in v])
+    if "fp32" not in variants:
+        variants = ["fp32", *variants]
+    report["runtime"] = {name: inference(args, device, group, VARIANTS[name]) for name in variants}
+    report["groupmorph"] = report["runtime"]["fp32"]
+    for r in report["runtime"].values():
+        r["speedup_vs_fp32"] = report["groupmorph"]["seconds"] / r["seconds"]
     if not args.no_elastix:
         report["elastix"] = elastix(args, group)
         report["elastix_over_groupmorph"] = report["elastix"]["seconds"] / report["groupmorph"]["seconds"]
     report["train"] = {h: training(args, device, h) for h in ("gaussian", "bspline")}
+    train_variants = args.train_variants or (["channels_last", "bf16+channels_last", "bf16+channels_last+compile"]
+                                             if device.type == "cuda" else [])
+    for name in train_variants:
+        if name != "fp32":
+            report["train"][f"bspline+{name}"] = training(args, device, "bspline", VARIANTS[name])
     g, b = report["train"]["gaussian"], report["train"]["bspline"]
     report["bspline_speedup"] = g["seconds_per_step"] / b["seconds_per_step"]
     report["bspline_saved_memory_ratio"] = b["autograd_saved_gib"] / g["autograd_saved_gib"]
@@ -176,12 +222,17 @@ def main(argv=None) -> dict:
     if "elastix" in report:
         print(f"| Elastix B-spline NMI | {report['elastix']['seconds']:.1f} | {report['elastix']['landmark_mm_after']:.2f} |")
         print(f"\nElastix / GroupMorph time: {report['elastix_over_groupmorph']:.0f}x")
+    print(f"\n| network runtime (posterior-mean fields) | seconds | vs fp32 | first call (s) | peak GPU (GiB) |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, r in report["runtime"].items():
+        peak = "–" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.2f}"
+        print(f"| {name} | {r['seconds']:.3f} | {r['speedup_vs_fp32']:.2f}x | {r['first_call_seconds']:.1f} | {peak} |")
     print(f"\n| training step, patch {args.train_patch}³ | s/step | steps/s | autograd saved (GiB) | peak GPU (GiB) |")
     print("| --- | --- | --- | --- | --- |")
     for h, r in report["train"].items():
         peak = "–" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.2f}"
-        print(f"| {h} histogram | {r['seconds_per_step']:.3f} | {r['steps_per_second']:.2f} | "
-              f"{r['autograd_saved_gib']:.3f} | {peak} |")
+        saved = "–" if r["autograd_saved_gib"] is None else f"{r['autograd_saved_gib']:.3f}"
+        print(f"| {h} | {r['seconds_per_step']:.3f} | {r['steps_per_second']:.2f} | {saved} | {peak} |")
     print(f"\nB-spline vs Gaussian: {report['bspline_speedup']:.2f}x faster per step, "
           f"{report['bspline_saved_memory_ratio']:.2f}x the saved activations")
     return report

@@ -15,6 +15,32 @@ from .checks import InputError
 __all__ = ["main", "build_parser"]
 
 
+def _add_runtime_args(parser, inference: bool = False) -> None:
+    """How the network runs (config section ``runtime``); for inference also tiling (``register.window``)."""
+    g = parser.add_argument_group("runtime (speed and memory; results agree to rounding)")
+    g.add_argument("--precision", choices=["fp32", "bf16"], help="network precision (bf16 autocast; for GPUs)")
+    g.add_argument("--channels-last", action="store_true", default=None, help="channels_last_3d convolutions")
+    g.add_argument("--compile", nargs="?", const=True, metavar="BACKEND",
+                   help="torch.compile the network (default backend inductor; compiles once per input shape)")
+    if inference:
+        g.add_argument("--window", type=int, nargs=3, metavar=("D", "H", "W"),
+                       help="run the network on overlapping tiles of this size (full-resolution volumes)")
+        g.add_argument("--overlap", type=float, help="tile overlap fraction with --window (default 0.25)")
+
+
+def _apply_runtime(cfg, args) -> None:
+    """Command-line runtime/tiling options over the config's (only those given); validates."""
+    for key in ("precision", "channels_last", "compile"):
+        if getattr(args, key, None) is not None:
+            setattr(cfg.runtime, key, getattr(args, key))
+    if getattr(args, "window", None):
+        cfg.register.window = list(args.window)
+    if getattr(args, "overlap", None) is not None:
+        cfg.register.overlap = args.overlap
+    cfg.runtime.validate()
+    cfg.register.validate()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="groupmorph", description="Deep group-wise variational diffeomorphic registration (Pyro).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -29,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distributed", action="store_true",
                    help="one of several processes started by torchrun (DistributedDataParallel; batch_size is per process)")
     t.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"], help="with --distributed")
+    _add_runtime_args(t)
 
     r = sub.add_parser("register", help="register one group of K images, or every series of a manifest")
     r.add_argument("images", nargs="*", help="K 3D images (NIfTI), one per timepoint, in order")
@@ -49,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_runtime_args(r, inference=True)
 
     e = sub.add_parser("evaluate", help="Table-1 metrics for a manifest split or registration output folders")
     src = e.add_mutually_exclusive_group(required=True)
@@ -63,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--landmarks", nargs="+", metavar="TXT", help="with one --outputs folder: K landmark files")
     e.add_argument("--device", default="auto")
     e.add_argument("--quiet", action="store_true")
+    _add_runtime_args(e, inference=True)
 
     d = sub.add_parser("demo", help="register a built-in synthetic 4DCT-like group and report landmark error")
     d.add_argument("--out", default="demo", help="folder for the synthetic inputs and the registration")
@@ -80,15 +109,17 @@ def _config_and_guide(args, device):
     from .config import Config, load_config
     from .train import load_checkpoint
 
+    guide = None
     if args.checkpoint:
         cfg, guide, _ = load_checkpoint(args.checkpoint, device)
-        return cfg, guide
-    cfg = load_config(args.config) if args.config else Config()
-    if getattr(args, "mode", None):
-        cfg.model.mode = args.mode
-    if getattr(args, "no_diffeomorphic", False):
-        cfg.model.diffeomorphic = False
-    return cfg, None
+    else:
+        cfg = load_config(args.config) if args.config else Config()
+        if getattr(args, "mode", None):
+            cfg.model.mode = args.mode
+        if getattr(args, "no_diffeomorphic", False):
+            cfg.model.diffeomorphic = False
+    _apply_runtime(cfg, args)
+    return cfg, guide
 
 
 def _register_manifest(args) -> int:
@@ -111,10 +142,9 @@ def _register_manifest(args) -> int:
 
 
 def _register(args) -> int:
-    from .config import Config, load_config
     from .io import load_group, write_registration
     from .registration import register
-    from .train import load_checkpoint, resolve_device
+    from .train import resolve_device
 
     if args.manifest:
         return _register_manifest(args)
@@ -122,9 +152,8 @@ def _register(args) -> int:
         raise InputError(f"expected at least 2 images (K >= 2), got {len(args.images)}")
     device = resolve_device(args.device)
     images, affine, _ = load_group(args.images, resample=args.resample)
-    guide = None
+    cfg, guide = _config_and_guide(args, device)
     if args.checkpoint:
-        cfg, guide, _ = load_checkpoint(args.checkpoint, device)
         if cfg.model.num_timepoints != len(args.images):
             raise InputError(f"{args.checkpoint}: model trained for K={cfg.model.num_timepoints} timepoints, got {len(args.images)} images")
         if args.mode and args.mode != cfg.model.mode:
@@ -132,12 +161,7 @@ def _register(args) -> int:
         if args.no_diffeomorphic and cfg.model.diffeomorphic:
             raise InputError(f"--no-diffeomorphic: {args.checkpoint} was trained as a diffeomorphic model")
     else:
-        cfg = load_config(args.config) if args.config else Config()
         cfg.model.num_timepoints = len(args.images)
-        if args.mode:
-            cfg.model.mode = args.mode
-        if args.no_diffeomorphic:
-            cfg.model.diffeomorphic = False
     if args.fixed is not None and cfg.model.mode == "all-moving":
         raise InputError(f"--fixed {args.fixed}: all-moving mode has no fixed timepoint")
     if args.samples < 0:
@@ -177,6 +201,7 @@ def _train(args) -> int:
     if args.device:
         cfg.train.device = args.device
     cfg.train.validate()
+    _apply_runtime(cfg, args)
     device = None
     if args.distributed:
         import os

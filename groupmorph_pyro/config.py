@@ -14,9 +14,10 @@ import yaml
 from .checks import InputError, check_positive
 from .group import MODES
 from .likelihoods import HISTOGRAMS, REDUCTIONS, SIMILARITIES
+from .networks import check_compile, check_precision
 from .priors import PRIORS
 
-__all__ = ["ModelConfig", "TrainConfig", "DataConfig", "RegisterConfig", "Config", "load_config"]
+__all__ = ["ModelConfig", "TrainConfig", "DataConfig", "RegisterConfig", "RuntimeConfig", "Config", "load_config"]
 
 
 @dataclass
@@ -118,6 +119,30 @@ class RegisterConfig:
     def validate(self):
         check_positive("register.lr", self.lr)
         check_positive("register.init_scale", self.init_scale)
+        if self.window and (len(self.window) != 3 or any(int(w) != w or w < 1 for w in self.window)):
+            raise InputError(f"register.window: expected [] or 3 integers >= 1 (d, h, w), got {self.window!r}")
+        if not 0 <= self.overlap < 1:
+            raise InputError(f"register.overlap: expected a fraction in [0, 1), got {self.overlap!r}")
+
+
+@dataclass
+class RuntimeConfig:
+    """How the guide's network runs in training and registration: speed and memory only, results
+    agree to rounding (see :meth:`GroupMorphGuide.set_runtime` and benchmarks/README.md)."""
+
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast of the U-Net; fields, integration, likelihood stay fp32)
+    channels_last: bool = False  # channels_last_3d layout for the U-Net's convolutions
+    compile: object = False  # torch.compile the U-Net: false, true (inductor) or a backend name
+
+    def validate(self):
+        check_precision(self.precision)
+        if not isinstance(self.channels_last, bool):
+            raise InputError(f"runtime.channels_last: expected true or false, got {self.channels_last!r}")
+        check_compile(self.compile, allow_callable=False)  # a config holds names only (YAML, checkpoints)
+
+    def options(self) -> dict:
+        """Keyword arguments of :meth:`GroupMorphGuide.set_runtime`."""
+        return {"precision": self.precision, "channels_last": self.channels_last, "compile": self.compile}
 
 
 @dataclass
@@ -126,6 +151,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -149,9 +175,8 @@ class Config:
                 raise InputError(f"{source}: unknown key(s) {sorted(bad)} in '{f.name}', expected some of {sorted(known)}")
             kwargs[f.name] = sub_cls(**values)
         cfg = cls(**kwargs)
-        for part in (cfg.model, cfg.train, cfg.data, cfg.register):
-            if part is not cfg.data:
-                part.validate()
+        for part in (cfg.model, cfg.train, cfg.register, cfg.runtime):
+            part.validate()
         return cfg
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from .checks import InputError
-from .spatial import _warp, integrate_velocity, invert_displacement
+from .spatial import _warp, integrate_velocity, invert_displacement, jacobian_determinant
 
-__all__ = ["MODES", "check_mode", "latent_indices", "assemble_fields", "displacements", "inverse_displacements", "warp_group"]
+__all__ = ["MODES", "check_mode", "latent_indices", "assemble_fields", "displacements", "inverse_displacements",
+           "jacobians", "warp_group"]
 
 MODES = ("all-to-one", "all-moving")
 
@@ -59,23 +60,48 @@ def assemble_fields(z: torch.Tensor, num_timepoints: int, mode: str, fixed: int 
     return torch.stack(parts, dim=1)
 
 
-def _per_timepoint(fn, fields: torch.Tensor) -> torch.Tensor:
+def _per_timepoint(fn, fields: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """``fn`` over the ``B·K`` maps of ``fields`` ``(B, K, ...)``, ``chunk`` maps at a time (None: all
+    in one batch). Chunking bounds the temporaries for full-resolution inference; with autograd it
+    saves nothing (every chunk's graph is kept), so use it under ``torch.no_grad()``."""
     b, k = fields.shape[:2]
-    return fn(fields.reshape(b * k, *fields.shape[2:])).reshape(fields.shape)
+    flat = fields.reshape(b * k, *fields.shape[2:])
+    if chunk is None or chunk >= b * k:
+        out = fn(flat)
+        return out.reshape(b, k, *out.shape[1:])
+    if int(chunk) != chunk or chunk < 1:
+        raise InputError(f"chunk: expected an integer >= 1 or None, got {chunk!r}")
+    first = fn(flat[:chunk])
+    out = first.new_empty((b * k, *first.shape[1:]))
+    out[:chunk] = first
+    del first
+    for start in range(chunk, b * k, chunk):
+        out[start:start + chunk] = fn(flat[start:start + chunk])
+    return out.reshape(b, k, *out.shape[1:])
 
 
-def displacements(fields: torch.Tensor, diffeomorphic: bool = True, steps: int = 7) -> torch.Tensor:
-    """``φ_k − Id`` in voxels, ``(B, K, 3, D, H, W)`` from fields ``v`` of the same shape."""
+def displacements(fields: torch.Tensor, diffeomorphic: bool = True, steps: int = 7,
+                  chunk: int | None = None) -> torch.Tensor:
+    """``φ_k − Id`` in voxels, ``(B, K, 3, D, H, W)`` from fields ``v`` of the same shape
+    (``chunk``: timepoints integrated at a time, see :func:`_per_timepoint`)."""
     if not diffeomorphic:
         return fields
-    return _per_timepoint(lambda v: integrate_velocity(v, steps), fields)
+    return _per_timepoint(lambda v: integrate_velocity(v, steps), fields, chunk)
 
 
-def inverse_displacements(fields: torch.Tensor, diffeomorphic: bool = True, steps: int = 7) -> torch.Tensor:
+def inverse_displacements(fields: torch.Tensor, diffeomorphic: bool = True, steps: int = 7,
+                          chunk: int | None = None) -> torch.Tensor:
     """``φ_k⁻¹ − Id`` in voxels, ``(B, K, 3, D, H, W)``: ``exp(−v)``, or a fixed-point inverse."""
     if diffeomorphic:
-        return _per_timepoint(lambda v: integrate_velocity(-v, steps), fields)
-    return _per_timepoint(invert_displacement, fields)
+        return _per_timepoint(lambda v: integrate_velocity(-v, steps), fields, chunk)
+    return _per_timepoint(invert_displacement, fields, chunk)
+
+
+def jacobians(disp: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """``det Jφ_k`` (dimensionless), ``(B, K, D, H, W)`` from displacements ``(B, K, 3, D, H, W)`` in voxels."""
+    if disp.dim() != 6 or disp.shape[2] != 3:
+        raise InputError(f"jacobians: expected displacements (B, K, 3, D, H, W), got {tuple(disp.shape)}")
+    return _per_timepoint(jacobian_determinant, disp, chunk)
 
 
 def warp_group(images: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,9 @@ Two histogram kernels (``histogram=``):
   function recomputes the 4 weights per voxel in the backward pass, so nothing of size
   ``N × bins`` is ever stored (memory O(N) per image instead of O(N · bins)).
 
+Both kernels accumulate the joint histograms over chunks of 2¹⁸ voxels, so without autograd (the
+NMI summaries of a full-resolution registration) the temporaries stay O(chunk · bins).
+
 Group likelihood (paper): ``log p(x | z) = β · N_vox · mean_{i≠j} NMI(φ_i∘x_i, φ_j∘x_j) + const``.
 The factor ``N_vox`` (voxels per image) makes ``β`` a *per-voxel* weight, on the same footing as
 the prior's log-density which Pyro sums over voxels (VoxelMorph averages both per voxel instead,
@@ -68,7 +71,7 @@ def parzen_weights(x: torch.Tensor, bins: int = 32, sigma_ratio: float = 0.5) ->
 
 
 HISTOGRAMS = ("gaussian", "bspline")
-_CHUNK = 1 << 18  # voxels per chunk in the B-spline backward pass (bounds its temporary memory)
+_CHUNK = 1 << 18  # voxels per chunk of histogram accumulation (bounds temporaries; all chunks' graphs are kept)
 
 
 def bspline_weights(x: torch.Tensor, bins: int = 32, derivative: bool = False):
@@ -105,11 +108,12 @@ class _BSplineJoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bins):
         b, k, n = x.shape
-        index, w = bspline_weights(x, bins)  # (B, K, N, 4)
         out = x.new_zeros(b, len(_pairs(k)), bins * bins)
-        for p, (i, j) in enumerate(_pairs(k)):
-            flat = (index[:, i, :, :, None] * bins + index[:, j, :, None, :]).reshape(b, -1)
-            out[:, p].scatter_add_(1, flat, (w[:, i, :, :, None] * w[:, j, :, None, :]).reshape(b, -1))
+        for start in range(0, n, _CHUNK):
+            index, w = bspline_weights(x[:, :, start:start + _CHUNK], bins)  # (B, K, c, 4)
+            for p, (i, j) in enumerate(_pairs(k)):
+                flat = (index[:, i, :, :, None] * bins + index[:, j, :, None, :]).reshape(b, -1)
+                out[:, p].scatter_add_(1, flat, (w[:, i, :, :, None] * w[:, j, :, None, :]).reshape(b, -1))
         ctx.save_for_backward(x)
         ctx.bins = bins
         return out.view(b, -1, bins, bins) / n
@@ -148,8 +152,11 @@ def joint_histograms(images: torch.Tensor, bins: int = 32, sigma_ratio: float = 
     x = images.reshape(b, k, -1)
     if histogram == "bspline":
         return _BSplineJoint.apply(x, _check_bins(bins))
-    w = [parzen_weights(x[:, i], bins, sigma_ratio) for i in range(k)]
-    return torch.stack([torch.einsum("bni,bnj->bij", w[i], w[j]) for i, j in _pairs(k)], 1) / x.shape[-1]
+    joint = 0.0
+    for start in range(0, x.shape[-1], _CHUNK):  # bounds the (voxels x bins) weights when no graph is kept
+        w = [parzen_weights(x[:, i, start:start + _CHUNK], bins, sigma_ratio) for i in range(k)]  # (B, c, bins)
+        joint = joint + torch.stack([torch.einsum("bni,bnj->bij", w[i], w[j]) for i, j in _pairs(k)], 1)
+    return joint / x.shape[-1]
 
 
 def _entropy(p: torch.Tensor, dims) -> torch.Tensor:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import warnings
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -15,11 +17,10 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroParam
 
 from .checks import InputError, check_positive, check_tensor
-from .group import assemble_fields, check_mode, displacements, latent_indices, warp_group
+from .group import assemble_fields, check_mode, displacements, jacobians, latent_indices, warp_group
 from .likelihoods import GroupNMI, GroupSimilarity, _check_arity, check_likelihood
-from .networks import UNet3D
+from .networks import UNet3D, check_compile, check_precision, network_autocast
 from .preprocess import crop_to_shape, pad_to_multiple
-from .spatial import jacobian_determinant
 from .priors import LaplacianNormal, dct3, idct3, make_prior
 
 __all__ = ["LocalParamsModule", "GroupMorphModel", "GroupMorphGuide", "CaseGuide", "build_model", "build_guide",
@@ -124,7 +125,7 @@ class GroupMorphModel(PyroModule):
             pyro.factor("likelihood", log_lik.unsqueeze(-1))
         if self.record_deterministic:  # outside the plates: whole-tensor events
             pyro.deterministic("displacement", disp, event_dim=disp.dim())
-            jac = jacobian_determinant(disp.reshape(-1, *disp.shape[2:])).reshape(disp.shape[:2] + disp.shape[3:])
+            jac = jacobians(disp)
             pyro.deterministic("jacobian", jac, event_dim=jac.dim())
         return disp
 
@@ -154,6 +155,43 @@ class GroupMorphGuide(LocalParamsModule):
         for head, bias in ((self.mean_head, 0.0), (self.var_head, init_softplus_bias)):
             nn.init.normal_(head.weight, std=1e-5)
             nn.init.constant_(head.bias, bias)
+        self.precision, self.channels_last, self.compile_backend = "fp32", False, None
+        self._compiled = None  # (id(self), compiled callable): a copy of the guide recompiles its own
+
+    def set_runtime(self, precision: str = "fp32", channels_last: bool = False, compile=False) -> "GroupMorphGuide":
+        """Choose how the network runs (in place; speed and memory only, outputs agree to rounding).
+
+        Args:
+            precision: ``"fp32"`` or ``"bf16"`` (autocast of the U-Net and heads; the mean and
+                variance nonlinearities, fields, integration and likelihood stay fp32).
+            channels_last: store conv weights and inputs as ``channels_last_3d``.
+            compile: ``False``, ``True`` (inductor) or a ``torch.compile`` backend name; the U-Net
+                and heads are compiled on first use (each new input shape compiles again).
+        Returns:
+            self. The state dict is unchanged (checkpoints stay loadable by eager fp32 guides).
+        """
+        self.precision = check_precision(precision)
+        self.compile_backend = check_compile(compile)
+        self.channels_last = bool(channels_last)
+        self.to(memory_format=torch.channels_last_3d if self.channels_last else torch.contiguous_format)
+        self._compiled = None
+        return self
+
+    def runtime(self) -> dict:
+        """The current :meth:`set_runtime` settings (``compile`` as a backend name or False)."""
+        return {"precision": self.precision, "channels_last": self.channels_last,
+                "compile": self.compile_backend or False}
+
+    def _head_outputs(self, x: torch.Tensor):
+        feats = self.unet(x)
+        return self.mean_head(feats), self.var_head(feats)
+
+    def _network(self):
+        if self.compile_backend is None:
+            return self._head_outputs
+        if self._compiled is None or self._compiled[0] != id(self):
+            self._compiled = (id(self), torch.compile(self._head_outputs, backend=self.compile_backend))
+        return self._compiled[1]
 
     def distribution_params(self, images: torch.Tensor, fixed: int | None = None):
         """Guide mean and scale for the latent timepoints.
@@ -167,10 +205,17 @@ class GroupMorphGuide(LocalParamsModule):
         fixed = check_mode(self.mode, self.num_timepoints, fixed)
         shift = fixed or 0
         x, shape = pad_to_multiple(torch.roll(images, -shift, dims=1), self.unet.divisor)
-        feats = self.unet(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        if self.precision == "bf16" and x.device.type == "cpu":
+            warnings.warn("precision 'bf16' on the CPU: bf16 3D convolutions can be far slower than fp32 on CPUs "
+                          "without native bf16 support (measured 230x slower on a 2-core CI machine); "
+                          "use it on a GPU", RuntimeWarning, stacklevel=2)
+        with network_autocast(x.device.type, self.precision):
+            mean, var = self._network()(x)
         b, k = images.shape[:2]
-        loc = self.alpha * torch.tanh(self.mean_head(feats))
-        scale = F.softplus(self.var_head(feats)).clamp_min(1e-12).sqrt()
+        loc = self.alpha * torch.tanh(mean.float())
+        scale = F.softplus(var.float()).clamp_min(1e-12).sqrt()
         loc, scale = (torch.roll(crop_to_shape(t, shape).reshape(b, k, 3, *shape), shift, dims=1) for t in (loc, scale))
         idx = latent_indices(self.num_timepoints, self.mode, fixed)
         return loc[:, idx], scale[:, idx]

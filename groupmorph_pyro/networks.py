@@ -1,6 +1,12 @@
-"""3D U-Net of VoxelMorph/GroupMorph (plain nn.Module, no Pyro)."""
+"""3D U-Net of VoxelMorph/GroupMorph (plain nn.Module, no Pyro), and how a network runs:
+precision (bf16 autocast), memory layout (channels_last_3d) and ``torch.compile`` backends.
+
+These runtime choices change speed and memory only; outputs agree with the fp32 eager network to
+rounding (tests check the tolerance of each).
+"""
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -9,7 +15,40 @@ import torch.nn.functional as F
 
 from .checks import InputError, check_tensor
 
-__all__ = ["UNet3D"]
+__all__ = ["UNet3D", "PRECISIONS", "check_precision", "check_compile", "network_autocast"]
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision) -> str:
+    """``"fp32"`` or ``"bf16"``; anything else is an :class:`InputError`."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def check_compile(compile, allow_callable: bool = True):
+    """torch.compile backend from a setting: ``False`` → None (eager), ``True`` → ``"inductor"``,
+    a backend name (e.g. ``"inductor"``, ``"aot_eager"``, ``"cudagraphs"``) → itself, and, with
+    ``allow_callable``, a backend function (``backend(gm, example_inputs) -> callable``) → itself."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return "inductor"
+    if allow_callable and callable(compile):
+        return compile
+    backends = torch.compiler.list_backends(exclude_tags=())
+    if not isinstance(compile, str) or compile not in backends:
+        raise InputError(f"compile: expected false, true or a torch.compile backend in {sorted(backends)}, got {compile!r}")
+    return compile
+
+
+def network_autocast(device_type: str, precision: str = "fp32"):
+    """Context for a network forward: bf16 autocast (convolutions in bf16, fp32 weights and
+    reductions), or nothing for ``"fp32"``. ``device_type``: ``"cuda"``, ``"cpu"``, ..."""
+    if check_precision(precision) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
 class _ConvBlock(nn.Sequential):

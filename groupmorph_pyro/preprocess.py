@@ -112,4 +112,6 @@ def sliding_window(fn, x: torch.Tensor, window: Sequence[int], overlap: float = 
                 for acc, o in zip(sums, outs):
                     acc[(..., *sl)] += o
                 count[sl] += 1
-    return tuple(acc / count for acc in sums)
+    for acc in sums:
+        acc.div_(count)  # in place: no second full-size copy of each output
+    return tuple(sums)

@@ -14,13 +14,13 @@ from tqdm.auto import tqdm
 
 from .checks import InputError
 from .config import Config
-from .group import assemble_fields, check_mode, displacements, inverse_displacements, latent_indices, warp_group
+from .group import (assemble_fields, check_mode, displacements, inverse_displacements, jacobians, latent_indices,
+                    warp_group)
 from .likelihoods import group_nmi
 from .metrics import folding_percent, landmark_distances, landmark_report, summarize_distances
 from .model import CaseGuide, GroupMorphGuide, build_model
 from .preprocess import percentile_normalize, sliding_window
 from .posterior import landmark_posterior, sample_posterior, to_inference_data, uncertainty_maps
-from .spatial import jacobian_determinant
 
 __all__ = ["RegistrationResult", "normalize_group", "elbo_loss", "fit_case", "register"]
 
@@ -142,6 +142,8 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     Args:
         images: ``(K, D, H, W)`` raw intensities (numpy or tensor), same grid.
         config: settings (model section must match the guide's); default: paper defaults with K from images.
+            ``config.runtime`` (precision, channels_last, compile) is applied to ``guide`` in place,
+            ``config.register.window`` runs the network on overlapping tiles (full-resolution volumes).
         fixed: fixed timepoint in all-to-one mode (default 0); must be None in all-moving mode.
         device: torch device for the computation.
         likelihood, prior: custom callables overriding the config's (see GroupMorphModel).
@@ -175,7 +177,7 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
 
     start = time.perf_counter()
     if guide is not None:
-        guide = guide.to(device).eval()
+        guide = guide.to(device).eval().set_runtime(**config.runtime.options())
         with torch.no_grad():
             if config.register.window:
                 loc, scale = sliding_window(lambda t: guide.distribution_params(t, fixed), x,
@@ -193,15 +195,16 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
         sampler = case
         with torch.no_grad():
             loc, scale = case.distribution_params()
-    with torch.no_grad():
+    with torch.no_grad():  # one timepoint at a time (chunk=1): bounded temporaries at full resolution
         fields = assemble_fields(loc, k, mcfg.mode, fixed)
-        disp = displacements(fields, mcfg.diffeomorphic, mcfg.integration_steps)
+        disp = displacements(fields, mcfg.diffeomorphic, mcfg.integration_steps, chunk=1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        inv = inverse_displacements(fields, mcfg.diffeomorphic, mcfg.integration_steps)
+        inv = inverse_displacements(fields, mcfg.diffeomorphic, mcfg.integration_steps, chunk=1)
+        del fields
         warped = warp_group(raw, disp)[0]
-        jac = jacobian_determinant(disp[0])
+        jac = jacobians(disp, chunk=1)[0]
         nmi_before = float(group_nmi(x, mcfg.bins, histogram=mcfg.histogram)[0])
         nmi_after = float(group_nmi(warp_group(x, disp), mcfg.bins, histogram=mcfg.histogram)[0])
 
@@ -224,7 +227,7 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     if finetune is not None:  # the posterior fine-tuning started from
         with torch.no_grad():
             fields0 = assemble_fields(loc0, k, mcfg.mode, fixed)
-            disp0 = displacements(fields0, mcfg.diffeomorphic, mcfg.integration_steps)
+            disp0 = displacements(fields0, mcfg.diffeomorphic, mcfg.integration_steps, chunk=1)
             nmi0 = float(group_nmi(warp_group(x, disp0), mcfg.bins, histogram=mcfg.histogram)[0])
         summary["finetune"] = {key: finetune[key] for key in
                                ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "diverged")}
@@ -236,7 +239,7 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
         summary["landmarks"] = landmark_report(landmarks, result, spacing)
         if finetune is not None:
             with torch.no_grad():
-                inv0 = inverse_displacements(fields0, mcfg.diffeomorphic, mcfg.integration_steps)[0].cpu()
+                inv0 = inverse_displacements(fields0, mcfg.diffeomorphic, mcfg.integration_steps, chunk=1)[0].cpu()
             before = summarize_distances(landmark_distances(landmarks, disp0[0].cpu(), inv0, spacing))
             summary["finetune"].update(landmarks_before_mm=before["mean_mm"],
                                        landmarks_after_mm=summary["landmarks"]["registered"]["mean_mm"])

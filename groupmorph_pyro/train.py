@@ -24,7 +24,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 from .checks import InputError
-from .config import Config
+from .config import Config, RuntimeConfig
 from .group import assemble_fields, check_mode, displacements, warp_group
 from .likelihoods import group_nmi
 from .model import GroupMorphGuide, build_guide, build_model
@@ -149,13 +149,17 @@ def save_checkpoint(path, cfg: Config, guide: GroupMorphGuide, optimizer=None, s
 
 
 def load_checkpoint(path, device="cpu") -> tuple[Config, GroupMorphGuide, dict]:
-    """Rebuild ``(config, guide, raw checkpoint dict)`` from a checkpoint file alone."""
+    """Rebuild ``(config, guide, raw checkpoint dict)`` from a checkpoint file alone.
+
+    The config's ``runtime`` section is reset to its defaults (fp32, eager): how the network ran
+    in training is kept in ``state["config"]``, how it runs now is the caller's choice."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
     try:
         state = torch.load(path, map_location=device, weights_only=False)
         cfg = Config.from_dict(state["config"], source=str(path))
+        cfg.runtime = RuntimeConfig()
         guide = build_guide(cfg.model)
         guide.load_state_dict(state["guide"])
     except InputError:
@@ -222,6 +226,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
             gen.set_state(state["sampler_rng"])
     elif ckpt_path.exists():
         raise InputError(f"{ckpt_path} exists: pass --resume to continue, or choose another train.output_dir")
+    guide.set_runtime(**cfg.runtime.options())  # after loading: the optimiser keeps the same Parameter objects
     net = guide
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel

@@ -1,0 +1,147 @@
+"""Peak memory of full-resolution amortised inference (DIR-Lab cases 6-10: 512x512x136, K=6).
+
+    python benchmarks/memory.py --out runs/memory                          # CPU: peak resident memory
+    python benchmarks/memory.py --device cuda --out runs/memory_gpu        # GPU: peak allocated memory
+    python benchmarks/memory.py --smoke --out /tmp/memory                  # tiny, for the test-suite
+
+Each variant runs ``register`` (amortised pass with an untrained network of the default size:
+memory does not depend on the weights; posterior-mean fields, inverse maps, warped images, det J,
+NMI before/after) in a fresh child process, so peaks do not mix. The breathing phantom is made
+once by the parent and read by each child from a ``.npy`` file.
+
+Reported per variant: the peak, and its ratio to the K input volumes in float32 (the peer that
+scales with the problem). GPU: ``torch.cuda.max_memory_allocated`` (tensors only; the CUDA
+context and allocator cache come on top, ``max_memory_reserved`` is reported too). CPU: the
+child's peak resident set size (``ru_maxrss``) minus its size just before ``register`` (Python,
+torch and the loaded images), i.e. what registration itself added; the same tensors are what a
+GPU would hold, but CPU and GPU convolution workspaces differ, so on the CPU it is an estimate of
+the GPU figure, not a measurement of it. A child that is killed (out of memory) is reported as such.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+VARIANTS = {  # name -> register.window ([] = whole volume in one network pass)
+    "tiles 96³": [96, 96, 96],
+    "whole volume": [],
+}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
+def child(spec: dict) -> dict:
+    """Runs in the child process: one registration, its peak memory."""
+    import torch
+
+    from groupmorph_pyro.config import Config
+    from groupmorph_pyro.model import build_guide
+    from groupmorph_pyro.registration import register
+    from groupmorph_pyro.train import resolve_device
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = resolve_device(spec["device"])
+    images = np.load(spec["images"])
+    cfg = Config()
+    cfg.model.num_timepoints = images.shape[0]
+    cfg.model.histogram = spec["histogram"]
+    cfg.register.window = list(spec["window"])
+    torch.manual_seed(0)
+    guide = build_guide(cfg.model)
+    before = _rss_bytes() if device.type == "cpu" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    res = register(images, cfg, guide, device=device)
+    wall = time.perf_counter() - start
+    out = {"wall_seconds": wall, "fields_seconds": res.summary["seconds"]}
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        out["peak_gib"] = (peak - before) / 2**30
+        out["process_peak_gib"] = peak / 2**30
+    return out
+
+
+def run_variant(args, images_path: Path, window: list) -> dict:
+    spec = {"images": str(images_path), "window": window, "device": args.device, "threads": args.threads,
+            "histogram": args.histogram}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        killed = proc.returncode < 0 or "out of memory" in proc.stderr.lower()
+        return {"failed": "killed (out of memory?)" if killed else proc.stderr.strip().splitlines()[-1:],
+                "returncode": proc.returncode}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--shape", type=int, nargs=3, default=[512, 512, 136], help="grid (D H W)")
+    p.add_argument("--timepoints", type=int, default=6)
+    p.add_argument("--histogram", default="gaussian", choices=["gaussian", "bspline"], help="model.histogram")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return {}
+    if not args.out:
+        p.error("--out is required")
+    if args.smoke:
+        args.shape, args.timepoints = [32, 32, 24], 3
+        variants = {"tiles 16³": [16, 16, 16], "whole volume": []}
+    else:
+        variants = {name: VARIANTS[name] for name in args.variants}
+    from groupmorph_pyro.io import write_json
+    from groupmorph_pyro.synthetic import breathing_phantom
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    group = breathing_phantom(tuple(args.shape), args.timepoints, seed=1, num_landmarks=10)
+    input_gib = group.images.astype(np.float32).nbytes / 2**30
+    report = {"device": args.device, "host": platform.processor() or platform.machine(), "shape": list(args.shape),
+              "timepoints": args.timepoints, "histogram": args.histogram, "input_gib": input_gib, "variants": {}}
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        images_path = Path(tmp) / "images.npy"
+        np.save(images_path, group.images.astype(np.float32))
+        del group
+        for name, window in variants.items():
+            r = run_variant(args, images_path, window)
+            if "peak_gib" in r:
+                r["peak_over_input"] = r["peak_gib"] / input_gib
+            report["variants"][name] = r
+    write_json(out / "memory.json", report)
+    what = "peak allocated GPU memory" if args.device.startswith("cuda") else "peak resident memory added by register (CPU)"
+    print(f"K={args.timepoints}, {'x'.join(map(str, args.shape))}, {args.histogram} histogram, inputs {input_gib:.2f} GiB; "
+          f"{what}")
+    print("\n| network pass | peak (GiB) | peak / inputs | fields (s) | whole call (s) |\n| --- | --- | --- | --- | --- |")
+    for name, r in report["variants"].items():
+        if "failed" in r:
+            print(f"| {name} | failed: {r['failed']} | | | |")
+        else:
+            print(f"| {name} | {r['peak_gib']:.2f} | {r['peak_over_input']:.1f}x | {r['fields_seconds']:.1f} | "
+                  f"{r['wall_seconds']:.1f} |")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
