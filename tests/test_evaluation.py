@@ -74,3 +74,14 @@ def test_cli_evaluate_manifest_writes_json_and_csv(tmp_path, group):
     assert float(rows[0]["landmark_mm_before"]) > 0
     assert (out / "registered" / "case" / "summary.json").exists()
     assert main(["evaluate", "--manifest", str(tmp_path / "m.yaml"), "--split", "val", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_evaluate_manifest_leaves_the_callers_config_alone(tmp_path, group):
+    from groupmorph_pyro.evaluation import evaluate_manifest
+
+    paths, lms = _write_inputs(tmp_path, group)
+    write_manifest(tmp_path / "m.yaml", [SeriesEntry("case", paths, lms, "test")])
+    cfg = Config()  # K = 6 by default; the series has K = 3
+    rows = evaluate_manifest(tmp_path / "m.yaml", tmp_path / "out", cfg, finetune_steps=2)
+    assert [r["series"] for r in rows] == ["case"] and rows[0]["landmark_mm_after"] is not None
+    assert cfg == Config()

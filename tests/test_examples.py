@@ -37,3 +37,13 @@ def test_custom_likelihood_example():
     assert len(results) == 2
     for r in results.values():
         assert r["registered_mm"] >= 0 and r["folding_percent"] < 1.0
+
+
+def test_breast_example_names_unknown_test_patients(tmp_path):
+    from groupmorph_pyro.prepare import write_dce_twin
+
+    write_dce_twin(tmp_path / "raw" / "anna", "anna", shape=(20, 20, 16), spacing=(1.0, 1.0, 3.0), seed=0)
+    module = _load(Path(__file__).parent.parent / "examples" / "breast_mr" / "pipeline.py")
+    with pytest.raises(SystemExit, match=r"no patient folder\(s\) \['bob'\].*expected some of \['anna'\]"):
+        module.main(["--series", str(tmp_path / "raw"), "--test-patients", "bob", "--work", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from groupmorph_pyro.config import load_config
-from groupmorph_pyro.data import load_manifest, write_manifest
+from groupmorph_pyro.data import load_manifest, split_entries, write_manifest
 from groupmorph_pyro.io import load_group, write_json, write_registration
 from groupmorph_pyro.metrics import pairwise_rmse
 from groupmorph_pyro.prepare import prepare_series, write_dce_twin
@@ -56,8 +56,13 @@ def main(args=None) -> dict:
         raise SystemExit("pass --series FOLDER or --smoke")
 
     # 1. prepare: resample every timepoint to isotropic spacing, write NIfTI + manifest
+    patients = sorted(p for p in Path(args.series).iterdir() if p.is_dir())
+    unknown = sorted(set(args.test_patients) - {p.name for p in patients})
+    if unknown:
+        raise SystemExit(f"--test-patients: no patient folder(s) {unknown} in {args.series}; "
+                         f"expected some of {[p.name for p in patients]}")
     entries = []
-    for patient in sorted(p for p in Path(args.series).iterdir() if p.is_dir()):
+    for patient in patients:
         timepoints = sorted(patient.iterdir())
         split = "test" if patient.name in args.test_patients else "train"
         m = prepare_series({patient.name: timepoints}, work / "prepared" / patient.name, args.spacing, split)
@@ -74,7 +79,12 @@ def main(args=None) -> dict:
 
     # 3. register and 4. evaluate
     results = {}
-    for e in (e for e in load_manifest(manifest) if e.split == "test"):
+    if args.test_patients:
+        to_register = split_entries(manifest, "test")
+    else:  # unsupervised: registering the training cohort itself is a normal use, but say so
+        to_register = load_manifest(manifest)
+        print(f"no --test-patients: registering all {len(to_register)} patients (also used for training)")
+    for e in to_register:
         images, affine, _ = load_group(e.images)
         res = register(images, cfg, guide, finetune_steps=args.finetune_steps)
         write_registration(res, work / "registered" / e.name, affine, e.images)
