@@ -60,6 +60,11 @@ def assemble_fields(z: torch.Tensor, num_timepoints: int, mode: str, fixed: int 
     return torch.stack(parts, dim=1)
 
 
+def _check_chunk(chunk) -> None:
+    if int(chunk) != chunk or chunk < 1:
+        raise InputError(f"chunk: expected an integer >= 1 or None, got {chunk!r}")
+
+
 def _per_timepoint(fn, fields: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """``fn`` over the ``B·K`` maps of ``fields`` ``(B, K, ...)``, ``chunk`` maps at a time (None: all
     in one batch). Chunking bounds the temporaries for full-resolution inference; with autograd it
@@ -69,8 +74,7 @@ def _per_timepoint(fn, fields: torch.Tensor, chunk: int | None = None) -> torch.
     if chunk is None or chunk >= b * k:
         out = fn(flat)
         return out.reshape(b, k, *out.shape[1:])
-    if int(chunk) != chunk or chunk < 1:
-        raise InputError(f"chunk: expected an integer >= 1 or None, got {chunk!r}")
+    _check_chunk(chunk)
     first = fn(flat[:chunk])
     out = first.new_empty((b * k, *first.shape[1:]))
     out[:chunk] = first
@@ -104,10 +108,17 @@ def jacobians(disp: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     return _per_timepoint(jacobian_determinant, disp, chunk)
 
 
-def warp_group(images: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
-    """Warp each timepoint: ``(B, K, D, H, W)`` images, ``(B, K, 3, D, H, W)`` displacements -> ``(B, K, D, H, W)``."""
+def warp_group(images: torch.Tensor, disp: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Warp each timepoint: ``(B, K, D, H, W)`` images, ``(B, K, 3, D, H, W)`` displacements (voxels)
+    -> ``(B, K, D, H, W)``; ``chunk`` timepoints at a time (None: all, see :func:`_per_timepoint`)."""
     b, k = images.shape[:2]
     if disp.shape[:2] != (b, k) or disp.shape[3:] != images.shape[2:]:
         raise InputError(f"warp_group: images {tuple(images.shape)} and displacements {tuple(disp.shape)} do not match")
-    out = _warp(images.reshape(b * k, 1, *images.shape[2:]), disp.reshape(b * k, *disp.shape[2:]))
+    flat_img, flat_disp = images.reshape(b * k, 1, *images.shape[2:]), disp.reshape(b * k, *disp.shape[2:])
+    if chunk is None or chunk >= b * k:
+        return _warp(flat_img, flat_disp).reshape(images.shape)
+    _check_chunk(chunk)
+    out = torch.empty(flat_img.shape, device=disp.device, dtype=flat_img.dtype)
+    for i in range(0, b * k, chunk):
+        out[i:i + chunk] = _warp(flat_img[i:i + chunk], flat_disp[i:i + chunk])
     return out.reshape(images.shape)

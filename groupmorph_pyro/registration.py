@@ -204,10 +204,10 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
         seconds = time.perf_counter() - start
         inv = inverse_displacements(fields, mcfg.diffeomorphic, mcfg.integration_steps, chunk=chunk)
         del fields
-        warped = warp_group(raw, disp)[0]
+        warped = warp_group(raw, disp, chunk)[0]
         jac = jacobians(disp, chunk=chunk)[0]
         nmi_before = float(group_nmi(x, mcfg.bins, histogram=mcfg.histogram)[0])
-        nmi_after = float(group_nmi(warp_group(x, disp), mcfg.bins, histogram=mcfg.histogram)[0])
+        nmi_after = float(group_nmi(warp_group(x, disp, chunk), mcfg.bins, histogram=mcfg.histogram)[0])
 
     summary = {
         "seconds": seconds,
@@ -229,7 +229,7 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
         with torch.no_grad():
             fields0 = assemble_fields(loc0, k, mcfg.mode, fixed)
             disp0 = displacements(fields0, mcfg.diffeomorphic, mcfg.integration_steps, chunk=chunk)
-            nmi0 = float(group_nmi(warp_group(x, disp0), mcfg.bins, histogram=mcfg.histogram)[0])
+            nmi0 = float(group_nmi(warp_group(x, disp0, chunk), mcfg.bins, histogram=mcfg.histogram)[0])
         summary["finetune"] = {key: finetune[key] for key in
                                ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "diverged")}
         summary["finetune"].update(nmi_before=nmi0, nmi_after=nmi_after, nmi_gain=nmi_after - nmi0)

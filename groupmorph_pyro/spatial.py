@@ -67,6 +67,7 @@ def sample(volume: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear") -
         norm.append(coords[:, c] * scale - (1.0 if n > 1 else 0.0))
     # grid_sample wants (B, d, h, w, 3) ordered (x=W, y=H, z=D).
     grid = torch.stack(norm[::-1], dim=-1)
+    del norm  # not needed by autograd; frees B·3 volumes before grid_sample
     return F.grid_sample(volume, grid.to(volume.dtype), mode=mode, padding_mode="border", align_corners=True)
 
 

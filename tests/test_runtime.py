@@ -13,7 +13,7 @@ from groupmorph_pyro import likelihoods
 from groupmorph_pyro.checks import InputError
 from groupmorph_pyro.cli import main
 from groupmorph_pyro.config import Config
-from groupmorph_pyro.group import displacements, inverse_displacements, jacobians
+from groupmorph_pyro.group import displacements, inverse_displacements, jacobians, warp_group
 from groupmorph_pyro.likelihoods import joint_histograms
 from groupmorph_pyro.model import GroupMorphGuide
 from groupmorph_pyro.registration import register
@@ -127,6 +127,10 @@ def test_chunked_timepoints_equal_batched():
     disp = displacements(v)
     assert torch.allclose(jacobians(disp), jacobians(disp, chunk=1), atol=1e-6)
     assert jacobians(disp).shape == (1, 3, 12, 10, 8)
+    images = torch.rand(1, 3, 12, 10, 8)
+    assert torch.allclose(warp_group(images, disp), warp_group(images, disp, chunk=2), atol=1e-6)
+    with pytest.raises(InputError, match="chunk: expected an integer >= 1"):
+        warp_group(images, disp, chunk=0)
     with pytest.raises(InputError, match="chunk: expected an integer >= 1"):
         displacements(v, chunk=0)
     with pytest.raises(InputError, match=r"jacobians: expected displacements \(B, K, 3, D, H, W\)"):
