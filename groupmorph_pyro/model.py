@@ -209,8 +209,8 @@ class GroupMorphGuide(LocalParamsModule):
             x = x.contiguous(memory_format=torch.channels_last_3d)
         if self.precision == "bf16" and x.device.type == "cpu":
             warnings.warn("precision 'bf16' on the CPU: bf16 3D convolutions can be far slower than fp32 on CPUs "
-                          "without native bf16 support (measured 230x slower on a 2-core CI machine); "
-                          "use it on a GPU", RuntimeWarning, stacklevel=2)
+                          "without native bf16 support (75x slower in benchmarks/README.md); use it on a GPU",
+                          RuntimeWarning, stacklevel=2)
         with network_autocast(x.device.type, self.precision):
             mean, var = self._network()(x)
         b, k = images.shape[:2]
