@@ -170,9 +170,10 @@ class GroupMorphGuide(LocalParamsModule):
         Returns:
             self. The state dict is unchanged (checkpoints stay loadable by eager fp32 guides).
         """
-        self.precision = check_precision(precision)
-        self.compile_backend = check_compile(compile)
-        self.channels_last = bool(channels_last)
+        precision, backend = check_precision(precision), check_compile(compile)
+        if (precision, bool(channels_last), backend) == (self.precision, self.channels_last, self.compile_backend):
+            return self  # unchanged: keep the compiled network (register calls this for every group)
+        self.precision, self.channels_last, self.compile_backend = precision, bool(channels_last), backend
         self.to(memory_format=torch.channels_last_3d if self.channels_last else torch.contiguous_format)
         self._compiled = None
         return self

@@ -81,6 +81,9 @@ def test_compile_runs_the_compiled_network_and_matches_eager():
         assert counter.frame_count >= 1
         for a, b in zip(ref, out):
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+        compiled = guide._compiled
+        guide.set_runtime(compile=counter, channels_last=True)  # same settings (register does this per group)
+        assert guide._compiled is compiled
         # a copy compiles its own network (it must not run the original's weights)
         twin = copy.deepcopy(guide)
         with torch.no_grad():
