@@ -7,7 +7,6 @@ after each one). A rerun skips the finished series and redoes any that was inter
 """
 from __future__ import annotations
 
-import copy
 import csv
 import io as _io
 import json
@@ -81,10 +80,7 @@ def register_manifest(manifest, out_dir, config: Config | None = None, guide=Non
             rows.append(_row(e.name, "skipped", json.loads((folder / "summary.json").read_text()), folder))
             continue
         images, affine, _ = load_group(e.images)
-        cfg = config
-        if guide is None and cfg.model.num_timepoints != images.shape[0]:
-            cfg = copy.deepcopy(config)
-            cfg.model.num_timepoints = images.shape[0]
+        cfg = config if guide is not None else config.with_timepoints(images.shape[0])
         landmarks = entry_landmarks(e, images.shape[1:])
         start = time.perf_counter()
         result = register(images, cfg, guide, fixed=fixed, finetune_steps=finetune_steps, device=device, seed=seed,

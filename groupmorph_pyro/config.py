@@ -5,6 +5,7 @@ YAML file fails loudly instead of being ignored.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,8 +142,8 @@ class RuntimeConfig:
         check_compile(self.compile, allow_callable=False)  # a config holds names only (YAML, checkpoints)
 
     def options(self) -> dict:
-        """Keyword arguments of :meth:`GroupMorphGuide.set_runtime`."""
-        return {"precision": self.precision, "channels_last": self.channels_last, "compile": self.compile}
+        """Keyword arguments of :meth:`GroupMorphGuide.set_runtime` (the fields, by name)."""
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -155,6 +156,15 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def with_timepoints(self, k: int) -> "Config":
+        """This config when ``model.num_timepoints == k``, else a copy with K = ``k`` (per-case
+        registration of a series with its own K; the caller's config is never changed)."""
+        if self.model.num_timepoints == k:
+            return self
+        cfg = copy.deepcopy(self)
+        cfg.model.num_timepoints = int(k)
+        return cfg
 
     @classmethod
     def from_dict(cls, d: dict | None, source: str = "config") -> "Config":

@@ -7,7 +7,6 @@ rows (dicts) that :func:`write_table` writes as JSON and CSV.
 """
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -100,10 +99,7 @@ def evaluate_manifest(manifest, out_dir, config: Config | None = None, guide=Non
     rows = []
     for e in tqdm(split_entries(manifest, split), desc="evaluate", disable=not progress):
         images, affine, vols = load_group(e.images)
-        cfg = config
-        if guide is None and config.model.num_timepoints != images.shape[0]:  # per-case: K from the series
-            cfg = copy.deepcopy(config)  # never change the caller's config
-            cfg.model.num_timepoints = images.shape[0]
+        cfg = config if guide is not None else config.with_timepoints(images.shape[0])  # per-case: K from the series
         res = register(images, cfg, guide, fixed=fixed, finetune_steps=finetune_steps, device=device)
         write_registration(res, Path(out_dir) / e.name, affine, e.images)
         row = {"series": e.name, "method": "groupmorph" if guide is not None else "groupmorph-per-case",

@@ -60,27 +60,24 @@ def assemble_fields(z: torch.Tensor, num_timepoints: int, mode: str, fixed: int 
     return torch.stack(parts, dim=1)
 
 
-def _check_chunk(chunk) -> None:
+def _per_timepoint(fn, *tensors: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """``fn`` over the ``B·K`` maps of ``tensors`` (each ``(B, K, ...)``, flattened to ``(B·K, ...)``
+    and sliced alike), ``chunk`` maps at a time (None: all in one batch). Chunking bounds the
+    temporaries for full-resolution inference; with autograd it saves nothing (every chunk's graph
+    is kept), so use it under ``torch.no_grad()``. Returns ``(B, K, *fn's output shape[1:])``."""
+    b, k = tensors[0].shape[:2]
+    flat = [t.reshape(b * k, *t.shape[2:]) for t in tensors]
+    if chunk is None or chunk >= b * k:
+        out = fn(*flat)
+        return out.reshape(b, k, *out.shape[1:])
     if int(chunk) != chunk or chunk < 1:
         raise InputError(f"chunk: expected an integer >= 1 or None, got {chunk!r}")
-
-
-def _per_timepoint(fn, fields: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """``fn`` over the ``B·K`` maps of ``fields`` ``(B, K, ...)``, ``chunk`` maps at a time (None: all
-    in one batch). Chunking bounds the temporaries for full-resolution inference; with autograd it
-    saves nothing (every chunk's graph is kept), so use it under ``torch.no_grad()``."""
-    b, k = fields.shape[:2]
-    flat = fields.reshape(b * k, *fields.shape[2:])
-    if chunk is None or chunk >= b * k:
-        out = fn(flat)
-        return out.reshape(b, k, *out.shape[1:])
-    _check_chunk(chunk)
-    first = fn(flat[:chunk])
+    first = fn(*(f[:chunk] for f in flat))
     out = first.new_empty((b * k, *first.shape[1:]))
     out[:chunk] = first
     del first
     for start in range(chunk, b * k, chunk):
-        out[start:start + chunk] = fn(flat[start:start + chunk])
+        out[start:start + chunk] = fn(*(f[start:start + chunk] for f in flat))
     return out.reshape(b, k, *out.shape[1:])
 
 
@@ -90,22 +87,22 @@ def displacements(fields: torch.Tensor, diffeomorphic: bool = True, steps: int =
     (``chunk``: timepoints integrated at a time, see :func:`_per_timepoint`)."""
     if not diffeomorphic:
         return fields
-    return _per_timepoint(lambda v: integrate_velocity(v, steps), fields, chunk)
+    return _per_timepoint(lambda v: integrate_velocity(v, steps), fields, chunk=chunk)
 
 
 def inverse_displacements(fields: torch.Tensor, diffeomorphic: bool = True, steps: int = 7,
                           chunk: int | None = None) -> torch.Tensor:
     """``φ_k⁻¹ − Id`` in voxels, ``(B, K, 3, D, H, W)``: ``exp(−v)``, or a fixed-point inverse."""
     if diffeomorphic:
-        return _per_timepoint(lambda v: integrate_velocity(-v, steps), fields, chunk)
-    return _per_timepoint(invert_displacement, fields, chunk)
+        return _per_timepoint(lambda v: integrate_velocity(-v, steps), fields, chunk=chunk)
+    return _per_timepoint(invert_displacement, fields, chunk=chunk)
 
 
 def jacobians(disp: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """``det Jφ_k`` (dimensionless), ``(B, K, D, H, W)`` from displacements ``(B, K, 3, D, H, W)`` in voxels."""
     if disp.dim() != 6 or disp.shape[2] != 3:
         raise InputError(f"jacobians: expected displacements (B, K, 3, D, H, W), got {tuple(disp.shape)}")
-    return _per_timepoint(jacobian_determinant, disp, chunk)
+    return _per_timepoint(jacobian_determinant, disp, chunk=chunk)
 
 
 def warp_group(images: torch.Tensor, disp: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
@@ -114,11 +111,4 @@ def warp_group(images: torch.Tensor, disp: torch.Tensor, chunk: int | None = Non
     b, k = images.shape[:2]
     if disp.shape[:2] != (b, k) or disp.shape[3:] != images.shape[2:]:
         raise InputError(f"warp_group: images {tuple(images.shape)} and displacements {tuple(disp.shape)} do not match")
-    flat_img, flat_disp = images.reshape(b * k, 1, *images.shape[2:]), disp.reshape(b * k, *disp.shape[2:])
-    if chunk is None or chunk >= b * k:
-        return _warp(flat_img, flat_disp).reshape(images.shape)
-    _check_chunk(chunk)
-    out = torch.empty(flat_img.shape, device=disp.device, dtype=flat_img.dtype)
-    for i in range(0, b * k, chunk):
-        out[i:i + chunk] = _warp(flat_img[i:i + chunk], flat_disp[i:i + chunk])
-    return out.reshape(images.shape)
+    return _per_timepoint(lambda img, d: _warp(img[:, None], d)[:, 0], images, disp, chunk=chunk)

@@ -71,6 +71,12 @@ def parzen_weights(x: torch.Tensor, bins: int = 32, sigma_ratio: float = 0.5) ->
 
 
 HISTOGRAMS = ("gaussian", "bspline")
+
+
+def _check_histogram(histogram) -> str:
+    if histogram not in HISTOGRAMS:
+        raise InputError(f"histogram: expected one of {HISTOGRAMS}, got {histogram!r}")
+    return histogram
 _CHUNK = 1 << 18  # voxels per chunk of histogram accumulation (bounds temporaries; all chunks' graphs are kept)
 
 
@@ -146,8 +152,7 @@ def joint_histograms(images: torch.Tensor, bins: int = 32, sigma_ratio: float = 
     Returns:
         ``(B, K(K−1)/2, bins, bins)``, each histogram summing to 1, pairs in order (0,1), (0,2), ….
     """
-    if histogram not in HISTOGRAMS:
-        raise InputError(f"histogram: expected one of {HISTOGRAMS}, got {histogram!r}")
+    _check_histogram(histogram)
     b, k = images.shape[:2]
     x = images.reshape(b, k, -1)
     if histogram == "bspline":
@@ -309,10 +314,8 @@ class GroupNMI(GroupSimilarity):
     ``histogram="bspline"`` for the memory-lean kernel)."""
 
     def __init__(self, beta: float = 1.0, bins: int = 32, sigma_ratio: float = 0.5, histogram: str = "gaussian"):
-        if histogram not in HISTOGRAMS:
-            raise InputError(f"histogram: expected one of {HISTOGRAMS}, got {histogram!r}")
         super().__init__("nmi", "pairs", beta, bins=int(bins), sigma_ratio=check_positive("sigma_ratio", sigma_ratio),
-                         histogram=histogram)
+                         histogram=_check_histogram(histogram))
 
     def similarity(self, warped: torch.Tensor) -> torch.Tensor:
         return group_nmi(warped, **self.options)  # shares Parzen weights across pairs
