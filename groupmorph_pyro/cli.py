@@ -105,13 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_and_guide(args, device):
     """``(config, trained guide or None)`` from ``--checkpoint``, else ``--config`` / defaults with
-    ``--mode`` and ``--no-diffeomorphic`` applied (commands that have them)."""
+    ``--mode`` and ``--no-diffeomorphic`` applied (commands that have them; with a checkpoint they
+    must agree with it), then the runtime options; ``--fixed`` is refused in all-moving mode."""
     from .config import Config, load_config
     from .train import load_checkpoint
 
     guide = None
     if args.checkpoint:
         cfg, guide, _ = load_checkpoint(args.checkpoint, device)
+        if getattr(args, "mode", None) and args.mode != cfg.model.mode:
+            raise InputError(f"--mode {args.mode}: {args.checkpoint} was trained in {cfg.model.mode} mode")
+        if getattr(args, "no_diffeomorphic", False) and cfg.model.diffeomorphic:
+            raise InputError(f"--no-diffeomorphic: {args.checkpoint} was trained as a diffeomorphic model")
     else:
         cfg = load_config(args.config) if args.config else Config()
         if getattr(args, "mode", None):
@@ -119,6 +124,8 @@ def _config_and_guide(args, device):
         if getattr(args, "no_diffeomorphic", False):
             cfg.model.diffeomorphic = False
     _apply_runtime(cfg, args)
+    if getattr(args, "fixed", None) is not None and cfg.model.mode == "all-moving":
+        raise InputError(f"--fixed {args.fixed}: all-moving mode has no fixed timepoint")
     return cfg, guide
 
 
@@ -128,12 +135,8 @@ def _register_manifest(args) -> int:
 
     if args.images or args.landmarks or args.resample:
         raise InputError("--manifest: images, --landmarks and --resample come from the manifest; give none on the command line")
-    if args.samples < 0:
-        raise InputError(f"--samples: expected an integer >= 0, got {args.samples}")
     device = resolve_device(args.device)
     cfg, guide = _config_and_guide(args, device)
-    if args.fixed is not None and cfg.model.mode == "all-moving":
-        raise InputError(f"--fixed {args.fixed}: all-moving mode has no fixed timepoint")
     rows = register_manifest(args.manifest, args.out, cfg, guide, args.split, args.fixed, args.finetune_steps, device,
                              args.samples, args.seed, progress=not args.quiet)
     done = sum(r["status"] == "registered" for r in rows)
@@ -146,6 +149,8 @@ def _register(args) -> int:
     from .registration import register
     from .train import resolve_device
 
+    if args.samples < 0:
+        raise InputError(f"--samples: expected an integer >= 0, got {args.samples}")
     if args.manifest:
         return _register_manifest(args)
     if len(args.images) < 2:
@@ -153,19 +158,10 @@ def _register(args) -> int:
     device = resolve_device(args.device)
     images, affine, _ = load_group(args.images, resample=args.resample)
     cfg, guide = _config_and_guide(args, device)
-    if args.checkpoint:
-        if cfg.model.num_timepoints != len(args.images):
-            raise InputError(f"{args.checkpoint}: model trained for K={cfg.model.num_timepoints} timepoints, got {len(args.images)} images")
-        if args.mode and args.mode != cfg.model.mode:
-            raise InputError(f"--mode {args.mode}: {args.checkpoint} was trained in {cfg.model.mode} mode")
-        if args.no_diffeomorphic and cfg.model.diffeomorphic:
-            raise InputError(f"--no-diffeomorphic: {args.checkpoint} was trained as a diffeomorphic model")
-    else:
+    if not args.checkpoint:
         cfg.model.num_timepoints = len(args.images)
-    if args.fixed is not None and cfg.model.mode == "all-moving":
-        raise InputError(f"--fixed {args.fixed}: all-moving mode has no fixed timepoint")
-    if args.samples < 0:
-        raise InputError(f"--samples: expected an integer >= 0, got {args.samples}")
+    elif cfg.model.num_timepoints != len(args.images):
+        raise InputError(f"{args.checkpoint}: model trained for K={cfg.model.num_timepoints} timepoints, got {len(args.images)} images")
     landmarks = None
     if args.landmarks:
         from .data import read_landmarks

@@ -94,3 +94,18 @@ def test_batch_bad_manifests(tmp_path):
     with pytest.raises(InputError, match=r"trained for K=4 timepoints, got series \[\('a', 3\)\]"):
         register_manifest(manifest, tmp_path / "o", cfg, guide=_Guide(), progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_batch_cli_refuses_options_that_contradict_the_checkpoint(tmp_path, capsys):
+    from groupmorph_pyro.train import train
+
+    from test_train import tiny_config
+
+    ckpt = train(tiny_config(tmp_path / "run", 1), progress=False)  # all-to-one, diffeomorphic, K=3
+    manifest = _manifest(tmp_path, names=("x",))
+    base = ["register", "--manifest", str(manifest), "--checkpoint", str(ckpt), "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "m"), "--mode", "all-moving"]) == 2
+    assert "was trained in all-to-one mode" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "d"), "--no-diffeomorphic"]) == 2
+    assert "was trained as a diffeomorphic model" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "d").exists()
