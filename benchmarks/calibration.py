@@ -20,9 +20,9 @@ import torch
 from groupmorph_pyro.config import Config
 from groupmorph_pyro.model import build_model
 from groupmorph_pyro.posterior import sample_posterior
-from groupmorph_pyro.registration import fit_case, normalize_group
+from groupmorph_pyro.preprocess import normalize_group
+from groupmorph_pyro.registration import fit_case
 from groupmorph_pyro.metrics import landmark_distances, summarize_distances
-from groupmorph_pyro.group import assemble_fields, displacements, inverse_displacements
 from groupmorph_pyro.spatial import integrate_velocity
 from groupmorph_pyro.synthetic import breathing_phantom
 
@@ -55,14 +55,15 @@ def main(argv=None) -> list:
         cfg.model.num_timepoints, cfg.model.beta = 4, beta
         model = build_model(cfg.model)
         loc = torch.zeros(1, 3, 3, *x.shape[2:])
-        guide, info = fit_case(model, x, 0, loc, torch.full_like(loc, cfg.register.init_scale), args.steps,
-                               cfg.register.lr, cfg.model.lambda_u, cfg.model.lambda_v, patience=0)
+        cfg.register.patience = 0
+        guide, info = fit_case(model, x, 0, loc, torch.full_like(loc, cfg.register.init_scale), cfg.register,
+                               steps=args.steps)
         draws = sample_posterior(model, guide, x, 0, args.samples)
         disp = draws["displacement"][:, 0, 1:].double()  # (S, K-1, 3, D, H, W)
         with torch.no_grad():
             mean_loc, _ = guide.distribution_params()
-            fields = assemble_fields(mean_loc, 4, "all-to-one", 0)
-            d, inv = displacements(fields)[0], inverse_displacements(fields)[0]
+            transform = model.transform(0)
+            d, inv = transform.displacements(mean_loc)[0], transform.inverse_displacements(mean_loc)[0]
         lm = summarize_distances(landmark_distances(g.landmarks, d, inv, g.spacing))
         row = {"beta": beta, "coverage90_all": coverage(disp, truth.double(), everywhere),
                "coverage90_moving": coverage(disp, truth.double(), moving),

@@ -49,7 +49,7 @@ def child(spec: dict) -> dict:
     from groupmorph_pyro.config import Config
     from groupmorph_pyro.model import build_guide
     from groupmorph_pyro.registration import register
-    from groupmorph_pyro.train import resolve_device
+    from groupmorph_pyro.checks import resolve_device
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
         variants = {"tiles 16³": [16, 16, 16], "whole volume": []}
     else:
         variants = {name: VARIANTS[name] for name in args.variants}
-    from groupmorph_pyro.io import write_json
+    from groupmorph_pyro.files import write_json
     from groupmorph_pyro.synthetic import breathing_phantom
 
     out = Path(args.out)

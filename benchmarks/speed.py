@@ -35,7 +35,8 @@ from groupmorph_pyro.evaluation import landmark_columns
 from groupmorph_pyro.model import build_guide, build_model
 from groupmorph_pyro.registration import register
 from groupmorph_pyro.synthetic import breathing_phantom
-from groupmorph_pyro.train import resolve_device, svi_loss
+from groupmorph_pyro.checks import resolve_device
+from groupmorph_pyro.train import svi_loss
 
 
 def _sync(device):
@@ -210,7 +211,7 @@ def main(argv=None) -> dict:
     report["bspline_saved_memory_ratio"] = b["autograd_saved_gib"] / g["autograd_saved_gib"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from groupmorph_pyro.io import write_json
+    from groupmorph_pyro.files import write_json
 
     write_json(out / "speed.json", report)
     gm = report["groupmorph"]

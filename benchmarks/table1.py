@@ -48,7 +48,7 @@ def training_groups(name, args) -> list:
     """``(K, D, H, W)`` tensors in [0, 1] to train the amortised rows for series ``name``."""
     if args.manifest:
         from groupmorph_pyro.data import load_manifest
-        from groupmorph_pyro.io import load_group
+        from groupmorph_pyro.volumes import load_group
 
         raw = [load_group(e.images)[0] for e in load_manifest(args.manifest) if e.split == "train"]
     else:
@@ -99,7 +99,7 @@ def datasets(args):
     """Yield (name, images (K, D, H, W), spacing, landmarks or None)."""
     if args.manifest:
         from groupmorph_pyro.data import entry_landmarks, split_entries
-        from groupmorph_pyro.io import load_group
+        from groupmorph_pyro.volumes import load_group
 
         for e in split_entries(args.manifest, args.split):
             images, _, vols = load_group(e.images)

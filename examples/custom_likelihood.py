@@ -65,7 +65,7 @@ def main(args=None) -> dict:
     results = {}
     for name, plug in runs.items():
         res = register(group.images, cfg, finetune_steps=steps, **plug)
-        rep = landmark_report(group.landmarks, res, group.spacing)
+        rep = landmark_report(group.landmarks, res.displacement, res.inverse_displacement, group.spacing)
         results[name] = {"identity_mm": rep["identity"]["mean_mm"], "registered_mm": rep["registered"]["mean_mm"],
                          "folding_percent": res.summary["folding_percent_all"]}
         print(f"{name}: landmarks {rep['identity']['mean_mm']:.2f} -> {rep['registered']['mean_mm']:.2f} mm, "

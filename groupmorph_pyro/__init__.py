@@ -1,9 +1,36 @@
 """groupmorph_pyro: deep group-wise variational diffeomorphic image registration as a Pyro program.
 
-Layers (imports point one way): checks → spatial → priors / likelihoods / networks → group →
-model (model and guides) → config → registration / train → io → cli.
+Layers, lowest first; a module imports only modules of lower layers (lazy imports included;
+``tests/test_layers.py`` checks the import graph against :data:`LAYERS`):
+
+1. foundations: ``checks`` (validation, device resolution, name registry), ``files`` (atomic
+   writes), ``results`` (the result type every registration method returns)
+2. grids and images: ``spatial`` (warp, compose, integrate, det J, points; the only grid_sample
+   caller), ``preprocess`` (normalisation, padding, patches, tiles), ``volumes`` (NIfTI; the only
+   nibabel user), ``plots`` (the only matplotlib user)
+3. building blocks: ``group`` (GroupTransform: latents -> maps, inverse maps, det J, warped group),
+   ``priors``, ``likelihoods``, ``networks``, ``metrics``, ``synthetic`` (phantoms), ``data``
+   (DIR-Lab, DICOM, manifests)
+4. model: ``model`` (Pyro model and guides), ``posterior`` (sampling, uncertainty, arviz),
+   ``config``, ``outputs`` (what ``register`` writes), ``prepare`` (data sets -> NIfTI + manifest)
+5. inference: ``registration`` (prepare -> infer -> refine -> summarise -> sample), ``train``
+6. workflows: ``baselines`` (identity, Elastix, pairwise), ``batch`` (the manifest loop)
+7. comparison: ``peers`` (the voxelmorph package), ``evaluation`` (Table-1 metrics)
+8. interface: ``cli``
 """
 from .checks import InputError
 
 __version__ = "0.1.0"
-__all__ = ["InputError", "__version__"]
+__all__ = ["InputError", "__version__", "LAYERS"]
+
+LAYERS = (
+    ("checks", "files", "results"),
+    ("spatial", "preprocess", "volumes", "plots"),
+    ("group", "priors", "likelihoods", "networks", "metrics", "synthetic", "data"),
+    ("model", "posterior", "config", "outputs", "prepare"),
+    ("registration", "train"),
+    ("baselines", "batch"),
+    ("peers", "evaluation"),
+    ("cli",),
+)
+"""The package's modules by layer, lowest first (see the module docstring)."""

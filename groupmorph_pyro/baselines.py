@@ -26,7 +26,8 @@ import torch
 from .checks import InputError, check_spacing
 from .config import Config
 from .group import check_mode
-from .registration import RegistrationResult, register
+from .registration import register
+from .results import RegistrationResult
 from .spatial import invert_displacement, jacobian_determinant, warp
 
 __all__ = ["identity", "elastix_all_to_one", "elastix_groupwise", "pairwise_groupmorph", "result_from_displacements",

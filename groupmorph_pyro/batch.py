@@ -1,27 +1,35 @@
 """Batch registration of every series of a manifest into one resumable output folder.
 
 Layout: ``<out>/<series>/`` holds what ``groupmorph register`` writes for one group
-(:func:`~groupmorph_pyro.io.write_registration`; its ``summary.json`` is written last, so it marks
-a finished series), and ``<out>/batch.csv`` one row per series of the split (rewritten atomically
-after each one). A rerun skips the finished series and redoes any that was interrupted.
+(:func:`~groupmorph_pyro.outputs.write_registration`; its ``summary.json`` is written last, so it
+marks a finished series), and ``<out>/batch.csv`` one row per series of the split (rewritten
+atomically after each one). A rerun skips the finished series and redoes any that was interrupted.
+This loop serves ``register --manifest`` and (through ``on_series``) ``evaluate --manifest``.
 """
 from __future__ import annotations
 
 import csv
-import io as _io
+import io
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 from tqdm.auto import tqdm
 
 from .checks import InputError
 from .config import Config
-from .data import entry_landmarks, split_entries
-from .io import atomic_write_text, load_group, write_registration
+from .data import SeriesEntry, entry_landmarks, split_entries
+from .files import atomic_write_text
+from .outputs import check_outputs, output_paths, write_registration
 from .registration import register
+from .results import RegistrationResult
+from .volumes import load_group
 
-__all__ = ["register_manifest", "BATCH_COLUMNS"]
+__all__ = ["register_manifest", "SeriesRun", "BATCH_COLUMNS"]
 
 BATCH_COLUMNS = ["series", "status", "seconds", "nmi_before", "nmi_after", "folding_percent_all",
                  "landmark_mm_before", "landmark_mm_after", "folder"]
@@ -37,17 +45,36 @@ def _row(name: str, status: str, summary: dict, folder: Path) -> dict:
 
 
 def _write_index(path: Path, rows: list[dict]) -> None:
-    buf = _io.StringIO()
+    buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=BATCH_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buf.getvalue())
 
 
+@dataclass
+class SeriesRun:
+    """One series of a manifest loop, handed to ``on_series``: its manifest ``entry``, output
+    ``folder``, ``images`` ``(K, D, H, W)`` and ``affine`` as read, its ``landmarks`` ``(K, L, 3)``
+    voxels (or None), and the in-memory ``result`` (None when an earlier run finished the series
+    and it was skipped: read ``folder`` instead)."""
+
+    entry: SeriesEntry
+    folder: Path
+    images: np.ndarray | None
+    affine: np.ndarray | None
+    landmarks: np.ndarray | None
+    result: RegistrationResult | None
+
+
 def register_manifest(manifest, out_dir, config: Config | None = None, guide=None, split: str = "test",
                       fixed: int | None = None, finetune_steps: int | None = None, device="cpu",
-                      samples: int = 0, seed: int = 0, progress: bool = True) -> list[dict]:
+                      samples: int = 0, seed: int = 0, progress: bool = True,
+                      on_series: Callable[[SeriesRun], None] | None = None) -> list[dict]:
     """Register every series of ``split`` in ``manifest``; finished series are skipped.
+
+    Every check that needs no registration runs before the first series (unique names, K against
+    the network, outputs that would overwrite inputs).
 
     Args:
         manifest: CSV/YAML manifest (:func:`~groupmorph_pyro.data.load_manifest`).
@@ -55,6 +82,7 @@ def register_manifest(manifest, out_dir, config: Config | None = None, guide=Non
         config, guide: as for :func:`~groupmorph_pyro.registration.register` (``guide`` = trained
             network; its config's K must match every series).
         fixed, finetune_steps, device, samples, seed: passed to ``register`` for each series.
+        on_series: called with a :class:`SeriesRun` after each series (registered or skipped).
     Returns:
         one row per series (:data:`BATCH_COLUMNS`); ``status`` is ``"registered"`` or ``"skipped"``
         (already finished by an earlier run).
@@ -71,6 +99,8 @@ def register_manifest(manifest, out_dir, config: Config | None = None, guide=Non
         wrong = [(e.name, len(e.images)) for e in entries if len(e.images) != k]
         if wrong:
             raise InputError(f"{manifest}: the network was trained for K={k} timepoints, got series {wrong}")
+    for e in entries:
+        check_outputs(output_paths(out_dir / e.name, len(e.images)) + [out_dir / "batch.csv"], e.images)
     rows, index = [], out_dir / "batch.csv"
     bar = tqdm(entries, desc="register", unit="series", disable=not progress)
     for e in bar:
@@ -78,6 +108,8 @@ def register_manifest(manifest, out_dir, config: Config | None = None, guide=Non
         bar.set_postfix(series=e.name)
         if (folder / "summary.json").is_file():
             rows.append(_row(e.name, "skipped", json.loads((folder / "summary.json").read_text()), folder))
+            if on_series is not None:
+                on_series(SeriesRun(e, folder, None, None, None, None))
             continue
         images, affine, _ = load_group(e.images)
         cfg = config if guide is not None else config.with_timepoints(images.shape[0])
@@ -89,5 +121,7 @@ def register_manifest(manifest, out_dir, config: Config | None = None, guide=Non
         write_registration(result, folder, affine, e.images)
         rows.append(_row(e.name, "registered", result.summary, folder))
         _write_index(index, rows)
+        if on_series is not None:
+            on_series(SeriesRun(e, folder, images, affine, landmarks, result))
     _write_index(index, rows)
     return rows

@@ -2,10 +2,12 @@
 
 Each helper raises :class:`InputError` (a ``ValueError``) whose message names the expected and the
 actual value, so a user sees e.g. ``disp: expected shape (B, 3, D, H, W), got (2, 2, 8, 8)``.
-This module imports nothing from the rest of the package.
+Also the device resolution and the name registry that several layers share. This module imports
+nothing from the rest of the package.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -71,3 +73,102 @@ def check_spatial_shape(shape: Sequence[int], name: str = "spatial_shape", minim
     if len(s) != 3 or any(v < minimum for v in s) or any(int(v) != v for v in shape):
         raise InputError(f"{name}: expected 3 integers >= {minimum} (D, H, W), got {tuple(shape)!r}")
     return s
+
+
+def resolve_device(name) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; anything else is passed to ``torch.device``
+    (a CUDA device on a machine without CUDA is an error)."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {name!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device: {name!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+class Registry:
+    """Named building blocks of one kind (priors, similarities), each entry owning its options.
+
+    An entry is a callable whose leading ``positional`` parameters are supplied by the caller
+    (e.g. the grid shape and device for a prior, the two images for a similarity) and whose
+    keyword parameters, with their defaults, are the entry's options (what a config's
+    ``*_options`` mapping may set). Adding a named entry is one ``@REGISTRY.register("name")``.
+
+    Args:
+        kind: what the entries are, for messages (e.g. ``"prior"``).
+        positional: names of the leading parameters the caller supplies.
+    """
+
+    def __init__(self, kind: str, positional: Sequence[str]):
+        self.kind, self.positional, self._entries = kind, tuple(positional), {}
+
+    def register(self, name: str):
+        """Decorator: add ``fn`` under ``name`` (a name may be registered once)."""
+        def add(fn):
+            if name in self._entries:
+                raise InputError(f"{self.kind} {name!r} is already registered")
+            self._entries[name] = fn
+            return fn
+        return add
+
+    def names(self) -> tuple:
+        return tuple(self._entries)
+
+    def __contains__(self, name) -> bool:
+        return name in self._entries
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def items(self):
+        """``(name, entry)`` pairs in registration order."""
+        return self._entries.items()
+
+    def get(self, name: str):
+        """The entry ``name``; unknown names are an error listing the known ones."""
+        if name not in self._entries:
+            raise InputError(f"{self.kind}: expected one of {list(self._entries)}, got {name!r}")
+        return self._entries[name]
+
+    def options(self, name: str) -> dict:
+        """The entry's options and their defaults (its keyword parameters)."""
+        params = list(inspect.signature(self.get(name)).parameters.values())[len(self.positional):]
+        return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+    def check_options(self, name: str, options: dict, where: str = "") -> dict:
+        """Fail unless every key of ``options`` is an option of entry ``name``; returns ``options``."""
+        if not isinstance(options, dict):
+            raise InputError(f"{where or self.kind + '_options'}: expected a mapping of option: value, "
+                             f"got {type(options).__name__}")
+        allowed = self.options(name)
+        bad = sorted(set(options) - set(allowed))
+        if bad:
+            raise InputError(f"{where or self.kind + '_options'}: {self.kind} {name!r} has no option(s) {bad}; "
+                             f"its options are {allowed}")
+        return options
+
+
+def check_arity(name: str, fn, n: int, signature: str) -> None:
+    """Fail clearly unless ``fn`` can be called with ``n`` positional arguments (user callables:
+    priors, likelihoods, similarities), naming the expected ``signature`` and the actual one."""
+    try:
+        inspect.signature(fn).bind(*range(n))
+    except TypeError as exc:
+        raise InputError(f"{name}: expected a callable with signature {signature}, got {_describe(fn)} ({exc})") from exc
+    except ValueError:  # builtins without signature: accept
+        pass
+
+
+def _describe(fn) -> str:
+    try:
+        return f"{getattr(fn, '__name__', type(fn).__name__)}{inspect.signature(fn)}"
+    except (TypeError, ValueError):
+        return repr(fn)

@@ -6,18 +6,17 @@ anything is written.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from .checks import InputError
+from .checks import InputError, resolve_device
 
 __all__ = ["main", "build_parser"]
 
 
 def _add_runtime_args(parser, inference: bool = False) -> None:
     """How the network runs (config section ``runtime``); for inference also tiling (``register.window``)."""
-    g = parser.add_argument_group("runtime (speed and memory; results agree to rounding)")
+    g = parser.add_argument_group("runtime (speed and memory; --window tiles change the network's fields near tile borders)")
     g.add_argument("--precision", choices=["fp32", "bf16"], help="network precision (bf16 autocast; for GPUs)")
     g.add_argument("--channels-last", action="store_true", default=None, help="channels_last_3d convolutions")
     g.add_argument("--compile", nargs="?", const=True, metavar="BACKEND",
@@ -131,7 +130,6 @@ def _config_and_guide(args, device):
 
 def _register_manifest(args) -> int:
     from .batch import register_manifest
-    from .train import resolve_device
 
     if args.images or args.landmarks or args.resample:
         raise InputError("--manifest: images, --landmarks and --resample come from the manifest; give none on the command line")
@@ -145,16 +143,19 @@ def _register_manifest(args) -> int:
 
 
 def _register(args) -> int:
-    from .io import load_group, write_registration
+    from .outputs import check_outputs, output_paths, write_registration
     from .registration import register
-    from .train import resolve_device
+    from .volumes import load_group
 
     if args.samples < 0:
         raise InputError(f"--samples: expected an integer >= 0, got {args.samples}")
+    if args.finetune_steps is not None and args.finetune_steps < 0:
+        raise InputError(f"--finetune-steps: expected an integer >= 0, got {args.finetune_steps}")
     if args.manifest:
         return _register_manifest(args)
     if len(args.images) < 2:
         raise InputError(f"expected at least 2 images (K >= 2), got {len(args.images)}")
+    check_outputs(output_paths(args.out, len(args.images)), args.images)
     device = resolve_device(args.device)
     images, affine, _ = load_group(args.images, resample=args.resample)
     cfg, guide = _config_and_guide(args, device)
@@ -221,10 +222,11 @@ def _train(args) -> int:
 def _demo(args) -> int:
     from .config import Config
     from .data import write_landmarks
-    from .io import save_nifti, write_json, write_registration
-    from .metrics import landmark_distances, summarize_distances
+    from .files import write_json
+    from .outputs import write_registration
     from .registration import register
     from .synthetic import breathing_phantom
+    from .volumes import save_nifti
 
     out = Path(args.out)
     group = breathing_phantom((args.size,) * 3, args.timepoints, seed=args.seed)
@@ -234,22 +236,24 @@ def _demo(args) -> int:
         write_landmarks(out / "inputs" / f"landmarks_{k}.txt", group.landmarks[k])  # DIR-Lab text: 1-based x y z
     cfg = Config()
     cfg.model.num_timepoints = args.timepoints
-    result = register(group.images, cfg, finetune_steps=args.steps, seed=args.seed, progress=not args.quiet)
-    before = summarize_distances(landmark_distances(group.landmarks, spacing=group.spacing))
-    after = summarize_distances(landmark_distances(group.landmarks, result.displacement, result.inverse_displacement, group.spacing))
-    result.summary["landmarks_before"], result.summary["landmarks_after"] = before, after
+    result = register(group.images, cfg, finetune_steps=args.steps, seed=args.seed, progress=not args.quiet,
+                      landmarks=group.landmarks, affine=group.affine)
     write_registration(result, out / "registered", group.affine, inputs)
-    print(json.dumps({"landmark_mm_before": before, "landmark_mm_after": after,
-                      "nmi_before": result.summary["nmi_before"], "nmi_after": result.summary["nmi_after"],
-                      "folding_percent": result.summary["folding_percent_all"],
-                      "seconds": round(result.summary["seconds"], 2), "outputs": str(out / "registered")}, indent=2))
-    write_json(out / "demo_summary.json", {"before": before, "after": after})
+    s = result.summary
+    write_json(out / "demo_summary.json", {key: s[key] for key in
+                                           ("landmarks", "nmi_before", "nmi_after", "folding_percent_all", "seconds")})
+    before, after = s["landmarks"]["identity"], s["landmarks"]["registered"]
+    print(f"landmark distance {before['mean_mm']:.2f} ± {before['sd_mm']:.2f} mm before, "
+          f"{after['mean_mm']:.2f} ± {after['sd_mm']:.2f} mm after registration "
+          f"({before['n']} landmark pairs); NMI {s['nmi_before']:.3f} -> {s['nmi_after']:.3f}; "
+          f"folding {s['folding_percent_all']:.3f} %; {s['seconds']:.1f} s")
+    print(f"outputs in {out / 'registered'} (summary.json has the figures); inputs in {out / 'inputs'}; "
+          f"headline figures in {out / 'demo_summary.json'}")
     return 0
 
 
 def _evaluate(args) -> int:
     from .evaluation import evaluate_manifest, evaluate_output, write_table
-    from .train import resolve_device
 
     if args.manifest:
         device = resolve_device(args.device)

@@ -16,7 +16,7 @@ from .checks import InputError, check_positive
 from .group import MODES
 from .likelihoods import HISTOGRAMS, REDUCTIONS, SIMILARITIES
 from .networks import check_compile, check_precision
-from .priors import PRIORS
+from .priors import PRIORS, make_prior
 
 __all__ = ["ModelConfig", "TrainConfig", "DataConfig", "RegisterConfig", "RuntimeConfig", "Config", "load_config"]
 
@@ -29,10 +29,8 @@ class ModelConfig:
     mode: str = "all-to-one"  # or "all-moving"; pairwise = all-to-one with num_timepoints 2
     diffeomorphic: bool = True
     integration_steps: int = 7
-    lambda_u: float = 1.0
-    lambda_v: float = 0.01
     prior: str = "laplacian"  # "laplacian" (λ_v I + λ_u L), "diagonal" (λ_v I), "bending" (λ_v I + λ_b L²)
-    lambda_b: float = 1.0  # curvature weight of the "bending" prior
+    prior_options: dict = field(default_factory=dict)  # the prior's weights, e.g. {lambda_u: 1.0, lambda_v: 0.01}
     likelihood: str = "nmi"  # "nmi", "mi", "lncc", "ssd" (see likelihoods.SIMILARITIES)
     reduction: str = "pairs"  # "pairs" (mean over i≠j, paper) or "template" (each vs the mean image)
     likelihood_options: dict = field(default_factory=dict)  # e.g. {window: 9} for lncc, {sigma: 0.1} for ssd
@@ -48,14 +46,18 @@ class ModelConfig:
             raise InputError(f"model.mode: expected one of {MODES}, got {self.mode!r}")
         if int(self.num_timepoints) != self.num_timepoints or self.num_timepoints < 2:
             raise InputError(f"model.num_timepoints: expected an integer >= 2, got {self.num_timepoints!r}")
-        for name in ("beta", "lambda_v", "alpha"):
+        for name in ("beta", "alpha"):
             check_positive(f"model.{name}", getattr(self, name))
-        check_positive("model.lambda_u", self.lambda_u, allow_zero=True)
-        check_positive("model.lambda_b", self.lambda_b, allow_zero=True)
         if self.prior not in PRIORS:
-            raise InputError(f"model.prior: expected one of {PRIORS}, got {self.prior!r}")
+            raise InputError(f"model.prior: expected one of {list(PRIORS)}, got {self.prior!r}")
+        try:
+            make_prior(self.prior, **PRIORS.check_options(self.prior, self.prior_options, "model.prior_options"))
+        except InputError as exc:
+            msg = str(exc)
+            raise InputError(msg if msg.startswith("model.") else f"model.prior_options.{msg}") from None
         if self.likelihood not in SIMILARITIES:
-            raise InputError(f"model.likelihood: expected one of {sorted(SIMILARITIES)}, got {self.likelihood!r}")
+            raise InputError(f"model.likelihood: expected one of {list(SIMILARITIES)}, got {self.likelihood!r}")
+        SIMILARITIES.check_options(self.likelihood, self.likelihood_options, "model.likelihood_options")
         if self.reduction not in REDUCTIONS:
             raise InputError(f"model.reduction: expected one of {REDUCTIONS}, got {self.reduction!r}")
         if self.histogram not in HISTOGRAMS:
@@ -118,6 +120,10 @@ class RegisterConfig:
     overlap: float = 0.25  # tile overlap fraction for `window`
 
     def validate(self):
+        for name in ("steps", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InputError(f"register.{name}: expected an integer >= 0, got {value!r}")
         check_positive("register.lr", self.lr)
         check_positive("register.init_scale", self.init_scale)
         if self.window and (len(self.window) != 3 or any(int(w) != w or w < 1 for w in self.window)):
@@ -179,15 +185,93 @@ class Config:
             values = d.get(f.name) or {}
             if not isinstance(values, dict):
                 raise InputError(f"{source}: section '{f.name}' must be a mapping, got {type(values).__name__}")
+            if f.name == "model":
+                values = _migrate_prior_weights(values, source)
             known = {g.name for g in dataclasses.fields(sub_cls)}
             bad = set(values) - known
             if bad:
                 raise InputError(f"{source}: unknown key(s) {sorted(bad)} in '{f.name}', expected some of {sorted(known)}")
-            kwargs[f.name] = sub_cls(**values)
+            kwargs[f.name] = sub_cls(**{g.name: _typed(f"{f.name}.{g.name}", values[g.name], g, sub_cls)
+                                        for g in dataclasses.fields(sub_cls) if g.name in values})
         cfg = cls(**kwargs)
         for part in (cfg.model, cfg.train, cfg.register, cfg.runtime):
             part.validate()
         return cfg
+
+
+_INTEGER_LISTS = ("register.window",)  # list fields whose default is empty but hold integers
+
+
+def _number(key: str, value, kind: type):
+    """An int or float from YAML, where ``1e-3`` and ``1e5`` arrive as strings; bools are not numbers."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise InputError(f"{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r} (str)") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{key}: expected {'an integer' if kind is int else 'a number'}, "
+                         f"got {value!r} ({type(value).__name__})")
+    if kind is int:
+        if value != int(value):
+            raise InputError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def _typed(key: str, value, f: dataclasses.Field, section_cls):
+    """``value`` checked (and coerced where YAML is ambiguous) against field ``f``'s declared type:
+    ``int``/``float`` (numbers, numeric strings), ``bool``, ``str``, ``dict``, ``list`` (of the
+    default's element type: ints or floats); ``object`` fields are checked by the section's ``validate``."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "object")
+    if kind in ("int", "float"):
+        return _number(key, value, int if kind == "int" else float)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise InputError(f"{key}: expected true or false, got {value!r} ({type(value).__name__})")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise InputError(f"{key}: expected a string, got {value!r} ({type(value).__name__})")
+        return value
+    if kind == "dict":
+        if not isinstance(value, dict):
+            raise InputError(f"{key}: expected a mapping (key: value), got {value!r} ({type(value).__name__})")
+        return value
+    if kind == "list":
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else []
+        numeric = key in _INTEGER_LISTS or (default and all(isinstance(v, (int, float)) for v in default))
+        element = int if key in _INTEGER_LISTS or all(isinstance(v, int) for v in default) else float
+        if not isinstance(value, (list, tuple)):
+            what = ("integers" if element is int else "numbers") if numeric else "items"
+            raise InputError(f"{key}: expected a list of {what}{f' like {default}' if default else ''}, "
+                             f"got {value!r} ({type(value).__name__})")
+        return [_number(f"{key}[{i}]", v, element) for i, v in enumerate(value)] if numeric else list(value)
+    return value
+
+
+_LEGACY_PRIOR_KEYS = {"lambda_u": 1.0, "lambda_v": 0.01, "lambda_b": 1.0}  # model keys before prior_options
+
+
+def _migrate_prior_weights(model: dict, source: str) -> dict:
+    """Configs and checkpoints written before ``model.prior_options`` kept the prior's weights as
+    ``model.lambda_u/lambda_v/lambda_b`` (all three, whatever the prior): move those the prior takes
+    into ``prior_options``; one that the prior does not take must hold its old default."""
+    legacy = {k: model[k] for k in _LEGACY_PRIOR_KEYS if k in model}
+    if not legacy:
+        return model
+    model = {k: v for k, v in model.items() if k not in legacy}
+    name = model.get("prior", "laplacian")
+    takes = PRIORS.options(name) if name in PRIORS else {}
+    options = dict(model.get("prior_options") or {})
+    for key, value in legacy.items():
+        if key in takes:
+            options.setdefault(key, value)
+        elif value != _LEGACY_PRIOR_KEYS[key]:
+            raise InputError(f"{source}: model.{key}={value!r} does not apply to prior {name!r} "
+                             f"(its options: {sorted(takes)}); set model.prior_options instead")
+    model["prior_options"] = options
+    return model
 
 
 def load_config(path) -> Config:

@@ -18,7 +18,8 @@ import yaml
 from scipy.ndimage import affine_transform
 
 from .checks import InputError, check_spacing
-from .io import Volume, load_volume
+from .files import atomic_write_text
+from .volumes import Volume, load_volume
 
 __all__ = [
     "DIRLAB_CASES", "read_dirlab_image", "read_landmarks", "write_landmarks", "check_landmarks_in_image",
@@ -126,8 +127,6 @@ def check_landmarks_in_image(points: np.ndarray, shape: Sequence[int], source: s
 
 def write_landmarks(path, points: np.ndarray, one_based: bool = True) -> None:
     """Write ``(L, 3)`` 0-based points as DIR-Lab text (1-based ``x y z``, tab-separated)."""
-    from .io import atomic_write_text
-
     pts = np.asarray(points, dtype=np.float64) + (1.0 if one_based else 0.0)
     atomic_write_text(path, "".join("\t".join(f"{v:.6g}" for v in p) + "\n" for p in pts))
 
@@ -286,8 +285,6 @@ def entry_landmarks(entry: SeriesEntry, shape: Sequence[int]) -> np.ndarray | No
 
 def write_manifest(path, entries: Sequence[SeriesEntry]) -> None:
     """Write a YAML manifest (paths relative to its folder where possible)."""
-    from .io import atomic_write_text
-
     base = Path(path).resolve().parent
 
     def rel(p):

@@ -15,13 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .batch import SeriesRun, register_manifest
 from .checks import InputError
 from .config import Config
-from .io import atomic_write_text, load_displacement, load_group, load_volume, write_json, write_registration
+from .data import entry_landmarks
+from .files import atomic_write_text, write_json
 from .likelihoods import group_nmi
-from .metrics import folding_percent, landmark_distances, pairwise_rmse, summarize_distances
-from .registration import normalize_group, register
+from .metrics import folding_percent, landmark_report, pairwise_rmse
+from .preprocess import normalize_group
 from .spatial import invert_displacement
+from .volumes import load_displacement, load_group, load_volume
 
 __all__ = ["group_metrics", "landmark_columns", "evaluate_output", "evaluate_manifest", "write_table", "COLUMNS"]
 
@@ -43,8 +46,9 @@ def group_metrics(images: np.ndarray, warped: np.ndarray, jacobian: np.ndarray |
 
 
 def landmark_columns(landmarks, disp, inv, spacing) -> dict:
-    before = summarize_distances(landmark_distances(landmarks, spacing=spacing))
-    after = summarize_distances(landmark_distances(landmarks, disp, inv, spacing))
+    """:func:`~groupmorph_pyro.metrics.landmark_report` as the table's four landmark columns (mm)."""
+    report = landmark_report(landmarks, disp, inv, spacing)
+    before, after = report["identity"], report["registered"]
     return {"landmark_mm_before": before["mean_mm"], "landmark_sd_before": before["sd_mm"],
             "landmark_mm_after": after["mean_mm"], "landmark_sd_after": after["sd_mm"]}
 
@@ -90,25 +94,36 @@ def evaluate_output(folder, images=None, landmarks=None, series: str = "", metho
 def evaluate_manifest(manifest, out_dir, config: Config | None = None, guide=None, split: str = "test",
                       fixed: int | None = None, finetune_steps: int | None = None, device="cpu",
                       progress: bool = False) -> list[dict]:
-    """Register and evaluate every series of ``split`` in a manifest; outputs under ``out_dir/<series>``."""
-    from tqdm.auto import tqdm
+    """Register and evaluate every series of ``split`` in a manifest; outputs under ``out_dir/<series>``.
 
-    from .data import entry_landmarks, split_entries
-
-    config = config or Config()
+    Runs :func:`~groupmorph_pyro.batch.register_manifest` (so a rerun skips finished series; those
+    are evaluated from their folders, with fixed-point inverse maps) and scores each fresh result in
+    memory (with its exact inverse maps).
+    """
     rows = []
-    for e in tqdm(split_entries(manifest, split), desc="evaluate", disable=not progress):
-        images, affine, vols = load_group(e.images)
-        cfg = config if guide is not None else config.with_timepoints(images.shape[0])  # per-case: K from the series
-        res = register(images, cfg, guide, fixed=fixed, finetune_steps=finetune_steps, device=device)
-        write_registration(res, Path(out_dir) / e.name, affine, e.images)
-        row = {"series": e.name, "method": "groupmorph" if guide is not None else "groupmorph-per-case",
-               **group_metrics(images, res.warped, res.jacobian), "seconds": res.summary["seconds"]}
-        lms = entry_landmarks(e, images.shape[1:])
-        if lms is not None:
-            row.update(landmark_columns(lms, res.displacement, res.inverse_displacement, vols[0].spacing))
+
+    def score(run: SeriesRun) -> None:
+        e = run.entry
+        if run.result is None:  # finished by an earlier run: evaluate what it wrote
+            images, _, _ = load_group(e.images)
+            row = evaluate_output(run.folder, e.images, entry_landmarks(e, images.shape[1:]), e.name, _method(guide))
+            rows.append(row)
+            return
+        res = run.result
+        row = {"series": e.name, "method": _method(guide), **group_metrics(run.images, res.warped, res.jacobian),
+               "seconds": res.summary["seconds"]}
+        if run.landmarks is not None:
+            spacing = tuple(float(v) for v in np.linalg.norm(run.affine[:3, :3], axis=0))
+            row.update(landmark_columns(run.landmarks, res.displacement, res.inverse_displacement, spacing))
         rows.append({c: row.get(c) for c in COLUMNS})
+
+    register_manifest(manifest, out_dir, config, guide, split, fixed, finetune_steps, device, progress=progress,
+                      on_series=score)
     return rows
+
+
+def _method(guide) -> str:
+    return "groupmorph" if guide is not None else "groupmorph-per-case"
 
 
 def write_table(rows: list[dict], out_dir) -> tuple[Path, Path]:

@@ -31,12 +31,10 @@ paper) or ``"template"`` (each warped image against the mean warped image). Any 
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 
-from .checks import InputError, check_positive, check_tensor
+from .checks import InputError, Registry, check_arity, check_positive, check_tensor
 
 __all__ = [
     "parzen_weights", "bspline_weights", "joint_histograms", "nmi", "mutual_information", "lncc", "ssd", "group_nmi",
@@ -257,7 +255,12 @@ def group_nmi(images: torch.Tensor, bins: int = 32, sigma_ratio: float = 0.5, hi
     return _nmi_from_joint(joint_histograms(images, bins, sigma_ratio, histogram)).mean(-1)
 
 
-SIMILARITIES = {"nmi": nmi, "mi": mutual_information, "lncc": lncc, "ssd": ssd}
+SIMILARITIES = Registry("similarity", ("a", "b"))
+"""Named similarities: ``SIMILARITIES.get(name)(a, b, **options) -> (B,)`` on ``(B, D, H, W)``
+images (larger = more similar). The function's keyword parameters are its options
+(``model.likelihood_options`` in a config); add one with ``SIMILARITIES.register("name")(fn)``."""
+for _name, _fn in (("nmi", nmi), ("mi", mutual_information), ("lncc", lncc), ("ssd", ssd)):
+    SIMILARITIES.register(_name)(_fn)
 REDUCTIONS = ("pairs", "template")
 
 
@@ -281,10 +284,11 @@ class GroupSimilarity:
         if isinstance(similarity, str):
             if similarity not in SIMILARITIES:
                 raise InputError(f"likelihood: expected one of {sorted(SIMILARITIES)} or a function, got {similarity!r}")
-            self.name, fn = similarity, SIMILARITIES[similarity]
+            self.name, fn = similarity, SIMILARITIES.get(similarity)
+            SIMILARITIES.check_options(similarity, options, "likelihood_options")
         elif callable(similarity):
             self.name, fn = getattr(similarity, "__name__", "custom"), similarity
-            _check_arity("similarity", fn, 2, "sim(a: (B, D, H, W), b: (B, D, H, W)) -> (B,)")
+            check_arity("similarity", fn, 2, "sim(a: (B, D, H, W), b: (B, D, H, W)) -> (B,)")
         else:
             raise InputError(f"likelihood: expected a name or a function sim(a, b), got {type(similarity).__name__}")
         if reduction not in REDUCTIONS:
@@ -321,25 +325,8 @@ class GroupNMI(GroupSimilarity):
         return group_nmi(warped, **self.options)  # shares Parzen weights across pairs
 
 
-def _check_arity(name: str, fn, n: int, signature: str) -> None:
-    """Fail clearly unless ``fn`` can be called with ``n`` positional arguments."""
-    try:
-        inspect.signature(fn).bind(*range(n))
-    except TypeError as exc:
-        raise InputError(f"{name}: expected a callable with signature {signature}, got {_describe(fn)} ({exc})") from exc
-    except ValueError:  # builtins without signature: accept
-        pass
-
-
-def _describe(fn) -> str:
-    try:
-        return f"{getattr(fn, '__name__', type(fn).__name__)}{inspect.signature(fn)}"
-    except (TypeError, ValueError):
-        return repr(fn)
-
-
 def check_likelihood(likelihood) -> None:
     """Validate a user likelihood: callable as ``likelihood(warped)``."""
     if not callable(likelihood):
         raise InputError(f"likelihood: expected a callable likelihood(warped: (B, K, D, H, W)) -> (B,), got {likelihood!r}")
-    _check_arity("likelihood", likelihood, 1, "likelihood(warped: (B, K, D, H, W)) -> (B,)")
+    check_arity("likelihood", likelihood, 1, "likelihood(warped: (B, K, D, H, W)) -> (B,)")

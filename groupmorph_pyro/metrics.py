@@ -81,13 +81,19 @@ def pairwise_rmse(images) -> float:
     return float(torch.stack(vals).mean())
 
 
-def landmark_report(landmarks, result, spacing) -> dict:
-    """Landmark distance before (identity) and after a registration result, mean ± sd in mm.
+def landmark_report(landmarks, disp=None, inverse_disp=None, spacing=(1.0, 1.0, 1.0)) -> dict:
+    """The landmark summary used everywhere (register's summary.json, evaluation tables, the demo):
+    distance before (identity) and after a registration, each ``{"mean_mm", "sd_mm", "n"}`` over all
+    ordered pairs i ≠ j and landmarks.
 
     Args:
-        landmarks: ``(K, L, 3)`` 0-based voxel coordinates; result: a RegistrationResult;
-        spacing: voxel size in mm.
+        landmarks: ``(K, L, 3)`` 0-based voxel coordinates; disp, inverse_disp: ``(K, 3, D, H, W)``
+            ``φ_k − Id`` and ``φ_k⁻¹ − Id`` in voxels (None: only the identity row);
+        spacing: voxel size in mm along the array axes.
+    Returns:
+        ``{"identity": {...}, "registered": {...}}`` (``registered`` only with fields).
     """
-    before = summarize_distances(landmark_distances(landmarks, spacing=spacing))
-    after = summarize_distances(landmark_distances(landmarks, result.displacement, result.inverse_displacement, spacing))
-    return {"identity": before, "registered": after}
+    report = {"identity": summarize_distances(landmark_distances(landmarks, spacing=spacing))}
+    if disp is not None:
+        report["registered"] = summarize_distances(landmark_distances(landmarks, disp, inverse_disp, spacing))
+    return report

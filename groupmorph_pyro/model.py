@@ -16,12 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroParam
 
-from .checks import InputError, check_positive, check_tensor
-from .group import assemble_fields, check_mode, displacements, jacobians, latent_indices, warp_group
-from .likelihoods import GroupNMI, GroupSimilarity, _check_arity, check_likelihood
+from .checks import InputError, check_arity, check_positive, check_tensor
+from .group import GroupTransform, check_mode, latent_indices
+from .likelihoods import GroupNMI, GroupSimilarity, check_likelihood
 from .networks import UNet3D, check_compile, check_precision, network_autocast
 from .preprocess import crop_to_shape, pad_to_multiple
-from .priors import LaplacianNormal, dct3, idct3, make_prior
+from .priors import DCTGaussianField, LaplacianNormal, dct3, idct3, make_prior
 
 __all__ = ["LocalParamsModule", "GroupMorphModel", "GroupMorphGuide", "CaseGuide", "build_model", "build_guide",
            "build_likelihood"]
@@ -70,8 +70,9 @@ class GroupMorphModel(PyroModule):
         diffeomorphic: z is a velocity (True) or a displacement (False).
         integration_steps: scaling-and-squaring steps T.
         prior: callable ``prior(spatial_shape: tuple, device) -> distribution`` with event shape
-            ``(3, D, H, W)`` (e.g. :class:`~groupmorph_pyro.priors.BendingNormal`, or your own
-            Pyro distribution); default :class:`LaplacianNormal` with ``lambda_u``, ``lambda_v``.
+            ``(3, D, H, W)`` (e.g. ``priors.make_prior("bending", lambda_b=2.0)``, a lambda around
+            :class:`~groupmorph_pyro.priors.BendingNormal`, or your own Pyro distribution); default
+            the paper's :class:`LaplacianNormal` (λ_u = 1, λ_v = 0.01).
             Give it an analytic KL (``torch.distributions.register_kl``) to use TraceMeanField_ELBO.
         likelihood: callable ``likelihood(warped: (B, K, D, H, W)) -> (B,)`` log-likelihood up to a
             constant (e.g. :class:`~groupmorph_pyro.likelihoods.GroupSimilarity`); default
@@ -81,20 +82,18 @@ class GroupMorphModel(PyroModule):
     """
 
     def __init__(self, num_timepoints: int, mode: str = "all-to-one", diffeomorphic: bool = True,
-                 integration_steps: int = 7, lambda_u: float = 1.0, lambda_v: float = 0.01,
-                 prior: Callable | None = None, likelihood: Callable | None = None):
+                 integration_steps: int = 7, prior: Callable | None = None, likelihood: Callable | None = None):
         super().__init__()
         check_mode(mode, num_timepoints, None if mode == "all-moving" else 0)
         self.num_timepoints = int(num_timepoints)
         self.mode = mode
         self.diffeomorphic = bool(diffeomorphic)
         self.integration_steps = int(integration_steps)
-        self.lambda_u, self.lambda_v = lambda_u, lambda_v
         if prior is not None:
-            _check_arity("prior", prior, 2, "prior(spatial_shape: tuple, device) -> distribution with event (3, D, H, W)")
+            check_arity("prior", prior, 2, "prior(spatial_shape: tuple, device) -> distribution with event (3, D, H, W)")
         if likelihood is not None:
             check_likelihood(likelihood)
-        self.prior = prior or (lambda shape, device: LaplacianNormal(shape, lambda_u, lambda_v, device=device))
+        self.prior = prior or make_prior("laplacian")
         self.likelihood = likelihood or GroupNMI()
         self.record_deterministic = False  # set by posterior sampling: adds "displacement" and "jacobian" sites
 
@@ -105,19 +104,13 @@ class GroupMorphModel(PyroModule):
             ``(B, K, 3, D, H, W)`` displacements ``φ_k − Id`` in voxels.
         """
         _check_images(images, self.num_timepoints)
-        fixed = check_mode(self.mode, self.num_timepoints, fixed)
-        b, k_lat = images.shape[0], len(latent_indices(self.num_timepoints, self.mode, fixed))
-        prior = self.prior(tuple(images.shape[2:]), images.device)
-        event = (3, *images.shape[2:])
-        if tuple(getattr(prior, "event_shape", ())) != event:
-            raise InputError(f"prior: expected a distribution with event shape {event} (3, D, H, W), "
-                             f"got {type(prior).__name__} with event shape {tuple(getattr(prior, 'event_shape', ()))}")
+        transform = self.transform(fixed)
+        b = images.shape[0]
+        prior = self.prior_distribution(tuple(images.shape[2:]), images.device)
         with pyro.plate("groups", b, dim=-2):
-            with pyro.plate("timepoints", k_lat, dim=-1):
+            with pyro.plate("timepoints", transform.num_latent, dim=-1):
                 z = pyro.sample("z", prior)
-            fields = assemble_fields(z, self.num_timepoints, self.mode, fixed)
-            disp = displacements(fields, self.diffeomorphic, self.integration_steps)
-            warped = warp_group(images, disp)
+            disp, warped = transform(z, images)
             log_lik = self.likelihood(warped)
             if not isinstance(log_lik, torch.Tensor) or log_lik.shape != (b,):
                 got = tuple(log_lik.shape) if isinstance(log_lik, torch.Tensor) else type(log_lik).__name__
@@ -125,9 +118,23 @@ class GroupMorphModel(PyroModule):
             pyro.factor("likelihood", log_lik.unsqueeze(-1))
         if self.record_deterministic:  # outside the plates: whole-tensor events
             pyro.deterministic("displacement", disp, event_dim=disp.dim())
-            jac = jacobians(disp)
+            jac = transform.jacobians(disp)
             pyro.deterministic("jacobian", jac, event_dim=jac.dim())
         return disp
+
+    def transform(self, fixed: int | None = None, chunk=None) -> GroupTransform:
+        """The group's transformation (latents -> maps, warped group) for fixed timepoint ``fixed``
+        (all-to-one; None = 0) under this model's mode and variant; ``chunk`` as in GroupTransform."""
+        return GroupTransform(self.num_timepoints, self.mode, fixed, self.diffeomorphic, self.integration_steps, chunk)
+
+    def prior_distribution(self, spatial_shape, device=None):
+        """The prior of one latent field on a ``(D, H, W)`` grid (event shape ``(3, D, H, W)``), checked."""
+        prior = self.prior(tuple(spatial_shape), device)
+        event = (3, *spatial_shape)
+        if tuple(getattr(prior, "event_shape", ())) != event:
+            raise InputError(f"prior: expected a distribution with event shape {event} (3, D, H, W), "
+                             f"got {type(prior).__name__} with event shape {tuple(getattr(prior, 'event_shape', ()))}")
+        return prior
 
 
 class GroupMorphGuide(LocalParamsModule):
@@ -228,27 +235,41 @@ class GroupMorphGuide(LocalParamsModule):
                 return pyro.sample("z", dist.Normal(loc, scale).to_event(4))
 
 
+_MIN_EIGENVALUE = 0.01  # floor on the per-case guide's whitening spectrum (see CaseGuide)
+
+
 class CaseGuide(LocalParamsModule):
     """Per-case guide: free variational parameters for one batch of groups (per-case SVI).
 
-    The mean is stored whitened in the prior's DCT basis, ``μ = IDCT(w / sqrt(λ_v + λ_u μ_L))``,
-    which preconditions gradient steps (smooth modes move first); σ is stored as ``log σ``.
+    The mean is stored whitened in the prior's DCT basis, ``μ = IDCT(w / sqrt(λ(k)))`` with ``λ(k)``
+    the prior's precision eigenvalues, which preconditions gradient steps (smooth modes move first,
+    as the prior allows); σ is stored as ``log σ``. The spectrum is shifted up so that its smallest
+    eigenvalue is at least 0.01: the (nearly) unpenalised constant mode of a prior with a tiny λ_v
+    (e.g. the VoxelMorph baseline) would otherwise take steps of size lr / sqrt(λ_v).
 
     Args:
         loc: ``(B, K_lat, 3, D, H, W)`` initial mean (voxels), e.g. zeros or the amortised output.
         scale: initial σ, same shape (or broadcastable), > 0.
-        lambda_u, lambda_v: the prior's weights used for whitening (any positive values work).
+        prior: the model's prior on this grid (a :class:`~groupmorph_pyro.priors.DCTGaussianField`,
+            whose spectrum whitens the mean); None or another distribution: the paper's Laplacian
+            prior's spectrum (λ_u = 1, λ_v = 0.01).
     """
 
-    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, lambda_u: float = 1.0, lambda_v: float = 0.01):
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, prior=None):
         super().__init__()
         check_tensor("loc", loc, ndim=6, layout="(B, K_lat, 3, D, H, W)")
-        self._prior = LaplacianNormal(loc.shape[3:], lambda_u, lambda_v, device=loc.device)
+        if not isinstance(prior, DCTGaussianField):
+            prior = LaplacianNormal(loc.shape[3:])
+        if tuple(prior.spatial_shape) != tuple(loc.shape[3:]):
+            raise InputError(f"CaseGuide: prior grid {tuple(prior.spatial_shape)} does not match loc {tuple(loc.shape)}")
+        eig = prior.precision_eigenvalues(loc.device, torch.float64)
+        eig = eig + (_MIN_EIGENVALUE - eig.min()).clamp_min(0.0)
+        self.register_buffer("_eig", eig.to(loc.dtype), persistent=False)
         self.whitened = PyroParam(dct3(loc.detach()) * self._sqrt_eig(loc))
         self.log_scale = PyroParam(torch.broadcast_to(scale.detach(), loc.shape).log().clone())
 
     def _sqrt_eig(self, ref: torch.Tensor) -> torch.Tensor:
-        return self._prior.precision_eigenvalues(ref.device, ref.dtype).sqrt()
+        return self._eig.to(ref.device, ref.dtype).sqrt()
 
     def distribution_params(self):
         """``(loc, scale)``, each ``(B, K_lat, 3, D, H, W)`` in voxels."""
@@ -278,8 +299,8 @@ def build_likelihood(cfg) -> GroupSimilarity:
 def build_model(cfg, likelihood: Callable | None = None, prior: Callable | None = None) -> GroupMorphModel:
     """Model from a :class:`~groupmorph_pyro.config.ModelConfig`; ``likelihood``/``prior`` override it."""
     return GroupMorphModel(
-        cfg.num_timepoints, cfg.mode, cfg.diffeomorphic, cfg.integration_steps, cfg.lambda_u, cfg.lambda_v,
-        prior=prior or make_prior(cfg.prior, cfg.lambda_u, cfg.lambda_v, cfg.lambda_b),
+        cfg.num_timepoints, cfg.mode, cfg.diffeomorphic, cfg.integration_steps,
+        prior=prior or make_prior(cfg.prior, **cfg.prior_options),
         likelihood=likelihood or build_likelihood(cfg),
     )
 

@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 from .baselines import result_from_displacements
 from .checks import InputError, check_positive
 from .group import check_mode
-from .preprocess import crop_to_shape, extract_patch, pad_to_multiple, percentile_normalize, random_patch_corner
-from .registration import RegistrationResult
+from .files import atomic_write
+from .preprocess import crop_to_shape, extract_patch, normalize_group, pad_to_multiple, random_patch_corner
+from .results import RegistrationResult
 
 __all__ = ["VoxelMorphSettings", "build_voxelmorph", "train_voxelmorph", "save_voxelmorph", "load_voxelmorph",
            "voxelmorph_all_to_one"]
@@ -148,8 +149,6 @@ def train_voxelmorph(groups, iterations: int, settings: VoxelMorphSettings | Non
 
 def save_voxelmorph(path, model, settings: VoxelMorphSettings) -> None:
     """Write ``{kind, settings, state}`` atomically; :func:`load_voxelmorph` rebuilds from it alone."""
-    from .io import atomic_write
-
     state = {"kind": _KIND, "settings": asdict(settings), "state": model.state_dict()}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -187,7 +186,7 @@ def voxelmorph_all_to_one(images, model, settings: VoxelMorphSettings | None = N
     k = images.shape[0]
     check_mode("all-to-one", k, fixed)
     device = torch.device(device)
-    x = torch.from_numpy(np.stack([percentile_normalize(a, *percentiles) for a in images]))[:, None]
+    x = normalize_group(images, percentiles)[0][:, None]
     x, shape = pad_to_multiple(x, settings.multiple)
     x = x.to(device)
     model = model.to(device).eval()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .files import atomic_write
+
 __all__ = ["uncertainty_figure", "comparison_figure"]
 
 
@@ -63,8 +65,6 @@ def comparison_figure(path, results: dict, title: str = "") -> None:
 
 
 def _save(fig, path, plt) -> None:
-    from .io import atomic_write
-
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:

@@ -11,8 +11,8 @@ import torch
 from pyro.infer import Predictive
 
 from .checks import InputError, check_spacing
-from .io import atomic_write
-from .group import assemble_fields, inverse_displacements, warp_group
+from .files import atomic_write
+from .group import GroupTransform
 from .likelihoods import group_nmi
 from .spatial import map_points
 
@@ -45,12 +45,12 @@ def sample_posterior(model, guide, images: torch.Tensor, fixed, num_samples: int
             "jacobian": out["jacobian"].reshape(n, *out["jacobian"].shape[-5:])}
 
 
-def uncertainty_maps(samples: dict, raw_images: torch.Tensor, spacing) -> dict:
+def uncertainty_maps(samples: dict, raw_images: torch.Tensor, spacing, transform: GroupTransform) -> dict:
     """Per-timepoint posterior maps.
 
     Args:
         samples: output of :func:`sample_posterior`; raw_images: ``(1, K, D, H, W)`` intensities;
-        spacing: voxel size (mm) along the array axes.
+        spacing: voxel size (mm) along the array axes; transform: the group's transformation (warps).
     Returns:
         numpy arrays ``(K, D, H, W)``: ``displacement_std_mm`` (sqrt of the summed per-axis
         variances of ``φ_k − Id``, in mm), ``warped_std`` (sd of ``x_k ∘ φ_k`` in input intensity
@@ -59,7 +59,8 @@ def uncertainty_maps(samples: dict, raw_images: torch.Tensor, spacing) -> dict:
     s = torch.tensor(check_spacing(spacing), dtype=torch.float64)
     disp = samples["displacement"][:, 0].double()  # (S, K, 3, D, H, W)
     var_mm = (disp.var(0, unbiased=False) * (s**2)[:, None, None, None]).sum(1)  # (K, D, H, W)
-    warped = torch.stack([warp_group(raw_images, d[None].to(raw_images.dtype))[0] for d in samples["displacement"][:, 0]])
+    warped = torch.stack([transform.warp(raw_images, d[None].to(raw_images.dtype))[0]
+                          for d in samples["displacement"][:, 0]])
     folding = (samples["jacobian"][:, 0] <= 0).double().mean(0)
     return {
         "displacement_std_mm": var_mm.sqrt().float().numpy(),
@@ -68,23 +69,24 @@ def uncertainty_maps(samples: dict, raw_images: torch.Tensor, spacing) -> dict:
     }
 
 
-def landmark_posterior(samples: dict, landmarks, affine: np.ndarray, num_timepoints: int, mode: str, fixed,
-                       diffeomorphic: bool, steps: int = 7) -> dict:
+def landmark_posterior(samples: dict, landmarks, affine: np.ndarray, transform: GroupTransform) -> dict:
     """Posterior of each timepoint's landmarks mapped into the common frame, ``φ_k⁻¹(l_k)``.
 
     Args:
         samples: from :func:`sample_posterior`; landmarks: ``(K, L, 3)`` 0-based voxel coordinates;
-        affine: voxel -> world (mm) matrix of the group.
+        affine: voxel -> world (mm) matrix of the group; transform: the group's transformation that
+            the samples' latents ``"z"`` belong to (its K, mode, fixed timepoint and variant).
     Returns:
         ``{"positions": (S, K, L, 3) world mm, "mean": (K, L, 3), "cov": (K, L, 3, 3) mm²}``.
     """
     lm = torch.as_tensor(np.asarray(landmarks, dtype=np.float32))
-    if lm.dim() != 3 or lm.shape[0] != num_timepoints or lm.shape[-1] != 3:
-        raise InputError(f"landmarks: expected ({num_timepoints}, L, 3), got {tuple(lm.shape)}")
+    k = transform.num_timepoints
+    if lm.dim() != 3 or lm.shape[0] != k or lm.shape[-1] != 3:
+        raise InputError(f"landmarks: expected ({k}, L, 3), got {tuple(lm.shape)}")
     a = torch.as_tensor(np.asarray(affine), dtype=torch.float64)
     out = []
     for z in samples["z"]:  # (1, K_lat, 3, D, H, W)
-        inv = inverse_displacements(assemble_fields(z, num_timepoints, mode, fixed), diffeomorphic, steps)[0]
+        inv = transform.inverse_displacements(z)[0]
         common = map_points(lm, inv).double()  # (K, L, 3) voxels
         out.append(common @ a[:3, :3].T + a[:3, 3])
     pos = torch.stack(out)  # (S, K, L, 3)
@@ -93,12 +95,15 @@ def landmark_posterior(samples: dict, landmarks, affine: np.ndarray, num_timepoi
     return {"positions": pos.numpy(), "mean": pos.mean(0).numpy(), "cov": cov.numpy()}
 
 
-def to_inference_data(samples: dict, images: torch.Tensor, spacing, landmark_positions: np.ndarray | None = None,
-                      timepoint_names=None):
+def to_inference_data(samples: dict, images: torch.Tensor, spacing, transform: GroupTransform,
+                      landmark_positions: np.ndarray | None = None, timepoint_names=None):
     """Samples as ``arviz.InferenceData`` with named dims.
 
-    Variables (one chain, S draws): ``mean_displacement_mm`` (timepoint, axis), ``nmi`` (scalar),
-    and with landmarks ``landmark_position`` (timepoint, landmark, axis) in world mm.
+    Variables (one chain, S draws): ``mean_displacement_mm`` (timepoint, axis), ``nmi`` (scalar:
+    the group's mean pairwise NMI after warping ``images`` (1, K, D, H, W) with each *sampled*
+    field, which is rougher than the posterior mean and so usually scores lower than the
+    registered NMI in summary.json), and with landmarks ``landmark_position`` (timepoint,
+    landmark, axis) in world mm.
     """
     import arviz as az
 
@@ -108,7 +113,8 @@ def to_inference_data(samples: dict, images: torch.Tensor, spacing, landmark_pos
     names = list(timepoint_names or [f"t{i}" for i in range(k)])
     posterior = {"mean_displacement_mm": (disp.mean(dim=(-3, -2, -1)) * s).numpy()[None]}
     with torch.no_grad():
-        nmis = [float(group_nmi(warp_group(images, d[None].to(images.dtype)))[0]) for d in samples["displacement"][:, 0]]
+        nmis = [float(group_nmi(transform.warp(images, d[None].to(images.dtype)))[0])
+                for d in samples["displacement"][:, 0]]
     posterior["nmi"] = np.asarray(nmis)[None]
     dims = {"mean_displacement_mm": ["timepoint", "axis"]}
     coords = {"timepoint": names, "axis": ["x", "y", "z"]}

@@ -16,7 +16,7 @@ from .data import (
     SeriesEntry, check_landmarks_in_image, read_dirlab_image, read_landmarks, read_series, write_landmarks,
     write_manifest,
 )
-from .io import save_nifti
+from .volumes import save_nifti
 from .synthetic import breathing_phantom, dce_phantom
 
 __all__ = ["find_dirlab_files", "crop_window", "prepare_dirlab", "prepare_series", "write_dirlab_twin", "write_dce_twin"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .checks import InputError
 
 __all__ = [
-    "percentile_normalize", "pad_to_multiple", "crop_to_shape", "random_patch_corner", "extract_patch",
+    "percentile_normalize", "normalize_group", "pad_to_multiple", "crop_to_shape", "random_patch_corner", "extract_patch",
     "tile_starts", "sliding_window",
 ]
 
@@ -35,6 +35,15 @@ def percentile_normalize(x, lower: float = 1.0, upper: float = 99.0):
     out = np.clip((arr - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(arr)
     out = out.astype(np.float32)
     return torch.from_numpy(out).to(x.device) if is_tensor else out
+
+
+def normalize_group(images, percentiles=(1.0, 99.0)) -> torch.Tensor:
+    """``(K, D, H, W)`` raw intensities -> ``(1, K, D, H, W)`` float32 tensor, each timepoint
+    normalised to [0, 1] on its own (:func:`percentile_normalize`)."""
+    arr = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images)
+    if arr.ndim != 4 or arr.shape[0] < 2:
+        raise InputError(f"images: expected (K >= 2, D, H, W), got shape {arr.shape}")
+    return torch.from_numpy(np.stack([percentile_normalize(a, *percentiles) for a in arr]))[None]
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int, int]]:

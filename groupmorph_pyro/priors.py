@@ -20,7 +20,7 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch.distributions import Independent, Normal, register_kl
 
-from .checks import InputError, check_positive, check_spatial_shape
+from .checks import InputError, Registry, check_positive, check_spatial_shape
 
 __all__ = [
     "DCTGaussianField", "LaplacianNormal", "BendingNormal", "PRIORS", "make_prior",
@@ -286,19 +286,42 @@ def _kl_independent_normal_dct_field(q, p):
     return 0.5 * (trace + p.quadratic_form(loc) - n - log_var - logdet)
 
 
-PRIORS = ("laplacian", "diagonal", "bending")
+PRIORS = Registry("prior", ("spatial_shape", "device"))
+"""Named priors: ``PRIORS.get(name)(spatial_shape, device, **options) -> DCTGaussianField``. The
+entry's keyword parameters are its options (``model.prior_options`` in a config); add one with
+``@PRIORS.register("name")``."""
 
 
-def make_prior(name: str = "laplacian", lambda_u: float = 1.0, lambda_v: float = 0.01, lambda_b: float = 1.0):
-    """Prior factory by name, as used by configs: returns ``prior(spatial_shape, device)``.
+@PRIORS.register("laplacian")
+def _laplacian_prior(spatial_shape, device=None, lambda_u: float = 1.0, lambda_v: float = 0.01):
+    """The paper's ``λ_v I + λ_u L``."""
+    return LaplacianNormal(spatial_shape, lambda_u, lambda_v, device=device)
 
-    ``"laplacian"``: ``λ_v I + λ_u L`` (paper); ``"diagonal"``: ``λ_v I`` (λ_u = 0);
-    ``"bending"``: ``λ_v I + λ_b L²``.
+
+@PRIORS.register("diagonal")
+def _diagonal_prior(spatial_shape, device=None, lambda_v: float = 0.01):
+    """``λ_v I`` (no smoothness: the Laplacian prior with λ_u = 0)."""
+    return LaplacianNormal(spatial_shape, 0.0, lambda_v, device=device)
+
+
+@PRIORS.register("bending")
+def _bending_prior(spatial_shape, device=None, lambda_b: float = 1.0, lambda_v: float = 0.01):
+    """``λ_v I + λ_b L²`` (second-order smoothness)."""
+    return BendingNormal(spatial_shape, lambda_b, lambda_v, device=device)
+
+
+def make_prior(name: str = "laplacian", **options):
+    """The prior named ``name`` in :data:`PRIORS` with ``options``, as ``prior(spatial_shape, device)``.
+
+    Unknown names or options, and invalid values (checked on a tiny grid), fail here, not at the
+    first SVI step.
     """
-    if name == "laplacian":
-        return lambda shape, device: LaplacianNormal(shape, lambda_u, lambda_v, device=device)
-    if name == "diagonal":
-        return lambda shape, device: LaplacianNormal(shape, 0.0, lambda_v, device=device)
-    if name == "bending":
-        return lambda shape, device: BendingNormal(shape, lambda_b, lambda_v, device=device)
-    raise InputError(f"prior: expected one of {PRIORS}, got {name!r}")
+    entry = PRIORS.get(name)
+    PRIORS.check_options(name, options, "model.prior_options")
+    entry((2, 2, 2), None, **options)  # validates the values (cheap: nothing is computed)
+
+    def prior(spatial_shape, device=None):
+        return entry(spatial_shape, device, **options)
+
+    prior.name, prior.options = name, dict(options)
+    return prior

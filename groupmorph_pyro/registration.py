@@ -1,10 +1,16 @@
-"""Register one group: amortised guide pass and/or per-case SVI; fields, Jacobians, summary."""
+"""Register one group: prepare -> infer (amortised, or tiled) -> refine (per-case SVI) -> summarise -> sample.
+
+:func:`register` is that pipeline; each step is a function of its own here, and settings travel as
+the config objects (:class:`~groupmorph_pyro.config.Config` and its sections). The group's
+transformation (latents -> maps, inverse maps, det J, warped group) is asked of the model's
+:class:`~groupmorph_pyro.group.GroupTransform`.
+"""
 from __future__ import annotations
 
 import copy
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyro
@@ -13,50 +19,58 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 from .checks import InputError
-from .config import Config
-from .group import (assemble_fields, check_mode, displacements, inverse_displacements, jacobians, latent_indices,
-                    warp_group)
+from .config import Config, RegisterConfig
+from .group import GroupTransform
 from .likelihoods import group_nmi
-from .metrics import folding_percent, landmark_distances, landmark_report, summarize_distances
-from .model import CaseGuide, GroupMorphGuide, build_model
-from .preprocess import percentile_normalize, sliding_window
+from .metrics import folding_percent, landmark_report
+from .model import CaseGuide, GroupMorphGuide, GroupMorphModel, build_model
 from .posterior import landmark_posterior, sample_posterior, to_inference_data, uncertainty_maps
+from .preprocess import normalize_group, sliding_window
+from .results import RegistrationResult
 
-__all__ = ["RegistrationResult", "normalize_group", "elbo_loss", "fit_case", "register"]
+__all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "fit_case", "prepare",
+           "infer", "refine", "summarise", "add_posterior_samples", "register"]
 
 
 @dataclass
-class RegistrationResult:
-    """Output of :func:`register` for one group of K images on a (D, H, W) grid.
+class PreparedGroup:
+    """One validated group ready to register (the output of :func:`prepare`).
 
     Attributes:
-        warped: ``(K, D, H, W)`` input intensities warped into the common frame, ``x_k ∘ φ_k``.
-        displacement: ``(K, 3, D, H, W)`` ``φ_k − Id`` in voxels (array axis order).
-        inverse_displacement: ``(K, 3, D, H, W)`` ``φ_k⁻¹ − Id`` in voxels.
-        jacobian: ``(K, D, H, W)`` ``det Jφ_k``.
-        loc, scale: ``(K_lat, 3, D, H, W)`` posterior mean and sd of the latent fields (voxels).
-        summary: seconds, NMI before/after, folding, fine-tuning gain, settings (JSON-serialisable).
-        uncertainty, landmark_posterior, inference_data: posterior products when samples were drawn.
+        images: ``(K, D, H, W)`` raw intensities (float32 numpy); raw: the same as a ``(1, K, D, H, W)`` tensor;
+        x: ``(1, K, D, H, W)`` normalised to [0, 1] (what the model and network see), on ``device``;
+        config: the settings; model: the Pyro model; transform: its GroupTransform for ``fixed``
+        (chunked for full-resolution grids); fixed: fixed timepoint (None in all-moving mode);
+        steps: per-case SVI steps (0: none); landmarks: ``(K, L, 3)`` voxels or None;
+        affine: 4x4 voxel -> world (mm).
     """
 
-    warped: np.ndarray
-    displacement: np.ndarray
-    inverse_displacement: np.ndarray
-    jacobian: np.ndarray
-    loc: np.ndarray
-    scale: np.ndarray
-    summary: dict = field(default_factory=dict)
-    uncertainty: dict | None = None  # (K, D, H, W) maps: displacement_std_mm, warped_std, folding_probability
-    landmark_posterior: dict | None = None  # mean_mm (K, L, 3), cov_mm2 (K, L, 3, 3), world mm, common frame
-    inference_data: object = None  # arviz.InferenceData of the posterior samples
+    images: np.ndarray
+    raw: torch.Tensor
+    x: torch.Tensor
+    config: Config
+    model: GroupMorphModel
+    transform: GroupTransform
+    fixed: int | None
+    steps: int
+    device: torch.device
+    landmarks: np.ndarray | None
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple:
+        """Voxel size in mm along the array axes (column norms of the affine)."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
 
 
-def normalize_group(images, percentiles=(1.0, 99.0)) -> torch.Tensor:
-    """``(K, D, H, W)`` raw intensities -> ``(1, K, D, H, W)`` float32 tensor, each timepoint in [0, 1]."""
-    arr = np.asarray(images)
-    if arr.ndim != 4 or arr.shape[0] < 2:
-        raise InputError(f"images: expected (K >= 2, D, H, W), got shape {arr.shape}")
-    return torch.from_numpy(np.stack([percentile_normalize(a, *percentiles) for a in arr]))[None]
+@dataclass
+class Posterior:
+    """The posterior over the latent fields: ``loc``, ``scale`` ``(1, K_lat, 3, D, H, W)`` (voxels) and
+    the guide that samples it (the amortised network, a per-case guide, or None: N(loc, scale²))."""
+
+    loc: torch.Tensor
+    scale: torch.Tensor
+    guide: object = None
 
 
 def elbo_loss(model, guide, images: torch.Tensor, fixed, particles: int = 8, seed: int = 0) -> float:
@@ -68,32 +82,36 @@ def elbo_loss(model, guide, images: torch.Tensor, fixed, particles: int = 8, see
     return loss / images.shape[1:].numel()
 
 
-def fit_case(model, images: torch.Tensor, fixed, loc: torch.Tensor, scale: torch.Tensor, steps: int, lr: float,
-             lambda_u: float, lambda_v: float, elbo: str = "trace", progress: bool = False, patience: int = 50,
-             eval_particles: int = 8) -> tuple[CaseGuide, dict]:
+def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Tensor, scale: torch.Tensor,
+             settings: RegisterConfig | None = None, steps: int | None = None, elbo: str = "trace",
+             progress: bool = False, eval_particles: int = 8) -> tuple[CaseGuide, dict]:
     """Per-case SVI: refine a :class:`CaseGuide` initialised at (loc, scale) on this group alone.
 
-    Stops early when an exponential moving average of the loss has not improved for ``patience``
-    steps, never before ``2 * patience`` steps (the loss has an early transient while σ adapts;
-    0 disables). Then the ELBO of the initial and the refined posterior are compared with
-    common random numbers, and the refined one is kept only if it is not worse, so fine-tuning
-    never makes the case's ELBO worse.
+    The guide's mean is whitened with the model's prior spectrum (see CaseGuide). Stops early when an
+    exponential moving average of the loss has not improved for ``settings.patience`` steps, never
+    before ``2 * patience`` steps (the loss has an early transient while σ adapts; 0 disables).
+    Then the ELBO of the initial and the refined posterior are compared with common random numbers,
+    and the refined one is kept only if it is not worse, so fine-tuning never makes the case's ELBO worse.
 
     Args:
-        model: a GroupMorphModel; images: ``(1, K, D, H, W)`` in [0, 1];
-        loc, scale: ``(1, K_lat, 3, D, H, W)`` initial posterior (voxels); steps: max SVI steps; lr: Adam step.
+        model: a GroupMorphModel; images: ``(1, K, D, H, W)`` in [0, 1]; fixed: fixed timepoint or None;
+        loc, scale: ``(1, K_lat, 3, D, H, W)`` initial posterior (voxels);
+        settings: ``lr`` (Adam step), ``patience``, ``steps`` (default :class:`RegisterConfig`);
+        steps: maximum SVI steps (default ``settings.steps``); elbo: ``"trace"`` or ``"meanfield"``.
     Returns:
         (guide, info) with info keys ``losses`` (per step, per voxel), ``steps_run``,
         ``elbo_loss_before`` / ``elbo_loss_after`` (negative ELBO per voxel), ``kept`` ("refined"/"initial"),
         ``diverged`` (a non-finite loss stopped the run).
     """
-    # Whitening only preconditions the steps; a floor on λ_v keeps the (nearly) unpenalised constant
-    # mode from taking steps of size lr / sqrt(λ_v) when λ_v is tiny (e.g. the VoxelMorph baseline).
-    guide = CaseGuide(loc, scale, lambda_u, max(lambda_v, 0.01))
+    settings = settings or RegisterConfig()
+    steps = settings.steps if steps is None else steps
+    if int(steps) != steps or steps < 0:
+        raise InputError(f"steps: expected an integer >= 0, got {steps!r}")
+    guide = CaseGuide(loc, scale, model.prior_distribution(loc.shape[3:], loc.device))
     initial = copy.deepcopy(guide.state_dict())
     before = elbo_loss(model, guide, images, fixed, eval_particles)
     loss_fn = (TraceMeanField_ELBO() if elbo == "meanfield" else Trace_ELBO()).differentiable_loss
-    optim = torch.optim.Adam(guide.parameters(), lr=lr)
+    optim = torch.optim.Adam(guide.parameters(), lr=settings.lr)
     n_vox = images.shape[1:].numel()
     losses, ema, best, wait = [], None, float("inf"), 0
     bar = tqdm(range(int(steps)), desc="per-case SVI", disable=not progress, leave=False)
@@ -115,8 +133,8 @@ def fit_case(model, images: torch.Tensor, fixed, loc: torch.Tensor, scale: torch
             best, wait = ema, 0
         else:
             wait += 1
-        if patience and wait >= patience and len(losses) >= 2 * patience:  # warm-up: early transients
-            break
+        if settings.patience and wait >= settings.patience and len(losses) >= 2 * settings.patience:
+            break  # the warm-up of 2 x patience lets the early transient pass
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Encountered NaN")
         after = elbo_loss(model, guide, images, fixed, eval_particles)
@@ -129,6 +147,145 @@ def fit_case(model, images: torch.Tensor, fixed, loc: torch.Tensor, scale: torch
     return guide, info
 
 
+def prepare(images, config: Config | None = None, guide: GroupMorphGuide | None = None, fixed: int | None = None,
+            finetune_steps: int | None = None, device: str | torch.device = "cpu", likelihood=None, prior=None,
+            landmarks=None, affine=None) -> PreparedGroup:
+    """Validate a group and build what registering it needs (arguments as :func:`register`)."""
+    images = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images, dtype=np.float32)
+    config = config or Config()
+    mcfg = config.model
+    k = images.shape[0] if images.ndim == 4 else -1
+    if k != mcfg.num_timepoints:
+        raise InputError(f"K: the model expects {mcfg.num_timepoints} timepoints, got {k} (images shape {images.shape})")
+    if not np.isfinite(images).all():
+        raise InputError(f"images: expected finite intensities, got {int((~np.isfinite(images)).sum())} NaN/inf voxels")
+    if finetune_steps is not None and (int(finetune_steps) != finetune_steps or finetune_steps < 0):
+        raise InputError(f"finetune_steps: expected an integer >= 0, got {finetune_steps!r}")
+    steps = config.register.steps if finetune_steps is None and guide is None else int(finetune_steps or 0)
+    model = build_model(mcfg, likelihood=likelihood, prior=prior)
+    transform = model.transform(fixed, chunk="auto")  # validates fixed against the mode (all-to-one: default 0)
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise InputError(f"affine: expected a 4x4 voxel -> world matrix, got shape {affine.shape}")
+    if landmarks is not None:
+        landmarks = np.asarray(landmarks, dtype=np.float64)
+        if landmarks.ndim != 3 or landmarks.shape[0] != k or landmarks.shape[2] != 3:
+            raise InputError(f"landmarks: expected ({k}, L, 3) voxel coordinates, got shape {landmarks.shape}")
+    device = torch.device(device)
+    x = normalize_group(images, config.data.percentiles).to(device)
+    raw = torch.from_numpy(images)[None].to(device)
+    return PreparedGroup(images, raw, x, config, model, transform, transform.fixed, steps, device, landmarks, affine)
+
+
+def infer(group: PreparedGroup, guide: GroupMorphGuide | None = None) -> Posterior:
+    """The starting posterior: one amortised network pass (on overlapping tiles when
+    ``register.window`` is set), or N(0, ``register.init_scale``²) without a network."""
+    cfg = group.config
+    if guide is None:
+        loc = torch.zeros(1, group.transform.num_latent, 3, *group.x.shape[2:], device=group.device)
+        return Posterior(loc, torch.full_like(loc, cfg.register.init_scale))
+    guide = guide.to(group.device).eval().set_runtime(**cfg.runtime.options())
+    with torch.no_grad():
+        if cfg.register.window:
+            loc, scale = sliding_window(lambda t: guide.distribution_params(t, group.fixed), group.x,
+                                        cfg.register.window, cfg.register.overlap)
+        else:
+            loc, scale = guide.distribution_params(group.x, group.fixed)
+    return Posterior(loc, scale, guide)
+
+
+def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tuple[Posterior, dict | None]:
+    """Per-case SVI for ``group.steps`` steps from ``start`` (:func:`fit_case`); returns the refined
+    posterior and the fit's report, or ``start`` and None when no steps are asked for."""
+    if group.steps <= 0:
+        return start, None
+    case, info = fit_case(group.model, group.x, group.fixed, start.loc, start.scale, group.config.register,
+                          group.steps, group.config.train.elbo, progress)
+    with torch.no_grad():
+        loc, scale = case.distribution_params()
+    return Posterior(loc, scale, case), info
+
+
+def summarise(group: PreparedGroup, posterior: Posterior, disp: torch.Tensor, seconds: float,
+              amortized: bool, start: Posterior | None = None, finetune: dict | None = None) -> RegistrationResult:
+    """Maps, inverse maps, det J and the warped group of the posterior mean, with the summary:
+    NMI before/after, folding, settings, landmark distances and the fine-tuning report (compared with
+    the ``start`` posterior it refined).
+
+    Args:
+        disp: ``(1, K, 3, D, H, W)`` displacements of the posterior mean (voxels), already computed
+            inside the timed section; seconds: the timed inference.
+    """
+    mcfg, t = group.config.model, group.transform
+    nmi = lambda d: float(group_nmi(t.warp(group.x, d), mcfg.bins, histogram=mcfg.histogram)[0])  # noqa: E731
+    with torch.no_grad():
+        inv = t.inverse_displacements(posterior.loc)
+        warped = t.warp(group.raw, disp)[0]
+        jac = t.jacobians(disp)[0]
+        nmi_before = float(group_nmi(group.x, mcfg.bins, histogram=mcfg.histogram)[0])
+        nmi_after = nmi(disp)
+    summary = {
+        "seconds": seconds,
+        "nmi_before": nmi_before,
+        "nmi_after": nmi_after,
+        "folding_percent": [folding_percent(j) for j in jac],
+        "folding_percent_all": folding_percent(jac),
+        "amortized": amortized,
+        "per_case_steps": group.steps,
+        "final_loss_per_voxel": finetune["losses"][-1] if finetune and finetune["losses"] else None,
+        "fixed": group.fixed,
+        "mode": mcfg.mode,
+        "diffeomorphic": mcfg.diffeomorphic,
+        "device": str(group.device),
+        "model": copy.deepcopy(vars(mcfg)),
+    }
+    cpu = lambda v: v.detach().cpu().numpy()  # noqa: E731
+    result = RegistrationResult(cpu(warped), cpu(disp[0]), cpu(inv[0]), cpu(jac), cpu(posterior.loc[0]),
+                                cpu(posterior.scale[0]), summary)
+    if group.landmarks is not None:
+        summary["landmarks"] = landmark_report(group.landmarks, result.displacement, result.inverse_displacement,
+                                               group.spacing)
+    if finetune is not None:
+        summary["finetune"] = _finetune_report(group, start, finetune, nmi, summary)
+    return result
+
+
+def _finetune_report(group: PreparedGroup, start: Posterior, finetune: dict, nmi, summary: dict) -> dict:
+    """What per-case refinement changed against the posterior it started from (NMI, landmarks)."""
+    report = {key: finetune[key] for key in ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "diverged")}
+    with torch.no_grad():
+        disp0 = group.transform.displacements(start.loc)
+        nmi0 = nmi(disp0)
+    report.update(nmi_before=nmi0, nmi_after=summary["nmi_after"], nmi_gain=summary["nmi_after"] - nmi0)
+    if group.landmarks is not None:
+        with torch.no_grad():
+            inv0 = group.transform.inverse_displacements(start.loc)
+        before = landmark_report(group.landmarks, disp0[0].cpu(), inv0[0].cpu(), group.spacing)["registered"]
+        report.update(landmarks_before_mm=before["mean_mm"],
+                      landmarks_after_mm=summary["landmarks"]["registered"]["mean_mm"])
+    return report
+
+
+def add_posterior_samples(group: PreparedGroup, posterior: Posterior, result: RegistrationResult, samples: int) -> None:
+    """Draw ``samples`` joint posterior samples and add uncertainty maps, the landmarks' posterior
+    and arviz InferenceData to ``result`` (and their headline numbers to its summary)."""
+    guide = posterior.guide
+    if guide is None:  # no network and no per-case steps: sample the starting posterior N(loc, scale²)
+        guide = CaseGuide(posterior.loc, posterior.scale,
+                          group.model.prior_distribution(posterior.loc.shape[3:], posterior.loc.device))
+    draws = sample_posterior(group.model, guide, group.x, group.fixed, samples)
+    result.uncertainty = uncertainty_maps(draws, group.raw, group.spacing, group.transform)
+    positions = None
+    if group.landmarks is not None:
+        lp = landmark_posterior(draws, group.landmarks, group.affine, group.transform)
+        result.landmark_posterior = {"mean_mm": lp["mean"], "cov_mm2": lp["cov"]}
+        positions = lp["positions"]
+    result.inference_data = to_inference_data(draws, group.x, group.spacing, group.transform, positions)
+    result.summary["samples"] = int(samples)
+    result.summary["folding_probability_max"] = float(result.uncertainty["folding_probability"].max())
+    result.summary["displacement_std_mm_mean"] = float(result.uncertainty["displacement_std_mm"].mean())
+
+
 def register(images, config: Config | None = None, guide: GroupMorphGuide | None = None, fixed: int | None = None,
              finetune_steps: int | None = None, device: str | torch.device = "cpu", seed: int = 0,
              progress: bool = False, likelihood=None, prior=None, samples: int = 0, landmarks=None,
@@ -137,7 +294,7 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
 
     With ``guide`` (trained): one amortised pass gives the posterior; ``finetune_steps > 0`` then
     refines it by per-case SVI. Without ``guide``: per-case SVI from zero for ``finetune_steps``
-    (default ``config.register.steps``).
+    (default ``config.register.steps``, an upper bound with early stopping).
 
     Args:
         images: ``(K, D, H, W)`` raw intensities (numpy or tensor), same grid.
@@ -156,124 +313,19 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     Returns:
         :class:`RegistrationResult` (posterior-mean fields; posterior products when ``samples``).
     """
-    images = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images, dtype=np.float32)
-    config = config or Config()
-    mcfg = config.model
-    k = images.shape[0] if images.ndim == 4 else -1
-    if k != mcfg.num_timepoints:
-        raise InputError(f"K: the model expects {mcfg.num_timepoints} timepoints, got {k} (images shape {images.shape})")
-    if mcfg.mode == "all-to-one" and fixed is None:
-        fixed = 0
-    fixed = check_mode(mcfg.mode, k, fixed)
-    steps = config.register.steps if finetune_steps is None and guide is None else int(finetune_steps or 0)
-    if not np.isfinite(images).all():
-        raise InputError(f"images: expected finite intensities, got {int((~np.isfinite(images)).sum())} NaN/inf voxels")
-    device = torch.device(device)
+    if int(samples) != samples or samples < 0:
+        raise InputError(f"samples: expected an integer >= 0, got {samples!r}")
+    group = prepare(images, config, guide, fixed, finetune_steps, device, likelihood, prior, landmarks, affine)
     pyro.set_rng_seed(seed)
-    x = normalize_group(images, config.data.percentiles).to(device)
-    raw = torch.from_numpy(images)[None].to(device)
-    model = build_model(mcfg, likelihood=likelihood, prior=prior)
-    k_lat = len(latent_indices(k, mcfg.mode, fixed))
-
-    start = time.perf_counter()
-    if guide is not None:
-        guide = guide.to(device).eval().set_runtime(**config.runtime.options())
-        with torch.no_grad():
-            if config.register.window:
-                loc, scale = sliding_window(lambda t: guide.distribution_params(t, fixed), x,
-                                            config.register.window, config.register.overlap)
-            else:
-                loc, scale = guide.distribution_params(x, fixed)
-    else:
-        loc = torch.zeros(1, k_lat, 3, *x.shape[2:], device=device)
-        scale = torch.full_like(loc, config.register.init_scale)
-    sampler, finetune = guide, None
-    loc0 = loc
-    if steps > 0:
-        case, finetune = fit_case(model, x, fixed, loc, scale, steps, config.register.lr, mcfg.lambda_u,
-                                  mcfg.lambda_v, config.train.elbo, progress, config.register.patience)
-        sampler = case
-        with torch.no_grad():
-            loc, scale = case.distribution_params()
-    chunk = _timepoints_per_batch(x.shape[2:])
-    with torch.no_grad():  # large volumes: a few timepoints at a time (bounded temporaries at full resolution)
-        fields = assemble_fields(loc, k, mcfg.mode, fixed)
-        disp = displacements(fields, mcfg.diffeomorphic, mcfg.integration_steps, chunk=chunk)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        inv = inverse_displacements(fields, mcfg.diffeomorphic, mcfg.integration_steps, chunk=chunk)
-        del fields
-        warped = warp_group(raw, disp, chunk)[0]
-        jac = jacobians(disp, chunk=chunk)[0]
-        nmi_before = float(group_nmi(x, mcfg.bins, histogram=mcfg.histogram)[0])
-        nmi_after = float(group_nmi(warp_group(x, disp, chunk), mcfg.bins, histogram=mcfg.histogram)[0])
-
-    summary = {
-        "seconds": seconds,
-        "nmi_before": nmi_before,
-        "nmi_after": nmi_after,
-        "folding_percent": [folding_percent(j) for j in jac],
-        "folding_percent_all": folding_percent(jac),
-        "amortized": guide is not None,
-        "per_case_steps": steps,
-        "final_loss_per_voxel": finetune["losses"][-1] if finetune and finetune["losses"] else None,
-        "fixed": fixed,
-        "mode": mcfg.mode,
-        "diffeomorphic": mcfg.diffeomorphic,
-        "device": str(device),
-        "model": dict(vars(mcfg)),
-    }
-    spacing = _spacing(affine)
-    if finetune is not None:  # the posterior fine-tuning started from
-        with torch.no_grad():
-            fields0 = assemble_fields(loc0, k, mcfg.mode, fixed)
-            disp0 = displacements(fields0, mcfg.diffeomorphic, mcfg.integration_steps, chunk=chunk)
-            nmi0 = float(group_nmi(warp_group(x, disp0, chunk), mcfg.bins, histogram=mcfg.histogram)[0])
-        summary["finetune"] = {key: finetune[key] for key in
-                               ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "diverged")}
-        summary["finetune"].update(nmi_before=nmi0, nmi_after=nmi_after, nmi_gain=nmi_after - nmi0)
-    cpu = lambda t: t.detach().cpu().numpy()  # noqa: E731
-    result = RegistrationResult(cpu(warped), cpu(disp[0]), cpu(inv[0]), cpu(jac), cpu(loc[0]), cpu(scale[0]), summary)
-    if landmarks is not None:
-        landmarks = np.asarray(landmarks, dtype=np.float64)
-        summary["landmarks"] = landmark_report(landmarks, result, spacing)
-        if finetune is not None:
-            with torch.no_grad():
-                inv0 = inverse_displacements(fields0, mcfg.diffeomorphic, mcfg.integration_steps, chunk=chunk)[0].cpu()
-            before = summarize_distances(landmark_distances(landmarks, disp0[0].cpu(), inv0, spacing))
-            summary["finetune"].update(landmarks_before_mm=before["mean_mm"],
-                                       landmarks_after_mm=summary["landmarks"]["registered"]["mean_mm"])
+    clock = time.perf_counter()
+    start = infer(group, guide)
+    posterior, finetune = refine(group, start, progress)
+    with torch.no_grad():
+        disp = group.transform.displacements(posterior.loc)
+    if group.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - clock
+    result = summarise(group, posterior, disp, seconds, guide is not None, start, finetune)
     if samples:
-        if sampler is None:  # no network and no per-case steps: sample the starting posterior N(0, init_scale²)
-            sampler = CaseGuide(loc, scale, mcfg.lambda_u, mcfg.lambda_v)
-        draws = sample_posterior(model, sampler, x, fixed, samples)
-        result.uncertainty = uncertainty_maps(draws, raw, spacing)
-        positions = None
-        if landmarks is not None:
-            lp = landmark_posterior(draws, landmarks, _affine(affine), k, mcfg.mode, fixed, mcfg.diffeomorphic,
-                                    mcfg.integration_steps)
-            result.landmark_posterior = {"mean_mm": lp["mean"], "cov_mm2": lp["cov"]}
-            positions = lp["positions"]
-        result.inference_data = to_inference_data(draws, x, spacing, positions)
-        summary["samples"] = int(samples)
-        summary["folding_probability_max"] = float(result.uncertainty["folding_probability"].max())
-        summary["displacement_std_mm_mean"] = float(result.uncertainty["displacement_std_mm"].mean())
+        add_posterior_samples(group, posterior, result, samples)
     return result
-
-
-_BATCH_VOXELS = 1 << 25  # voxels per batch of maps integrated together (~0.4 GB per 3-component float32 batch)
-
-
-def _timepoints_per_batch(shape) -> int:
-    """Maps integrated in one batch: all of them for small grids (faster: measured 2.8 s vs 3.6 s one
-    at a time for K=6 at 128×128×64 on 2 CPU cores), one at a time for 512×512×136."""
-    return max(1, _BATCH_VOXELS // int(np.prod(shape)))
-
-
-def _affine(affine) -> np.ndarray:
-    return np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-
-
-def _spacing(affine) -> tuple:
-    return tuple(float(v) for v in np.linalg.norm(_affine(affine)[:3, :3], axis=0))

@@ -78,15 +78,18 @@ def _check_field(name: str, disp: torch.Tensor) -> torch.Tensor:
     return disp
 
 
-def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", check: bool = True) -> torch.Tensor:
     """Warp images by displacement fields: ``out(p) = image(p + disp(p))``.
 
     Args:
         image: ``(B, C, D, H, W)`` images (any channels, e.g. intensities or another field).
         disp: ``(B, 3, D, H, W)`` displacement in voxels on the same grid.
+        check: validate the inputs (False on hot paths whose callers checked the shapes already).
     Returns:
         ``(B, C, D, H, W)`` warped images.
     """
+    if not check:
+        return _warp(image, disp, mode)
     check_tensor("image", image, ndim=5, layout="(B, C, D, H, W)")
     _check_field("disp", disp)
     if image.shape[0] != disp.shape[0] or image.shape[2:] != disp.shape[2:]:

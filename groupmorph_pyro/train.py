@@ -17,37 +17,27 @@ import contextlib
 import csv
 from pathlib import Path
 
-import numpy as np
 import pyro
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
-from .checks import InputError
+from .checks import InputError, resolve_device
 from .config import Config, RuntimeConfig
-from .group import assemble_fields, check_mode, displacements, warp_group
+from .data import split_entries
+from .files import atomic_write
+from .group import check_mode
 from .likelihoods import group_nmi
 from .model import GroupMorphGuide, build_guide, build_model
-from .preprocess import extract_patch, percentile_normalize, random_patch_corner
+from .preprocess import extract_patch, normalize_group, random_patch_corner
+from .synthetic import breathing_phantom
+from .volumes import load_group
 
-__all__ = ["load_training_groups", "save_checkpoint", "load_checkpoint", "train", "train_or_load", "resolve_device",
+__all__ = ["load_training_groups", "save_checkpoint", "load_checkpoint", "train", "train_or_load",
            "init_distributed", "distributed_rank", "svi_loss", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "last.pt"
 _FORMAT = 1
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu; anything else is passed to ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise InputError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {name!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device: {name!r} requested but CUDA is not available on this machine")
-    return dev
 
 
 def init_distributed(local_rank: int = 0, backend: str = "auto", device: str = "auto") -> torch.device:
@@ -99,15 +89,10 @@ def _gather_rng(world: int) -> list:
 
 def load_training_groups(cfg: Config) -> list[torch.Tensor]:
     """Training groups as ``(K, D, H, W)`` float32 tensors in [0, 1] (1–99 percentile normalised)."""
-    from .io import load_group  # io is the only nibabel user; imported lazily for synthetic-only runs
-    from .synthetic import breathing_phantom
-
     k = cfg.model.num_timepoints
     raw = []
     paths_list = [list(p) for p in cfg.data.groups]
     if cfg.data.manifest:
-        from .data import split_entries
-
         paths_list += [e.images for e in split_entries(cfg.data.manifest, cfg.data.split, k)]
     for paths in paths_list:
         images, _, _ = load_group(paths)
@@ -122,8 +107,7 @@ def load_training_groups(cfg: Config) -> list[torch.Tensor]:
             raw.append(breathing_phantom(num_timepoints=k, seed=seed + i, **syn).images)
     if not raw:
         raise InputError("data: no training groups (set data.groups or data.synthetic)")
-    lo, hi = cfg.data.percentiles
-    return [torch.from_numpy(np.stack([percentile_normalize(a, lo, hi) for a in g])) for g in raw]
+    return [normalize_group(g, cfg.data.percentiles)[0] for g in raw]
 
 
 def save_checkpoint(path, cfg: Config, guide: GroupMorphGuide, optimizer=None, scheduler=None, iteration: int = 0,
@@ -143,8 +127,6 @@ def save_checkpoint(path, cfg: Config, guide: GroupMorphGuide, optimizer=None, s
         "sampler_rng": sampler_state,
         "rank_rng": rank_rng,
     }
-    from .io import atomic_write
-
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -265,9 +247,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
                 loss_vox = loss.detach().item() / x[0].numel()
                 with torch.no_grad(), pyro.poutine.block():
                     loc, _ = guide.distribution_params(x, fixed)
-                    disp = displacements(assemble_fields(loc, mcfg.num_timepoints, mcfg.mode, fixed),
-                                         mcfg.diffeomorphic, mcfg.integration_steps)
-                    nmi = float(group_nmi(warp_group(x, disp), mcfg.bins).mean())
+                    transform = model.transform(fixed)
+                    nmi = float(group_nmi(transform(loc, x)[1], mcfg.bins).mean())
                 bar.set_postfix(loss=f"{loss_vox:.4f}", nmi=f"{nmi:.3f}")
                 writer.writerow([it + 1, loss_vox, nmi, sched.get_last_lr()[0]])
                 fh.flush()

@@ -1,6 +1,26 @@
+import importlib
+import os
+
 import pyro
 import pytest
 import torch
+
+# The `test` extra in setup.cfg: CI installs these, so a test that skips for want of one of them
+# means a broken install step, not an optional feature. Under CI (CI=true) they must import.
+TEST_EXTRAS = ("itk", "voxelmorph", "pydicom")
+
+
+def pytest_sessionstart(session):
+    if not os.environ.get("CI"):
+        return
+    missing = []
+    for name in TEST_EXTRAS:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            missing.append(f"{name} ({exc})")
+    if missing:
+        pytest.exit(f"CI: test extras not importable, their tests would skip silently: {missing}", returncode=1)
 
 
 @pytest.fixture(autouse=True)

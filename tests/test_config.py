@@ -5,6 +5,7 @@ import yaml
 
 from groupmorph_pyro.checks import InputError
 from groupmorph_pyro.config import Config, load_config
+from groupmorph_pyro.priors import PRIORS
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -17,7 +18,8 @@ def test_shipped_configs_load_and_round_trip(path):
 
 def test_paper_defaults():
     cfg = Config()
-    assert (cfg.model.lambda_u, cfg.model.lambda_v, cfg.model.integration_steps, cfg.model.alpha) == (1.0, 0.01, 7, 15.0)
+    assert (cfg.model.prior, cfg.model.integration_steps, cfg.model.alpha) == ("laplacian", 7, 15.0)
+    assert PRIORS.options("laplacian") == {"lambda_u": 1.0, "lambda_v": 0.01}  # the paper's weights by default
     assert (cfg.train.lr, cfg.train.iterations, cfg.train.patch_size) == (1e-5, 100000, [96, 96, 96])
     assert load_config(next(p for p in CONFIGS if p.name == "dirlab_4dct.yaml")).train.lr == 1e-5
 
@@ -26,10 +28,14 @@ def test_paper_defaults():
     "content, match",
     [
         ({"model": {"lamda_u": 1.0}}, r"unknown key\(s\) \['lamda_u'\] in 'model'"),
+        ({"model": {"prior_options": {"lamda_u": 1.0}}}, r"prior 'laplacian' has no option\(s\) \['lamda_u'\]"),
+        ({"model": {"prior": "bending", "prior_options": {"lambda_u": 1.0}}}, r"prior 'bending' has no option"),
+        ({"model": {"prior": "bending", "lambda_u": 3.0}}, r"model.lambda_u=3.0 does not apply to prior 'bending'"),
+        ({"model": {"likelihood": "lncc", "likelihood_options": {"bins": 8}}}, r"similarity 'lncc' has no option"),
         ({"trian": {}}, r"unknown section\(s\) \['trian'\]"),
         ({"model": {"mode": "pairwise"}}, r"model.mode: expected one of"),
         ({"train": {"elbo": "renyi"}}, r"train.elbo"),
-        ({"model": {"lambda_v": 0}}, r"model.lambda_v"),
+        ({"model": {"lambda_v": 0}}, r"model.prior_options.lambda_v: expected a finite number > 0, got 0"),
         ({"model": {"histogram": "box"}}, r"model.histogram: expected one of \('gaussian', 'bspline'\), got 'box'"),
         ([1, 2], r"must hold a mapping"),
     ],

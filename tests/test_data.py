@@ -6,7 +6,7 @@ from groupmorph_pyro.data import (
     SeriesEntry, load_manifest, read_dirlab_image, read_landmarks, read_series, resample_to_spacing, write_landmarks,
     write_manifest,
 )
-from groupmorph_pyro.io import Volume, load_volume, save_nifti
+from groupmorph_pyro.volumes import Volume, load_volume, save_nifti
 from groupmorph_pyro.prepare import crop_window, prepare_dirlab, write_dirlab_twin
 
 

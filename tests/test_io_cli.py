@@ -8,7 +8,7 @@ import pytest
 
 from groupmorph_pyro.cli import main
 from groupmorph_pyro.config import Config
-from groupmorph_pyro.io import displacement_to_world, load_group
+from groupmorph_pyro.volumes import displacement_to_world, load_group
 from groupmorph_pyro.synthetic import breathing_phantom
 from groupmorph_pyro.train import train
 
@@ -139,6 +139,8 @@ def test_displacement_world_convention():
 
 def test_demo_command(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--size", "20", "--timepoints", "3", "--steps", "2", "--quiet"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["landmark_mm_before"]["mean_mm"] > 0
-    assert (tmp_path / "demo" / "registered" / "summary.json").exists()
+    out = capsys.readouterr().out
+    assert re.search(r"landmark distance \d+\.\d\d ± \d+\.\d\d mm before, \d+\.\d\d ± \d+\.\d\d mm after", out), out
+    report = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    summary = json.loads((tmp_path / "demo" / "registered" / "summary.json").read_text())
+    assert report["landmarks"] == summary["landmarks"] and report["landmarks"]["identity"]["mean_mm"] > 0

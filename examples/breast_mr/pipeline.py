@@ -19,7 +19,9 @@ from pathlib import Path
 
 from groupmorph_pyro.config import load_config
 from groupmorph_pyro.data import load_manifest, split_entries, write_manifest
-from groupmorph_pyro.io import load_group, write_json, write_registration
+from groupmorph_pyro.files import write_json
+from groupmorph_pyro.outputs import write_registration
+from groupmorph_pyro.volumes import load_group
 from groupmorph_pyro.metrics import pairwise_rmse
 from groupmorph_pyro.prepare import prepare_series, write_dce_twin
 from groupmorph_pyro.registration import register

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from groupmorph_pyro.config import load_config
 from groupmorph_pyro.data import entry_landmarks, load_manifest, split_entries, write_manifest
-from groupmorph_pyro.io import load_group, write_json, write_registration
+from groupmorph_pyro.files import write_json
+from groupmorph_pyro.outputs import write_registration
+from groupmorph_pyro.volumes import load_group
 from groupmorph_pyro.metrics import landmark_report
 from groupmorph_pyro.prepare import prepare_dirlab, write_dirlab_twin
 from groupmorph_pyro.registration import register
@@ -78,7 +80,8 @@ def main(args=None) -> dict:
         images, affine, vols = load_group(e.images)
         res = register(images, cfg, guide, fixed=args.fixed, finetune_steps=args.finetune_steps)
         write_registration(res, work / "registered" / e.name, affine, e.images)
-        report = landmark_report(entry_landmarks(e, images.shape[1:]), res, vols[0].spacing)
+        report = landmark_report(entry_landmarks(e, images.shape[1:]), res.displacement, res.inverse_displacement,
+                                 vols[0].spacing)
         report.update(seconds=res.summary["seconds"], nmi_before=res.summary["nmi_before"],
                       nmi_after=res.summary["nmi_after"], folding_percent=res.summary["folding_percent_all"])
         results[e.name] = report

@@ -1,0 +1,116 @@
+"""Image volumes on disk: NIfTI (any nibabel format) in and out; the only module that imports nibabel.
+
+Volumes are read into float32 arrays in the file's array axis order with their voxel -> world
+affine (no reorientation); writes are atomic (:mod:`groupmorph_pyro.files`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+from scipy.ndimage import affine_transform
+
+from .checks import InputError
+from .files import atomic_write
+
+__all__ = ["Volume", "load_volume", "load_group", "save_nifti", "load_displacement", "displacement_to_world"]
+
+
+@dataclass
+class Volume:
+    """A 3D image: ``data`` (D, H, W) float32 in array axis order, ``affine`` 4x4 voxel->world (mm)."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    path: str = ""
+
+    @property
+    def spacing(self) -> tuple:
+        """Voxel size in mm along the array axes (column norms of the affine)."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+
+def load_volume(path) -> Volume:
+    """Read one 3D NIfTI (or any nibabel format). Errors name the file and the problem."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(f"{path}: cannot read as an image ({type(exc).__name__}: {exc})") from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        hint = " (a 4D series: split it into one 3D file per timepoint)" if data.ndim == 4 else ""
+        raise InputError(f"{path}: expected a 3D volume, got shape {data.shape}{hint}")
+    data = data.astype(np.float32)
+    if not np.isfinite(data).all():
+        raise InputError(f"{path}: expected finite intensities, got {int((~np.isfinite(data)).sum())} NaN/inf voxels")
+    return Volume(data, np.asarray(img.affine, dtype=np.float64), path)
+
+
+def _resample_to(vol: Volume, shape, affine) -> np.ndarray:
+    """Trilinearly resample ``vol`` onto the grid (shape, affine); outside values = 0."""
+    vox_to_vox = np.linalg.inv(vol.affine) @ affine
+    return affine_transform(vol.data, vox_to_vox[:3, :3], vox_to_vox[:3, 3], output_shape=tuple(shape), order=1)
+
+
+def load_group(paths: Sequence, resample: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
+    """Read K >= 2 volumes on one grid.
+
+    Args:
+        paths: K image files.
+        resample: resample every image onto the first one's grid instead of failing on a mismatch.
+    Returns:
+        ``(images (K, D, H, W) float32, affine 4x4, [Volume, ...])``.
+    """
+    if len(paths) < 2:
+        raise InputError(f"expected at least 2 images (K >= 2), got {len(paths)}")
+    vols = [load_volume(p) for p in paths]
+    ref = vols[0]
+    for v in vols[1:]:
+        same_grid = v.data.shape == ref.data.shape and np.allclose(v.affine, ref.affine, atol=1e-4)
+        if same_grid:
+            continue
+        if not resample:
+            raise InputError(
+                f"{v.path}: grid differs from {ref.path} (shape {v.data.shape} vs {ref.data.shape}, "
+                f"affine {'equal' if np.allclose(v.affine, ref.affine, atol=1e-4) else 'different'}); "
+                f"pass --resample to resample onto the first image's grid"
+            )
+        v.data = _resample_to(v, ref.data.shape, ref.affine).astype(np.float32)
+        v.affine = ref.affine
+    return np.stack([v.data for v in vols]), ref.affine, vols
+
+
+def save_nifti(path, data: np.ndarray, affine: np.ndarray, intent: str | None = None) -> None:
+    """Write ``data`` with ``affine`` to ``path`` atomically (temporary file + rename)."""
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
+    if intent:
+        img.header.set_intent(intent)
+    img.header.set_xyzt_units("mm")
+    atomic_write(path, lambda tmp: nib.save(img, tmp))
+
+
+def displacement_to_world(disp_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Voxel displacement ``(3, D, H, W)`` -> world displacement in mm ``(D, H, W, 3)``: ``A[:3,:3] @ u``."""
+    return np.einsum("rc,c...->...r", affine[:3, :3], disp_vox)
+
+
+def load_displacement(path, affine: np.ndarray) -> np.ndarray:
+    """Read a ``displacement_<k>.nii.gz`` written by :func:`~groupmorph_pyro.outputs.write_registration` (world mm,
+    (X, Y, Z, 1, 3)) back to voxels ``(3, D, H, W)``: the inverse of :func:`displacement_to_world`."""
+    path = str(path)
+    try:
+        world = np.asarray(nib.load(path).dataobj, dtype=np.float64)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read as a displacement field ({type(exc).__name__}: {exc})") from exc
+    if world.ndim != 5 or world.shape[3:] != (1, 3):
+        raise InputError(f"{path}: expected a displacement field of shape (X, Y, Z, 1, 3), got {world.shape}")
+    return np.einsum("rc,...c->r...", np.linalg.inv(affine[:3, :3]), world[..., 0, :])
