@@ -43,8 +43,9 @@ def _apply_runtime(cfg, args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="groupmorph", description="Deep group-wise variational diffeomorphic registration (Pyro).")
     sub = p.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    t = sub.add_parser("train", help="train the amortised guide by SVI")
+    t = sub.add_parser("train", help="train the amortised guide by SVI", formatter_class=fmt)
     t.add_argument("--config", required=True, help="YAML config (see configs/)")
     t.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pt")
     t.add_argument("--output-dir", help="override train.output_dir")
@@ -56,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"], help="with --distributed")
     _add_runtime_args(t)
 
-    r = sub.add_parser("register", help="register one group of K images, or every series of a manifest")
+    r = sub.add_parser(
+        "register", help="register one group of K images, or every series of a manifest", formatter_class=fmt,
+        description="Register one group. With --checkpoint: one amortised network pass (plus --finetune-steps of "
+                    "per-case SVI). Without: per-case SVI from zero, up to register.steps steps (300 by default; "
+                    "--finetune-steps overrides) with early stopping once the smoothed loss stalls for "
+                    "register.patience steps (after a warm-up of twice that). Outputs: warped images, world-mm "
+                    "displacements, det J and summary.json in --out.")
     r.add_argument("images", nargs="*", help="K 3D images (NIfTI), one per timepoint, in order")
     r.add_argument("--manifest", help="register every series of --split instead (resumable: finished series are skipped)")
     r.add_argument("--split", default="test", help="with --manifest: which split to register")
@@ -73,32 +80,34 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--landmarks", nargs="+", metavar="TXT",
                    help="K landmark files (1-based 'x y z' voxel indices, DIR-Lab format), one per image")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="random seed (posterior noise, sampling): same seed, same result")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_runtime_args(r, inference=True)
 
-    e = sub.add_parser("evaluate", help="Table-1 metrics for a manifest split or registration output folders")
+    e = sub.add_parser("evaluate", help="Table-1 metrics for a manifest split or registration output folders",
+                       formatter_class=fmt)
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifest", help="register and evaluate every series of --split (outputs under --out)")
     src.add_argument("--outputs", nargs="+", metavar="DIR", help="existing 'groupmorph register' output folders")
     e.add_argument("--out", required=True, help="folder for evaluation.json / evaluation.csv (and registrations)")
-    e.add_argument("--split", default="test")
+    e.add_argument("--split", default="test", help="with --manifest: which split to register and evaluate")
     e.add_argument("--checkpoint", help="trained model for --manifest (default: per-case SVI)")
     e.add_argument("--config", help="YAML config for per-case SVI without a checkpoint")
-    e.add_argument("--fixed", type=int)
-    e.add_argument("--finetune-steps", type=int)
+    e.add_argument("--fixed", type=int, help="fixed timepoint (0-based) in all-to-one mode (default 0)")
+    e.add_argument("--finetune-steps", type=int, help="per-case SVI steps (after the amortised pass with --checkpoint)")
     e.add_argument("--landmarks", nargs="+", metavar="TXT", help="with one --outputs folder: K landmark files")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_runtime_args(e, inference=True)
 
-    d = sub.add_parser("demo", help="register a built-in synthetic 4DCT-like group and report landmark error")
+    d = sub.add_parser("demo", help="register a built-in synthetic 4DCT-like group and report landmark error",
+                       formatter_class=fmt)
     d.add_argument("--out", default="demo", help="folder for the synthetic inputs and the registration")
     d.add_argument("--size", type=int, default=48, help="grid size per axis (>= 16)")
     d.add_argument("--timepoints", type=int, default=4)
     d.add_argument("--steps", type=int, default=100, help="per-case SVI steps")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--seed", type=int, default=0, help="phantom and registration seed")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -179,6 +188,8 @@ def _register(args) -> int:
     result = register(images, cfg, guide, args.fixed, args.finetune_steps, device, args.seed, progress=not args.quiet,
                       samples=args.samples, landmarks=landmarks, affine=affine)
     result.summary["checkpoint"] = args.checkpoint
+    if not args.quiet:
+        print(f"groupmorph: writing outputs to {out}", file=sys.stderr, flush=True)
     write_registration(result, out, affine, args.images)
     s = result.summary
     print(f"registered K={len(args.images)} in {s['seconds']:.2f} s: NMI {s['nmi_before']:.3f} -> {s['nmi_after']:.3f}, "
@@ -247,8 +258,8 @@ def _demo(args) -> int:
           f"{after['mean_mm']:.2f} ± {after['sd_mm']:.2f} mm after registration "
           f"({before['n']} landmark pairs); NMI {s['nmi_before']:.3f} -> {s['nmi_after']:.3f}; "
           f"folding {s['folding_percent_all']:.3f} %; {s['seconds']:.1f} s")
-    print(f"outputs in {out / 'registered'} (summary.json has the figures); inputs in {out / 'inputs'}; "
-          f"headline figures in {out / 'demo_summary.json'}")
+    print(f"registration: {out / 'registered'} (summary.json); inputs: {out / 'inputs'}; "
+          f"these figures: {out / 'demo_summary.json'}")
     return 0
 
 

@@ -55,7 +55,8 @@ def write_registration(result, out_dir, affine: np.ndarray, input_paths: Sequenc
     if getattr(result, "uncertainty", None):
         for i in range(k):
             uncertainty_figure(out_dir / f"uncertainty_{i}.png", result.warped[i],
-                               result.uncertainty["displacement_std_mm"][i], result.jacobian[i], title=f"timepoint {i}")
+                               result.uncertainty["displacement_std_mm"][i], result.jacobian[i], title=f"timepoint {i}",
+                               identity=result.summary.get("fixed") == i and result.summary.get("mode") == "all-to-one")
     if getattr(result, "inference_data", None) is not None:
         atomic_write(out_dir / "posterior.nc", result.inference_data.to_netcdf)
     if getattr(result, "landmark_posterior", None):

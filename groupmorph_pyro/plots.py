@@ -12,9 +12,12 @@ def _middle_slice(vol: np.ndarray, axis: int = 2) -> np.ndarray:
     return np.take(vol, vol.shape[axis] // 2, axis=axis).T  # rows = second array axis, for display
 
 
-def uncertainty_figure(path, image: np.ndarray, std_mm: np.ndarray, jacobian: np.ndarray, title: str = "") -> None:
-    """Save a PNG with the middle slice (last axis) of the warped image, the displacement standard
-    deviation (mm) and ``det J``, each with a colorbar. Arrays are ``(D, H, W)``. Written atomically."""
+def uncertainty_figure(path, image: np.ndarray, std_mm: np.ndarray, jacobian: np.ndarray, title: str = "",
+                       identity: bool = False) -> None:
+    """Save a PNG with the middle slice (last array axis) of the warped image, the displacement
+    standard deviation (mm) and ``det J``, each with a colorbar. Arrays are ``(D, H, W)``.
+    ``identity``: the fixed timepoint (φ = Id in every sample), whose sd and det J panels would be
+    constant; they are replaced by a note. Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -22,18 +25,22 @@ def uncertainty_figure(path, image: np.ndarray, std_mm: np.ndarray, jacobian: np
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 4), constrained_layout=True)
     panels = [
-        (image, "warped image", "gray", None),
-        (std_mm, "displacement sd (mm)", "magma", None),
-        (jacobian, "det J (≤ 0: folding)", "RdBu_r", (0.0, 2.0)),
+        (image, "warped image (input intensity)", "gray", None),
+        (std_mm, "posterior sd of displacement (mm)", "magma", None),
+        (jacobian, "det J of the posterior mean (≤ 0: folding)", "RdBu_r", (0.0, 2.0)),
     ]
-    for ax, (vol, label, cmap, lim) in zip(axes, panels):
+    for i, (ax, (vol, label, cmap, lim)) in enumerate(zip(axes, panels)):
+        ax.axis("off")
+        if identity and i > 0:
+            ax.text(0.5, 0.5, "fixed timepoint (identity):\nno displacement, det J = 1", ha="center", va="center",
+                    transform=ax.transAxes)
+            continue
         im = ax.imshow(_middle_slice(vol), cmap=cmap, origin="lower",
                        vmin=None if lim is None else lim[0], vmax=None if lim is None else lim[1])
-        ax.set_title(label)
-        ax.axis("off")
+        ax.set_title(label, fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    if title:
-        fig.suptitle(title)
+    slice_note = f"slice {image.shape[2] // 2} of {image.shape[2]} along the last array axis"
+    fig.suptitle(f"{title} — {slice_note}" if title else slice_note)
     _save(fig, path, plt)
 
 

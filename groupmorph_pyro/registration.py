@@ -8,6 +8,7 @@ transformation (latents -> maps, inverse maps, det J, warped group) is asked of 
 from __future__ import annotations
 
 import copy
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -316,8 +317,11 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     if int(samples) != samples or samples < 0:
         raise InputError(f"samples: expected an integer >= 0, got {samples!r}")
     group = prepare(images, config, guide, fixed, finetune_steps, device, likelihood, prior, landmarks, affine)
+    say = _stage if progress else (lambda message: None)
     pyro.set_rng_seed(seed)
     clock = time.perf_counter()
+    say("amortised network pass" if guide is not None else f"per-case SVI from zero (up to {group.steps} steps, "
+        f"early stopping)" if group.steps else "no network and no per-case steps: identity posterior")
     start = infer(group, guide)
     posterior, finetune = refine(group, start, progress)
     with torch.no_grad():
@@ -325,7 +329,14 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     if group.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - clock
+    say(f"inference took {seconds:.1f} s; computing inverse maps, det J and NMI")
     result = summarise(group, posterior, disp, seconds, guide is not None, start, finetune)
     if samples:
+        say(f"drawing {samples} posterior samples (uncertainty maps, landmark posterior)")
         add_posterior_samples(group, posterior, result, samples)
     return result
+
+
+def _stage(message: str) -> None:
+    """One progress line on stderr (shown with ``progress=True``, i.e. without ``--quiet``)."""
+    print(f"groupmorph: {message}", file=sys.stderr, flush=True)

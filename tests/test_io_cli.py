@@ -144,3 +144,81 @@ def test_demo_command(tmp_path, capsys):
     report = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     summary = json.loads((tmp_path / "demo" / "registered" / "summary.json").read_text())
     assert report["landmarks"] == summary["landmarks"] and report["landmarks"]["identity"]["mean_mm"] > 0
+
+
+BAD_CONFIGS = {  # YAML text -> expected message (key, expected type, value)
+    "iterations: twenty": ("train:\n  iterations: twenty\n", r"train.iterations: expected an integer, got 'twenty'"),
+    "num_timepoints: four": ("model:\n  num_timepoints: four\n", r"model.num_timepoints: expected an integer, got 'four'"),
+    "patch_size: 32": ("train:\n  patch_size: 32\n", r"train.patch_size: expected a list of integers like \[96, 96, 96\], got 32"),
+    "steps: abc": ("register:\n  steps: abc\n", r"register.steps: expected an integer, got 'abc'"),
+    "steps: -3": ("register:\n  steps: -3\n", r"register.steps: expected an integer >= 0, got -3"),
+    "channels_last: yes-please": ("runtime:\n  channels_last: yes-please\n", r"runtime.channels_last: expected true or false"),
+    "prior option typo": ("model:\n  prior_options: {lamda_u: 2}\n", r"prior 'laplacian' has no option\(s\) \['lamda_u'\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+@pytest.mark.parametrize("command", ["register", "train"])
+def test_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path, group_files, capsys, case, command):
+    text, match = BAD_CONFIGS[case]
+    cfg = tmp_path / "bad.yaml"
+    out = tmp_path / "out"
+    cfg.write_text(text + f"data:\n  synthetic: {{num_groups: 1}}\ntrain:\n  output_dir: {out}\n"
+                   if command == "train" and "train:" not in text else text)
+    paths, _ = group_files
+    argv = (["register", *map(str, paths), "--out", str(out), "--config", str(cfg), "--quiet"] if command == "register"
+            else ["train", "--config", str(cfg), "--output-dir", str(out), "--quiet"])
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("groupmorph: error:"), err
+    assert re.search(match, err), err
+    assert not out.exists()
+
+
+def test_yaml_ambiguous_numbers_are_read_as_numbers(tmp_path):
+    from groupmorph_pyro.config import load_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lr: 1e-3\n  iterations: 1e4\nmodel:\n  beta: '5'\n")
+    c = load_config(cfg)
+    assert (c.train.lr, c.train.iterations, c.model.beta) == (1e-3, 10000, 5.0)
+    assert isinstance(c.train.iterations, int) and isinstance(c.model.beta, float)
+
+
+def test_negative_finetune_steps_is_an_error_before_any_work(tmp_path, group_files, capsys):
+    paths, _ = group_files
+    out = tmp_path / "out"
+    rc = main(["register", *map(str, paths), "--out", str(out), "--finetune-steps", "-5", "--quiet"])
+    assert rc == 2 and "--finetune-steps: expected an integer >= 0, got -5" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_overwrite_check_runs_before_registration(tmp_path, group_files, monkeypatch):
+    """An output that would overwrite an input is refused before any registration work starts."""
+    import groupmorph_pyro.registration as registration
+
+    def fail(*args, **kwargs):
+        raise AssertionError("register ran before the output check")
+
+    monkeypatch.setattr(registration, "register", fail)
+    paths, _ = group_files
+    victim = paths[0].parent / "jacobian_1.nii.gz"
+    victim.write_bytes(paths[1].read_bytes())
+    rc = main(["register", str(paths[0]), str(victim), str(paths[2]), "--out", str(victim.parent), "--quiet"])
+    assert rc == 2
+
+
+def test_outputs_are_readable_by_group_and_others_under_a_usual_umask(tmp_path, group_files):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        paths, _ = group_files
+        out = tmp_path / "out"
+        assert main(["register", *map(str, paths), "--out", str(out), "--finetune-steps", "1", "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    for f in out.iterdir():
+        mode = stat.S_IMODE(f.stat().st_mode)
+        assert mode == 0o644, (f.name, oct(mode))
