@@ -72,7 +72,7 @@ def trained_rows(name, images, groups, args) -> dict:
     for label, folder, kk, lambda_v, data in (("groupmorph-diff all-to-one (trained)", "groupmorph", k, 0.01, groups),
                                               ("voxelmorph-diff (K=2, trained)", "pairwise", 2, 1e-6, pairs)):
         cfg = Config()
-        cfg.model.num_timepoints, cfg.model.lambda_v = kk, lambda_v
+        cfg.model.num_timepoints, cfg.model.prior_options = kk, {"lambda_v": lambda_v}
         cfg.train.iterations, cfg.train.lr, cfg.train.patch_size = args.train_iterations, args.train_lr, patch
         cfg.train.checkpoint_every, cfg.train.device = 50, "cpu"
         cfg.train.output_dir = str(root / folder)

@@ -171,7 +171,7 @@ def pairwise_groupmorph(images, config: Config | None = None, fixed: int = 0, st
     """VoxelMorph(-diff) baseline: K = 2 all-to-one model applied to each pair (fixed, k).
 
     Without ``guide``: per-case SVI (``steps``). With ``guide``: a trained K = 2 network (train one
-    with ``model.num_timepoints: 2`` and ``model.lambda_v`` tiny; pass its checkpoint's config),
+    with ``model.num_timepoints: 2`` and ``model.prior_options: {lambda_v: 1e-6}``; pass its checkpoint's config),
     plus ``steps`` of fine-tuning if given. ``config.model.diffeomorphic`` selects VoxelMorph-diff
     (True) or VoxelMorph (False).
     """
@@ -183,7 +183,7 @@ def pairwise_groupmorph(images, config: Config | None = None, fixed: int = 0, st
         raise InputError(f"pairwise baseline: the network must be a K=2 all-to-one model, got K={cfg.model.num_timepoints} "
                          f"{cfg.model.mode}")
     if guide is None:
-        cfg.model.lambda_v = lambda_v
+        cfg.model.prior_options = {**cfg.model.prior_options, "lambda_v": lambda_v}
     cfg.model.num_timepoints, cfg.model.mode = 2, "all-to-one"
     disp = np.zeros((k, 3, *images.shape[1:]), np.float32)
     start = time.perf_counter()

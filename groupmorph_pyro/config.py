@@ -21,8 +21,18 @@ from .priors import PRIORS, make_prior
 __all__ = ["ModelConfig", "TrainConfig", "DataConfig", "RegisterConfig", "RuntimeConfig", "Config", "load_config"]
 
 
+class _Section:
+    """A config section: assigning a setting it does not have is an error (not a silent new attribute)."""
+
+    def __setattr__(self, name, value):
+        if name not in {f.name for f in dataclasses.fields(self)}:
+            raise InputError(f"{type(self).__name__} has no setting {name!r}; its settings are "
+                             f"{[f.name for f in dataclasses.fields(self)]}")
+        super().__setattr__(name, value)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """Model and guide settings (everything needed to rebuild the network)."""
 
     num_timepoints: int = 6
@@ -65,7 +75,7 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """SVI training settings (paper: Adam 1e-5, cosine annealing, 100k iterations, 96³ patches)."""
 
     iterations: int = 100000
@@ -94,7 +104,7 @@ class TrainConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Training data: a manifest, lists of image paths per group, and/or synthetic phantoms."""
 
     manifest: str = ""  # CSV/YAML manifest (groupmorph_pyro.data.load_manifest); relative to the config file
@@ -109,7 +119,7 @@ class DataConfig:
 
 
 @dataclass
-class RegisterConfig:
+class RegisterConfig(_Section):
     """Per-case optimisation settings (registration without a checkpoint, or fine-tuning)."""
 
     steps: int = 300  # per-case SVI steps when no checkpoint is given (an upper bound with early stopping)
@@ -133,7 +143,7 @@ class RegisterConfig:
 
 
 @dataclass
-class RuntimeConfig:
+class RuntimeConfig(_Section):
     """How the guide's network runs in training and registration: speed and memory only, results
     agree to rounding (see :meth:`GroupMorphGuide.set_runtime` and benchmarks/README.md)."""
 

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -61,3 +62,24 @@ def test_histogram_setting_reaches_the_likelihood():
     assert build_likelihood(cfg.model).options["histogram"] == "bspline"
     cfg.model.likelihood = "mi"
     assert build_likelihood(cfg.model).options["histogram"] == "bspline"
+
+
+def test_setting_an_unknown_config_attribute_is_an_error():
+    """A renamed setting (e.g. model.lambda_v -> model.prior_options) must not be set silently."""
+    cfg = Config()
+    with pytest.raises(InputError, match=r"ModelConfig has no setting 'lambda_v'"):
+        cfg.model.lambda_v = 1e-6
+    cfg.model.prior_options = {"lambda_v": 1e-6}  # the real setting still works
+
+
+def test_pairwise_baseline_uses_its_tiny_lambda_v():
+    import groupmorph_pyro.baselines as baselines
+
+    seen = []
+    real = baselines.register
+    baselines.register = lambda images, cfg, *a, **k: seen.append(cfg.model.prior_options) or real(images, cfg, *a, **k)
+    try:
+        baselines.pairwise_groupmorph(np.random.default_rng(0).random((2, 8, 8, 8)).astype("float32"), steps=1)
+    finally:
+        baselines.register = real
+    assert seen and seen[0]["lambda_v"] == 1e-6
