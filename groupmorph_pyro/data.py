@@ -53,7 +53,7 @@ def read_dirlab_image(path, case: int | None = None, shape: Sequence[int] | None
         case: DIR-Lab case number (default: parsed from the file name) selecting size and spacing
             from :data:`DIRLAB_CASES`; ``shape``/``spacing`` (x, y, z) override the table.
     Returns:
-        :class:`~groupmorph_pyro.io.Volume` with data ``(X, Y, Z)`` float32 (HU as stored) and a
+        :class:`~groupmorph_pyro.volumes.Volume` with data ``(X, Y, Z)`` float32 (HU as stored) and a
         diagonal affine of the spacing.
     """
     path = Path(path)
