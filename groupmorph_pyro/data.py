@@ -190,7 +190,7 @@ def read_series(paths: Sequence, spacing: float | Sequence[float] | None = 1.0) 
     Args:
         paths: K entries; spacing: resample each to this voxel size in mm (None keeps the grid).
     Returns:
-        K volumes (check they share a grid with :func:`groupmorph_pyro.io.load_group` semantics).
+        K volumes (check they share a grid with :func:`groupmorph_pyro.volumes.load_group` semantics).
     """
     vols = []
     for p in map(Path, paths):
