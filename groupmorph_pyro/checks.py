@@ -116,9 +116,6 @@ class Registry:
             return fn
         return add
 
-    def names(self) -> tuple:
-        return tuple(self._entries)
-
     def __contains__(self, name) -> bool:
         return name in self._entries
 

@@ -174,16 +174,11 @@ def _register(args) -> int:
         raise InputError(f"{args.checkpoint}: model trained for K={cfg.model.num_timepoints} timepoints, got {len(args.images)} images")
     landmarks = None
     if args.landmarks:
-        from .data import read_landmarks
+        from .data import read_landmark_files
 
         if len(args.landmarks) != len(args.images):
             raise InputError(f"--landmarks: expected {len(args.images)} files (one per image), got {len(args.landmarks)}")
-        import numpy as np
-
-        landmarks = [read_landmarks(p, images.shape[1:]) for p in args.landmarks]
-        if len({len(lm) for lm in landmarks}) != 1:
-            raise InputError(f"--landmarks: files hold different numbers of points {[len(lm) for lm in landmarks]}")
-        landmarks = np.stack(landmarks)
+        landmarks = read_landmark_files(args.landmarks, images.shape[1:])
     out = Path(args.out)
     result = register(images, cfg, guide, args.fixed, args.finetune_steps, device, args.seed, progress=not args.quiet,
                       samples=args.samples, landmarks=landmarks, affine=affine)

@@ -48,8 +48,8 @@ class ModelConfig(_Section):
     bins: int = 32
     histogram: str = "gaussian"  # Parzen kernel of NMI/MI: "gaussian" (paper, dense) or "bspline" (memory-lean)
     alpha: float = 15.0  # bound on |guide mean| in voxels
-    encoder: list = field(default_factory=lambda: [16, 32, 32, 32])
-    decoder: list = field(default_factory=lambda: [32, 32, 32, 32, 32, 16, 16])
+    encoder: list[int] = field(default_factory=lambda: [16, 32, 32, 32])
+    decoder: list[int] = field(default_factory=lambda: [32, 32, 32, 32, 32, 16, 16])
 
     def validate(self):
         if self.mode not in MODES:
@@ -80,9 +80,9 @@ class TrainConfig(_Section):
 
     iterations: int = 100000
     lr: float = 1e-5
-    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     elbo: str = "trace"  # "trace" (Trace_ELBO) or "meanfield" (TraceMeanField_ELBO, analytic KL)
-    patch_size: list = field(default_factory=lambda: [96, 96, 96])
+    patch_size: list[int] = field(default_factory=lambda: [96, 96, 96])
     batch_size: int = 1
     fixed: object = "random"  # all-to-one: "random" fixed timepoint per iteration, or an index
     checkpoint_every: int = 1000
@@ -111,7 +111,7 @@ class DataConfig(_Section):
     split: str = "train"  # manifest rows used for training
     groups: list = field(default_factory=list)  # [[t0.nii.gz, t1.nii.gz, ...], ...]
     synthetic: dict = field(default_factory=dict)  # e.g. {num_groups: 4, shape: [64, 64, 64], amplitude: 4}
-    percentiles: list = field(default_factory=lambda: [1.0, 99.0])
+    percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
 
     def validate(self):
         if not self.groups and not self.synthetic and not self.manifest:
@@ -126,7 +126,7 @@ class RegisterConfig(_Section):
     patience: int = 50  # early stopping: steps without improvement of the smoothed loss, after 2x this warm-up (0 = off)
     lr: float = 0.2  # Adam step on the whitened guide mean and log σ
     init_scale: float = 0.05  # initial posterior sd (voxels) when starting from zero
-    window: list = field(default_factory=list)  # amortised pass on tiles of this size (d, h, w); [] = whole volume
+    window: list[int] = field(default_factory=list)  # amortised pass on tiles of this size (d, h, w); [] = whole volume
     overlap: float = 0.25  # tile overlap fraction for `window`
 
     def validate(self):
@@ -201,15 +201,12 @@ class Config:
             bad = set(values) - known
             if bad:
                 raise InputError(f"{source}: unknown key(s) {sorted(bad)} in '{f.name}', expected some of {sorted(known)}")
-            kwargs[f.name] = sub_cls(**{g.name: _typed(f"{f.name}.{g.name}", values[g.name], g, sub_cls)
+            kwargs[f.name] = sub_cls(**{g.name: _typed(f"{f.name}.{g.name}", values[g.name], g)
                                         for g in dataclasses.fields(sub_cls) if g.name in values})
         cfg = cls(**kwargs)
         for part in (cfg.model, cfg.train, cfg.register, cfg.runtime):
             part.validate()
         return cfg
-
-
-_INTEGER_LISTS = ("register.window",)  # list fields whose default is empty but hold integers
 
 
 def _number(key: str, value, kind: type):
@@ -229,10 +226,10 @@ def _number(key: str, value, kind: type):
     return float(value)
 
 
-def _typed(key: str, value, f: dataclasses.Field, section_cls):
+def _typed(key: str, value, f: dataclasses.Field):
     """``value`` checked (and coerced where YAML is ambiguous) against field ``f``'s declared type:
-    ``int``/``float`` (numbers, numeric strings), ``bool``, ``str``, ``dict``, ``list`` (of the
-    default's element type: ints or floats); ``object`` fields are checked by the section's ``validate``."""
+    ``int``/``float`` (numbers, numeric strings), ``bool``, ``str``, ``dict``, ``list`` (any items)
+    or ``list[int]``/``list[float]``; ``object`` fields are checked by the section's ``validate``."""
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "object")
     if kind in ("int", "float"):
         return _number(key, value, int if kind == "int" else float)
@@ -248,15 +245,14 @@ def _typed(key: str, value, f: dataclasses.Field, section_cls):
         if not isinstance(value, dict):
             raise InputError(f"{key}: expected a mapping (key: value), got {value!r} ({type(value).__name__})")
         return value
-    if kind == "list":
+    if kind in ("list", "list[int]", "list[float]"):
+        element = {"list[int]": int, "list[float]": float}.get(kind)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else []
-        numeric = key in _INTEGER_LISTS or (default and all(isinstance(v, (int, float)) for v in default))
-        element = int if key in _INTEGER_LISTS or all(isinstance(v, int) for v in default) else float
         if not isinstance(value, (list, tuple)):
-            what = ("integers" if element is int else "numbers") if numeric else "items"
+            what = {int: "integers", float: "numbers", None: "items"}[element]
             raise InputError(f"{key}: expected a list of {what}{f' like {default}' if default else ''}, "
                              f"got {value!r} ({type(value).__name__})")
-        return [_number(f"{key}[{i}]", v, element) for i, v in enumerate(value)] if numeric else list(value)
+        return list(value) if element is None else [_number(f"{key}[{i}]", v, element) for i, v in enumerate(value)]
     return value
 
 

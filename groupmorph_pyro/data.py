@@ -24,6 +24,7 @@ from .volumes import Volume, load_volume
 __all__ = [
     "DIRLAB_CASES", "read_dirlab_image", "read_landmarks", "write_landmarks", "check_landmarks_in_image",
     "resample_to_spacing", "read_series", "SeriesEntry", "load_manifest", "split_entries", "entry_landmarks",
+    "read_landmark_files",
     "write_manifest",
 ]
 
@@ -276,11 +277,19 @@ def split_entries(manifest, split: str, num_timepoints: int | None = None) -> li
     return entries
 
 
+def read_landmark_files(paths: Sequence, shape: Sequence[int] | None = None) -> np.ndarray:
+    """``(K, L, 3)`` 0-based landmarks from K DIR-Lab text files (one per timepoint), each point
+    inside a ``(D, H, W)`` grid when ``shape`` is given; files with different point counts are an error."""
+    landmarks = [read_landmarks(p, shape) for p in paths]
+    if len({len(lm) for lm in landmarks}) > 1:
+        raise InputError(f"landmarks: files {[str(p) for p in paths]} hold different numbers of points "
+                         f"{[len(lm) for lm in landmarks]}")
+    return np.stack(landmarks)
+
+
 def entry_landmarks(entry: SeriesEntry, shape: Sequence[int]) -> np.ndarray | None:
     """``(K, L, 3)`` 0-based landmarks of a series on a ``(D, H, W)`` grid, or None without landmark files."""
-    if not entry.landmarks:
-        return None
-    return np.stack([read_landmarks(p, shape) for p in entry.landmarks])
+    return read_landmark_files(entry.landmarks, shape) if entry.landmarks else None
 
 
 def write_manifest(path, entries: Sequence[SeriesEntry]) -> None:

@@ -18,13 +18,13 @@ import torch
 from .batch import SeriesRun, register_manifest
 from .checks import InputError
 from .config import Config
-from .data import entry_landmarks
+from .data import read_landmark_files
 from .files import atomic_write_text, write_json
 from .likelihoods import group_nmi
 from .metrics import folding_percent, landmark_report, pairwise_rmse
 from .preprocess import normalize_group
 from .spatial import invert_displacement
-from .volumes import load_displacement, load_group, load_volume
+from .volumes import affine_spacing, load_displacement, load_group, load_volume
 
 __all__ = ["group_metrics", "landmark_columns", "evaluate_output", "evaluate_manifest", "write_table", "COLUMNS"]
 
@@ -53,7 +53,8 @@ def landmark_columns(landmarks, disp, inv, spacing) -> dict:
             "landmark_mm_after": after["mean_mm"], "landmark_sd_after": after["sd_mm"]}
 
 
-def evaluate_output(folder, images=None, landmarks=None, series: str = "", method: str = "") -> dict:
+def evaluate_output(folder, images=None, landmarks=None, series: str = "", method: str = "",
+                    landmark_files=None) -> dict:
     """Evaluate a ``groupmorph register`` output folder.
 
     Args:
@@ -61,6 +62,7 @@ def evaluate_output(folder, images=None, landmarks=None, series: str = "", metho
         images: the K input paths (default: ``summary.json["inputs"]``).
         landmarks: ``(K, L, 3)`` 0-based voxel coordinates (optional). The inverse maps are computed
             from the stored displacements by fixed-point iteration.
+        landmark_files: instead of ``landmarks``, K DIR-Lab text files, read on the images' grid.
     Returns:
         one row with the :data:`COLUMNS` keys.
     """
@@ -74,6 +76,8 @@ def evaluate_output(folder, images=None, landmarks=None, series: str = "", metho
         raise InputError(f"{folder}: input images unknown (summary.json has no 'inputs'); pass them explicitly")
     raw, affine, vols = load_group(paths)
     k = raw.shape[0]
+    if landmark_files:
+        landmarks = read_landmark_files(landmark_files, raw.shape[1:])
     missing = [f"{n}_{i}.nii.gz" for n in ("warped", "displacement", "jacobian") for i in range(k)
                if not (folder / f"{n}_{i}.nii.gz").is_file()]
     if missing:
@@ -105,16 +109,15 @@ def evaluate_manifest(manifest, out_dir, config: Config | None = None, guide=Non
     def score(run: SeriesRun) -> None:
         e = run.entry
         if run.result is None:  # finished by an earlier run: evaluate what it wrote
-            images, _, _ = load_group(e.images)
-            row = evaluate_output(run.folder, e.images, entry_landmarks(e, images.shape[1:]), e.name, _method(guide))
-            rows.append(row)
+            rows.append(evaluate_output(run.folder, e.images, series=e.name, method=_method(guide),
+                                        landmark_files=e.landmarks))
             return
         res = run.result
         row = {"series": e.name, "method": _method(guide), **group_metrics(run.images, res.warped, res.jacobian),
                "seconds": res.summary["seconds"]}
         if run.landmarks is not None:
-            spacing = tuple(float(v) for v in np.linalg.norm(run.affine[:3, :3], axis=0))
-            row.update(landmark_columns(run.landmarks, res.displacement, res.inverse_displacement, spacing))
+            row.update(landmark_columns(run.landmarks, res.displacement, res.inverse_displacement,
+                                        affine_spacing(run.affine)))
         rows.append({c: row.get(c) for c in COLUMNS})
 
     register_manifest(manifest, out_dir, config, guide, split, fixed, finetune_steps, device, progress=progress,

@@ -157,12 +157,6 @@ class GroupTransform:
             raise InputError(f"chunk: expected None, 'auto' or an integer >= 1, got {chunk!r}")
         self.chunk = chunk
 
-    @classmethod
-    def from_config(cls, model_config, fixed: int | None = None, chunk=None) -> "GroupTransform":
-        """From a :class:`~groupmorph_pyro.config.ModelConfig` (K, mode, diffeomorphic, integration steps)."""
-        return cls(model_config.num_timepoints, model_config.mode, fixed, model_config.diffeomorphic,
-                   model_config.integration_steps, chunk)
-
     def __repr__(self) -> str:
         return (f"GroupTransform(K={self.num_timepoints}, mode={self.mode!r}, fixed={self.fixed}, "
                 f"diffeomorphic={self.diffeomorphic}, integration_steps={self.integration_steps})")

@@ -323,5 +323,4 @@ def make_prior(name: str = "laplacian", **options):
     def prior(spatial_shape, device=None):
         return entry(spatial_shape, device, **options)
 
-    prior.name, prior.options = name, dict(options)
     return prior

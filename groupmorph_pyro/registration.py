@@ -28,6 +28,7 @@ from .model import CaseGuide, GroupMorphGuide, GroupMorphModel, build_model
 from .posterior import landmark_posterior, sample_posterior, to_inference_data, uncertainty_maps
 from .preprocess import normalize_group, sliding_window
 from .results import RegistrationResult
+from .volumes import affine_spacing
 
 __all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "fit_case", "prepare",
            "infer", "refine", "summarise", "add_posterior_samples", "register"]
@@ -61,7 +62,7 @@ class PreparedGroup:
     @property
     def spacing(self) -> tuple:
         """Voxel size in mm along the array axes (column norms of the affine)."""
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+        return affine_spacing(self.affine)
 
 
 @dataclass

@@ -17,7 +17,13 @@ from scipy.ndimage import affine_transform
 from .checks import InputError
 from .files import atomic_write
 
-__all__ = ["Volume", "load_volume", "load_group", "save_nifti", "load_displacement", "displacement_to_world"]
+__all__ = ["Volume", "affine_spacing", "load_volume", "load_group", "save_nifti", "load_displacement",
+           "displacement_to_world"]
+
+
+def affine_spacing(affine) -> tuple:
+    """Voxel size in mm along the array axes of a 4x4 voxel -> world matrix (its column norms)."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0))
 
 
 @dataclass
@@ -31,7 +37,7 @@ class Volume:
     @property
     def spacing(self) -> tuple:
         """Voxel size in mm along the array axes (column norms of the affine)."""
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+        return affine_spacing(self.affine)
 
 
 def load_volume(path) -> Volume:

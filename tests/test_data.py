@@ -182,3 +182,13 @@ def test_dicom_series_is_read_with_orientation(tmp_path):
     assert out.data.shape == (5, 4, 3)  # (cols, rows, slices)
     assert out.data[3, 2, 1] == 2 * vol[1, 2, 3] - 5
     assert np.allclose(out.affine, [[-0.6, 0, 0, -10], [0, -0.8, 0, -20], [0, 0, 3, 0], [0, 0, 0, 1]])
+
+
+def test_landmark_files_with_different_point_counts_are_an_error(tmp_path):
+    from groupmorph_pyro.data import read_landmark_files
+
+    write_landmarks(tmp_path / "a.txt", np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    write_landmarks(tmp_path / "b.txt", np.array([[1.0, 2.0, 3.0]]))
+    with pytest.raises(InputError, match=r"hold different numbers of points \[2, 1\]"):
+        read_landmark_files([tmp_path / "a.txt", tmp_path / "b.txt"], (10, 10, 10))
+    assert read_landmark_files([tmp_path / "a.txt"] * 2, (10, 10, 10)).shape == (2, 2, 3)

@@ -86,3 +86,20 @@ def test_evaluate_manifest_leaves_the_callers_config_alone(tmp_path, group):
     rows = evaluate_manifest(tmp_path / "m.yaml", tmp_path / "out", cfg, finetune_steps=2)
     assert [r["series"] for r in rows] == ["case"] and rows[0]["landmark_mm_after"] is not None
     assert cfg == Config()
+
+
+def test_evaluate_manifest_resumes_from_the_written_folders(tmp_path, group):
+    """A rerun skips finished series and evaluates them from their folders (fixed-point inverse maps),
+    reading the landmark files on the images' grid."""
+    from groupmorph_pyro.evaluation import evaluate_manifest
+
+    paths, lms = _write_inputs(tmp_path, group)
+    write_manifest(tmp_path / "m.yaml", [SeriesEntry("case", paths, lms, "test")])
+    cfg = Config()
+    first = evaluate_manifest(tmp_path / "m.yaml", tmp_path / "out", cfg, finetune_steps=2)
+    again = evaluate_manifest(tmp_path / "m.yaml", tmp_path / "out", cfg, finetune_steps=2)
+    assert [r["series"] for r in again] == ["case"]
+    assert again[0]["landmark_mm_before"] == pytest.approx(first[0]["landmark_mm_before"], rel=1e-9)
+    # stored float32 world-mm fields and a fixed-point inverse vs the exact exp(-v): as in the test above
+    assert again[0]["landmark_mm_after"] == pytest.approx(first[0]["landmark_mm_after"], abs=0.05)
+    assert again[0]["seconds"] == pytest.approx(first[0]["seconds"])  # read from summary.json, not re-registered
