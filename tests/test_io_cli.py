@@ -222,3 +222,36 @@ def test_outputs_are_readable_by_group_and_others_under_a_usual_umask(tmp_path, 
     for f in out.iterdir():
         mode = stat.S_IMODE(f.stat().st_mode)
         assert mode == 0o644, (f.name, oct(mode))
+
+
+def test_landmark_files_with_different_counts_exit_2_before_registration(tmp_path, group_files, capsys, monkeypatch):
+    import groupmorph_pyro.registration as registration
+    from groupmorph_pyro.data import write_landmarks
+
+    monkeypatch.setattr(registration, "register", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    paths, _ = group_files
+    lms = []
+    for k in range(K):
+        lms.append(tmp_path / f"l{k}.txt")
+        write_landmarks(lms[-1], np.full((3 if k else 2, 3), 4.0))
+    out = tmp_path / "out"
+    rc = main(["register", *map(str, paths), "--out", str(out), "--landmarks", *map(str, lms), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "different numbers of points [2, 3, 3]" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"affine": np.eye(3)}, r"affine: expected a 4x4 voxel -> world matrix, got shape \(3, 3\)"),
+    ({"landmarks": np.zeros((2, 4, 3))}, r"landmarks: expected \(3, L, 3\) voxel coordinates, got shape \(2, 4, 3\)"),
+    ({"finetune_steps": -1}, r"finetune_steps: expected an integer >= 0, got -1"),
+    ({"samples": -2}, r"samples: expected an integer >= 0, got -2"),
+])
+def test_register_rejects_bad_arguments_before_any_work(kwargs, match):
+    from groupmorph_pyro.checks import InputError
+    from groupmorph_pyro.registration import register
+
+    cfg = Config()
+    cfg.model.num_timepoints = 3
+    with pytest.raises(InputError, match=match):
+        register(np.random.default_rng(0).random((3, 8, 8, 8)), cfg, **kwargs)
