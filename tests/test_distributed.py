@@ -43,6 +43,7 @@ def _gradient_worker(rank, port, out, cfg):
     loss = svi_loss(Trace_ELBO().differentiable_loss, model, net, _groups(cfg)[rank][None], 1)
     loss.backward()
     torch.save([p.grad for p in guide.parameters()], os.path.join(out, f"grad{rank}.pt"))
+    torch.distributed.barrier()  # every rank done with gloo before any tears it down (avoids an abort at exit)
     torch.distributed.destroy_process_group()
 
 
@@ -77,6 +78,7 @@ def _train_worker(rank, port, cfg, stop_at, resume, out):
     path = train(cfg, resume=resume, progress=False, groups=_groups(cfg), stop_at=stop_at, device=device)
     guide = load_checkpoint(path)[1]
     torch.save(guide.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.barrier()  # every rank done with gloo before any tears it down (avoids an abort at exit)
     torch.distributed.destroy_process_group()
 
 
