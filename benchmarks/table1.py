@@ -26,22 +26,42 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from groupmorph_pyro.baselines import elastix_all_to_one, elastix_groupwise, identity, pairwise_groupmorph
+from groupmorph_pyro.baselines import ants_all_to_one, elastix_all_to_one, elastix_groupwise, identity, pairwise_groupmorph
 from groupmorph_pyro.config import Config
 from groupmorph_pyro.evaluation import COLUMNS, landmark_columns, group_metrics, write_table
 from groupmorph_pyro.plots import comparison_figure
 from groupmorph_pyro.preprocess import percentile_normalize
 from groupmorph_pyro.registration import register
-from groupmorph_pyro.synthetic import breathing_phantom, dce_phantom
+from groupmorph_pyro.synthetic import anatomy_group, breathing_phantom, dce_phantom
 
 TRAIN_SEED = 100  # training phantoms use seeds TRAIN_SEED.. ; the test phantoms use seeds 1 and 2
 
 
+def _anatomy(spacing: float, args):
+    """Real anatomy (MNI152 from nilearn's wheel) at ``spacing`` mm with seeded motion and contrast."""
+    def make(seed, n):
+        from groupmorph_pyro.data import load_mni152
+
+        if spacing not in _MNI:
+            _MNI[spacing] = load_mni152(spacing)
+        m = _MNI[spacing]
+        return anatomy_group(m["t1"].data, m["grey"].data, m["white"].data, args.timepoints, m["t1"].spacing,
+                             amplitude_mm=args.anatomy_amplitude, num_landmarks=n or 100, seed=seed)
+    return make
+
+
+_MNI = {}
+ANATOMY_SPACINGS = (2.5, 3.5)  # mm: the two resolutions of the real-anatomy series
+
+
 def _phantoms(args):
     size = 24 if args.smoke else args.size
-    return {"synthetic-4dct": lambda seed, n: breathing_phantom((size,) * 3, args.timepoints, seed=seed, num_landmarks=n),
-            "synthetic-dce": lambda seed, n: dce_phantom((size, size, max(16, size * 2 // 3)), args.timepoints, seed=seed,
-                                                         num_landmarks=n)}
+    makers = {"synthetic-4dct": lambda seed, n: breathing_phantom((size,) * 3, args.timepoints, seed=seed, num_landmarks=n),
+              "synthetic-dce": lambda seed, n: dce_phantom((size, size, max(16, size * 2 // 3)), args.timepoints,
+                                                           seed=seed, num_landmarks=n)}
+    for spacing in ANATOMY_SPACINGS:
+        makers[f"mni152-{spacing}mm"] = _anatomy(spacing, args)
+    return makers
 
 
 def training_groups(name, args) -> list:
@@ -52,7 +72,7 @@ def training_groups(name, args) -> list:
 
         raw = [load_group(e.images)[0] for e in load_manifest(args.manifest) if e.split == "train"]
     else:
-        raw = [_phantoms(args)[name](TRAIN_SEED + i, 0).images for i in range(args.train_groups)]
+        raw = [_phantoms(args)[name.rsplit("-seed", 1)[0]](TRAIN_SEED + i, 0).images for i in range(args.train_groups)]
     return [torch.from_numpy(np.stack([percentile_normalize(a) for a in g])) for g in raw]
 
 
@@ -106,12 +126,18 @@ def datasets(args):
             yield e.name, images, vols[0].spacing, entry_landmarks(e, images.shape[1:])
         return
     make = _phantoms(args)
-    if args.series in (None, "synthetic-4dct"):
-        g = make["synthetic-4dct"](1, 20 if args.smoke else 75)
-        yield "synthetic-4dct", g.images, g.spacing, g.landmarks
-    if args.series in (None, "synthetic-dce"):
-        d = make["synthetic-dce"](2, 10 if args.smoke else 30)
-        yield "synthetic-dce", d.images, d.spacing, d.landmarks
+    wanted = args.series or ["synthetic-4dct", "synthetic-dce"]
+    for name in wanted:
+        if name == "synthetic-4dct":
+            g = make[name](1, 20 if args.smoke else 75)
+            yield name, g.images, g.spacing, g.landmarks
+        elif name == "synthetic-dce":
+            g = make[name](2, 10 if args.smoke else 30)
+            yield name, g.images, g.spacing, g.landmarks
+        else:
+            for seed in args.anatomy_seeds:
+                g = make[name](seed, 100)
+                yield f"{name}-seed{seed}", g.images, g.spacing, g.landmarks
 
 
 def main(argv=None) -> list:
@@ -119,13 +145,19 @@ def main(argv=None) -> list:
     p.add_argument("--out", required=True)
     p.add_argument("--manifest")
     p.add_argument("--split", default="test")
-    p.add_argument("--series", choices=["synthetic-4dct", "synthetic-dce"], help="only this synthetic series")
+    p.add_argument("--series", nargs="+", choices=["synthetic-4dct", "synthetic-dce"] + [f"mni152-{s}mm" for s in ANATOMY_SPACINGS],
+                   help="synthetic series to run (default: synthetic-4dct synthetic-dce); mni152-* need nilearn")
+    p.add_argument("--anatomy-seeds", nargs="+", type=int, default=[1, 2], help="seeds of the mni152 groups (motion, contrast)")
+    p.add_argument("--anatomy-amplitude", type=float, default=6.0, help="mean motion (mm) of the mni152 groups")
+    p.add_argument("--methods", nargs="+", help="only the rows whose name starts with one of these (e.g. identity elastix ants groupmorph)")
     p.add_argument("--checkpoint", help="trained GroupMorph model (amortised row)")
     p.add_argument("--pairwise-checkpoint", help="trained K=2 model (amortised VoxelMorph row)")
     p.add_argument("--size", type=int, default=48)
     p.add_argument("--timepoints", type=int, default=4)
-    p.add_argument("--steps", type=int, default=100, help="per-case SVI steps (GroupMorph, VoxelMorph rows)")
+    p.add_argument("--steps", type=int, help="per-case SVI steps of the GroupMorph and VoxelMorph rows "
+                   "(default: the config's register.steps, i.e. what `groupmorph register` does)")
     p.add_argument("--elastix-iterations", type=int, default=500)
+    p.add_argument("--ants-iterations", type=int, nargs="+", default=[100, 70, 50], help="SyN iterations per level")
     p.add_argument("--train-iterations", type=int, default=0,
                    help="train the amortised rows (GroupMorph, K=2, voxelmorph package) for this many iterations")
     p.add_argument("--train-groups", type=int, default=8, help="synthetic training groups per series")
@@ -135,6 +167,7 @@ def main(argv=None) -> list:
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     steps = 3 if args.smoke else args.steps
+    ants_settings = {"reg_iterations": (5,) if args.smoke else tuple(args.ants_iterations)}
     elx = {"MaximumNumberOfIterations": ["20" if args.smoke else str(args.elastix_iterations)]}
     if args.smoke:
         elx["NumberOfResolutions"] = ["1"]
@@ -146,6 +179,7 @@ def main(argv=None) -> list:
             "identity": lambda: identity(images),
             "elastix (B-spline, NMI)": lambda: elastix_all_to_one(images, spacing, 0, elx),
             "elastix group-wise": lambda: elastix_groupwise(images, spacing, elx),
+            "ants (affine + SyN, Mattes MI)": lambda: ants_all_to_one(images, spacing, 0, ants_settings),
             "voxelmorph-diff (K=2, per-case)": lambda: pairwise_groupmorph(images, cfg, 0, steps),
             "groupmorph-diff all-to-one (per-case)": lambda: register(images, cfg, finetune_steps=steps),
         }
@@ -164,6 +198,8 @@ def main(argv=None) -> list:
             if key not in train_sets:
                 train_sets[key] = training_groups(name, args)
             methods.update(trained_rows(name, images, train_sets[key], args))
+        if args.methods:
+            methods = {m: run for m, run in methods.items() if any(m.startswith(p) for p in args.methods)}
         figure = {}
         for method, run in tqdm(methods.items(), desc=name, disable=args.smoke):
             res = run()
@@ -177,10 +213,14 @@ def main(argv=None) -> list:
     write_table(rows, args.out)
     for name in dict.fromkeys(r["series"] for r in rows):
         print(f"\n### {name}\n")
-        print("| method | RMSE | NMI | landmarks (mm) | det J ≤ 0 (%) | time (s) |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| method | RMSE | NMI | landmarks mean ± sd (mm) | median | p95 | det J ≤ 0 (%) | time (s) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in (r for r in rows if r["series"] == name):
-            lm = "–" if r["landmark_mm_after"] is None else f"{r['landmark_mm_after']:.2f} ± {r['landmark_sd_after']:.2f}"
+            if r["landmark_mm_after"] is None:
+                lm = "– | – | –"
+            else:
+                lm = (f"{r['landmark_mm_after']:.2f} ± {r['landmark_sd_after']:.2f} | {r['landmark_median_after']:.2f} | "
+                      f"{r['landmark_p95_after']:.2f}")
             print(f"| {r['method']} | {r['rmse_after']:.4g} | {r['nmi_after']:.3f} | {lm} | "
                   f"{r['folding_percent']:.3f} | {r['seconds']:.1f} |")
     return rows

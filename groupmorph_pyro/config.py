@@ -122,19 +122,32 @@ class DataConfig(_Section):
 class RegisterConfig(_Section):
     """Per-case optimisation settings (registration without a checkpoint, or fine-tuning)."""
 
-    steps: int = 300  # per-case SVI steps when no checkpoint is given (an upper bound with early stopping)
-    patience: int = 50  # early stopping: steps without improvement of the smoothed loss, after 2x this warm-up (0 = off)
-    lr: float = 0.2  # Adam step on the whitened guide mean and log σ
+    steps: int = 60  # full-resolution per-case SVI steps (without a checkpoint: after the coarse pyramid levels)
+    patience: int = 0  # early stopping: steps without improvement of the smoothed loss, after 2x this warm-up (0 = off)
+    lr: float = 1.0  # Adam step on the whitened guide mean and log σ (peak of the schedule)
+    schedule: str = "cosine"  # learning-rate schedule over each level's steps: "constant" or "cosine" (to 0)
+    average: float = 0.3  # average the guide's parameters over this final fraction of each level's steps (0 = off)
+    pyramid: list[int] = field(default_factory=lambda: [2, 1])  # per-case from zero: shrink factors, coarse to fine, ending in 1
+    coarse_steps: int = 150  # SVI steps at each coarse pyramid level (the full-resolution level runs `steps`)
     init_scale: float = 0.05  # initial posterior sd (voxels) when starting from zero
     window: list[int] = field(default_factory=list)  # amortised pass on tiles of this size (d, h, w); [] = whole volume
     overlap: float = 0.25  # tile overlap fraction for `window`
 
     def validate(self):
-        for name in ("steps", "patience"):
+        for name in ("steps", "patience", "coarse_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"register.{name}: expected an integer >= 0, got {value!r}")
         check_positive("register.lr", self.lr)
+        if self.schedule not in ("constant", "cosine"):
+            raise InputError(f"register.schedule: expected 'constant' or 'cosine', got {self.schedule!r}")
+        if not 0 <= self.average < 1:
+            raise InputError(f"register.average: expected a fraction in [0, 1), got {self.average!r}")
+        p = self.pyramid
+        if (not p or any(isinstance(f, bool) or int(f) != f or f < 1 for f in p) or p[-1] != 1
+                or any(a <= b for a, b in zip(p, p[1:]))):
+            raise InputError(f"register.pyramid: expected decreasing integer shrink factors ending in 1 "
+                             f"(e.g. [4, 2, 1]), got {p!r}")
         check_positive("register.init_scale", self.init_scale)
         if self.window and (len(self.window) != 3 or any(int(w) != w or w < 1 for w in self.window)):
             raise InputError(f"register.window: expected [] or 3 integers >= 1 (d, h, w), got {self.window!r}")

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 import yaml
-from scipy.ndimage import affine_transform
+from scipy.ndimage import affine_transform, gaussian_filter
 
 from .checks import InputError, check_spacing
 from .files import atomic_write_text
@@ -25,7 +25,7 @@ __all__ = [
     "DIRLAB_CASES", "read_dirlab_image", "read_landmarks", "write_landmarks", "check_landmarks_in_image",
     "resample_to_spacing", "read_series", "SeriesEntry", "load_manifest", "split_entries", "entry_landmarks",
     "read_landmark_files",
-    "write_manifest",
+    "write_manifest", "load_mni152",
 ]
 
 # (size x, y, z in voxels), (spacing x, y, z in mm): the DIR-Lab 4DCT documentation's table.
@@ -144,7 +144,7 @@ def resample_to_spacing(vol: Volume, spacing: float | Sequence[float] = 1.0, ord
     target = np.asarray(check_spacing([spacing] * 3 if np.isscalar(spacing) else spacing))
     ratio = target / np.asarray(vol.spacing)  # old voxels per new voxel
     shape = [int(np.floor((n - 1) / r + 1e-6)) + 1 for n, r in zip(vol.data.shape, ratio)]
-    data = affine_transform(vol.data, ratio, output_shape=shape, order=order, mode="nearest")
+    data = affine_transform(vol.data, np.diag(ratio), output_shape=shape, order=order, mode="nearest")
     affine = vol.affine.copy()
     affine[:3, :3] = vol.affine[:3, :3] * ratio  # column c scales with axis c's voxel size
     return Volume(data.astype(np.float32), affine, vol.path)
@@ -303,3 +303,53 @@ def write_manifest(path, entries: Sequence[SeriesEntry]) -> None:
     series = [{"name": e.name, "split": e.split, "images": [rel(p) for p in e.images],
                "landmarks": [rel(p) for p in e.landmarks]} for e in entries]
     atomic_write_text(path, yaml.safe_dump({"series": series}, sort_keys=False))
+
+
+_MNI152_FILES = {"t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+                 "grey": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+                 "white": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"}
+
+
+def load_mni152(spacing: float = 2.0, margin: int = 2) -> dict:
+    """The MNI152 (ICBM 2009a) T1 template and its grey / white matter maps, as shipped inside
+    nilearn's wheel (no download), cropped to the head's bounding box plus ``margin`` voxels and
+    resampled to ``spacing`` mm (Gaussian pre-filter against aliasing when coarsening).
+
+    Args:
+        spacing: isotropic voxel size in mm (the files are 2 mm or 1 mm, depending on nilearn's version).
+        margin: voxels kept around the head.
+    Returns:
+        ``{"t1", "grey", "white"}``: :class:`Volume` objects on one grid (affine in mm); the grey and
+        white matter probability maps scaled to [0, 1].
+    Raises:
+        InputError: nilearn is not installed (``pip install nilearn``) or lacks the files.
+    """
+    spacing = check_spacing([spacing] * 3)[0]
+    try:
+        from importlib.resources import files
+
+        folder = files("nilearn.datasets") / "data"
+    except ModuleNotFoundError as exc:
+        raise InputError("load_mni152 needs nilearn (pip install nilearn; it ships the template)") from exc
+    vols = {}
+    for key, name in _MNI152_FILES.items():
+        path = folder / name
+        if not path.is_file():
+            raise InputError(f"load_mni152: {name} not found in {folder} (nilearn version without the MNI152 files?)")
+        vols[key] = load_volume(Path(str(path)))
+    head = np.argwhere(vols["t1"].data > 0.05 * vols["t1"].data.max())
+    lo = np.maximum(head.min(0) - margin, 0)
+    hi = np.minimum(head.max(0) + margin + 1, vols["t1"].data.shape)
+    out = {}
+    for key, vol in vols.items():
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        affine = vol.affine.copy()
+        affine[:3, 3] = vol.affine[:3, :3] @ lo + vol.affine[:3, 3]
+        ratio = spacing / np.asarray(vol.spacing)
+        data = vol.data[box].astype(np.float64)
+        if (ratio > 1).any():
+            data = gaussian_filter(data, 0.4 * np.maximum(ratio - 1, 0))
+        out[key] = resample_to_spacing(Volume(data.astype(np.float32), affine, vol.path), spacing)
+    for key in ("grey", "white"):  # probability maps, stored as 0-255 in some nilearn versions
+        out[key].data = np.clip(out[key].data / max(float(out[key].data.max()), 1e-12), 0.0, 1.0)
+    return out

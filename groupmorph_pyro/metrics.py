@@ -62,9 +62,11 @@ def landmark_distances(landmarks, disp=None, inverse_disp=None, spacing=(1.0, 1.
 
 
 def summarize_distances(distances: np.ndarray) -> dict:
-    """Mean ± sd (mm) over all pairs and landmarks: ``{"mean_mm", "sd_mm", "n"}``."""
+    """Mean ± sd, median and 95th percentile (mm) over all pairs and landmarks:
+    ``{"mean_mm", "sd_mm", "median_mm", "p95_mm", "n"}``."""
     d = np.asarray(distances, dtype=np.float64).ravel()
-    return {"mean_mm": float(d.mean()), "sd_mm": float(d.std()), "n": int(d.size)}
+    return {"mean_mm": float(d.mean()), "sd_mm": float(d.std()), "median_mm": float(np.median(d)),
+            "p95_mm": float(np.percentile(d, 95)), "n": int(d.size)}
 
 
 def folding_percent(jacobian) -> float:

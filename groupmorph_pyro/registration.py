@@ -8,6 +8,7 @@ transformation (latents -> maps, inverse maps, det J, warped group) is asked of 
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
 import warnings
@@ -28,9 +29,10 @@ from .model import CaseGuide, GroupMorphGuide, GroupMorphModel, build_model
 from .posterior import landmark_posterior, sample_posterior, to_inference_data, uncertainty_maps
 from .preprocess import normalize_group, sliding_window
 from .results import RegistrationResult
+from .spatial import level_shape, resample_grid, resize_displacement
 from .volumes import affine_spacing
 
-__all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "fit_case", "prepare",
+__all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "fit_case", "fit_pyramid", "prepare",
            "infer", "refine", "summarise", "add_posterior_samples", "register"]
 
 
@@ -86,10 +88,13 @@ def elbo_loss(model, guide, images: torch.Tensor, fixed, particles: int = 8, see
 
 def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Tensor, scale: torch.Tensor,
              settings: RegisterConfig | None = None, steps: int | None = None, elbo: str = "trace",
-             progress: bool = False, eval_particles: int = 8) -> tuple[CaseGuide, dict]:
+             progress: bool = False, eval_particles: int = 8, desc: str = "per-case SVI") -> tuple[CaseGuide, dict]:
     """Per-case SVI: refine a :class:`CaseGuide` initialised at (loc, scale) on this group alone.
 
-    The guide's mean is whitened with the model's prior spectrum (see CaseGuide). Stops early when an
+    The guide's mean is whitened with the model's prior spectrum (see CaseGuide). Adam's step follows
+    ``settings.schedule`` (constant, or cosine from ``lr`` to 0 over ``steps``); with
+    ``settings.average`` the guide's parameters are averaged over that final fraction of the steps
+    (iterate averaging: the stochastic ELBO gradient leaves the last iterate noisy). Stops early when an
     exponential moving average of the loss has not improved for ``settings.patience`` steps, never
     before ``2 * patience`` steps (the loss has an early transient while σ adapts; 0 disables).
     Then the ELBO of the initial and the refined posterior are compared with common random numbers,
@@ -98,7 +103,8 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     Args:
         model: a GroupMorphModel; images: ``(1, K, D, H, W)`` in [0, 1]; fixed: fixed timepoint or None;
         loc, scale: ``(1, K_lat, 3, D, H, W)`` initial posterior (voxels);
-        settings: ``lr`` (Adam step), ``patience``, ``steps`` (default :class:`RegisterConfig`);
+        settings: ``lr`` (Adam step), ``schedule``, ``average``, ``patience``, ``steps`` (default
+            :class:`RegisterConfig`);
         steps: maximum SVI steps (default ``settings.steps``); elbo: ``"trace"`` or ``"meanfield"``.
     Returns:
         (guide, info) with info keys ``losses`` (per step, per voxel), ``steps_run``,
@@ -114,11 +120,16 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     before = elbo_loss(model, guide, images, fixed, eval_particles)
     loss_fn = (TraceMeanField_ELBO() if elbo == "meanfield" else Trace_ELBO()).differentiable_loss
     optim = torch.optim.Adam(guide.parameters(), lr=settings.lr)
+    cosine = settings.schedule == "cosine"
+    average_from = int(steps) - int(round(settings.average * int(steps))) if settings.average else None
+    averaged, n_avg = None, 0
     n_vox = images.shape[1:].numel()
     losses, ema, best, wait = [], None, float("inf"), 0
-    bar = tqdm(range(int(steps)), desc="per-case SVI", disable=not progress, leave=False)
+    bar = tqdm(range(int(steps)), desc=desc, disable=not progress, leave=False)
     diverged = False
-    for _ in bar:
+    for step in bar:
+        if cosine:
+            optim.param_groups[0]["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * step / int(steps)))
         optim.zero_grad()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Encountered NaN")  # handled: reported as `diverged`
@@ -128,6 +139,10 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
             break
         loss.backward()
         optim.step()
+        if average_from is not None and step >= average_from:
+            n_avg += 1
+            current = [p.detach().clone() for p in guide.parameters()]
+            averaged = current if averaged is None else [a + (c - a) / n_avg for a, c in zip(averaged, current)]
         losses.append(loss.detach().item() / n_vox)
         ema = losses[-1] if ema is None else 0.9 * ema + 0.1 * losses[-1]
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -137,6 +152,10 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
             wait += 1
         if settings.patience and wait >= settings.patience and len(losses) >= 2 * settings.patience:
             break  # the warm-up of 2 x patience lets the early transient pass
+    if averaged is not None and not diverged:
+        with torch.no_grad():
+            for p, a in zip(guide.parameters(), averaged):
+                p.copy_(a)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Encountered NaN")
         after = elbo_loss(model, guide, images, fixed, eval_particles)
@@ -198,14 +217,61 @@ def infer(group: PreparedGroup, guide: GroupMorphGuide | None = None) -> Posteri
 
 def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tuple[Posterior, dict | None]:
     """Per-case SVI for ``group.steps`` steps from ``start`` (:func:`fit_case`); returns the refined
-    posterior and the fit's report, or ``start`` and None when no steps are asked for."""
+    posterior and the fit's report, or ``start`` and None when no steps are asked for.
+
+    Without a network (``start.guide`` is None) and with ``register.pyramid`` coarser than [1], the
+    mean is first fitted coarse to fine (:func:`fit_pyramid`) and the full-resolution SVI starts there.
+    """
     if group.steps <= 0:
         return start, None
-    case, info = fit_case(group.model, group.x, group.fixed, start.loc, start.scale, group.config.register,
+    cfg = group.config.register
+    levels = []
+    if start.guide is None and len(cfg.pyramid) > 1:
+        loc, levels = fit_pyramid(group.model, group.x, group.fixed, start.loc, cfg, group.config.train.elbo, progress)
+        start = Posterior(loc, start.scale)
+    case, info = fit_case(group.model, group.x, group.fixed, start.loc, start.scale, cfg,
                           group.steps, group.config.train.elbo, progress)
+    if levels:
+        info["levels"] = levels
     with torch.no_grad():
         loc, scale = case.distribution_params()
     return Posterior(loc, scale, case), info
+
+
+def fit_pyramid(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Tensor, settings: RegisterConfig,
+                elbo: str = "trace", progress: bool = False) -> tuple[torch.Tensor, list]:
+    """Coarse-to-fine start for per-case SVI: the same model on coarser grids.
+
+    For each shrink factor f of ``settings.pyramid`` except the last (1): the images are blurred and
+    resampled to :func:`~groupmorph_pyro.spatial.level_shape` (f times fewer voxels per axis), the
+    current mean is moved to that grid (:func:`~groupmorph_pyro.spatial.resize_displacement`, voxel
+    units rescaled) and :func:`fit_case` runs ``settings.coarse_steps`` steps there, under the model's
+    prior on the coarse grid and σ starting from ``settings.init_scale``. A coarse step costs about
+    f³ times less than a full-resolution one, and the coarse grids see large motions as small ones.
+
+    Args:
+        images: ``(1, K, D, H, W)`` in [0, 1]; loc: ``(1, K_lat, 3, D, H, W)`` starting mean (voxels).
+    Returns:
+        (the mean on the full grid, ``(1, K_lat, 3, D, H, W)`` voxels; per-level reports
+        ``{"factor", "shape", "steps_run", "kept"}``).
+    """
+    full = tuple(images.shape[2:])
+    b, k_lat = loc.shape[:2]
+    reports = []
+    for factor in settings.pyramid[:-1]:
+        shape = level_shape(full, factor)
+        x = resample_grid(images, shape)
+        level_loc = resize_displacement(loc.reshape(b * k_lat, 3, *loc.shape[3:]), shape).reshape(b, k_lat, 3, *shape)
+        scale = torch.full_like(level_loc, settings.init_scale)
+        case, info = fit_case(model, x, fixed, level_loc, scale, settings, settings.coarse_steps, elbo, progress,
+                              desc=f"per-case SVI, level 1/{factor}")
+        with torch.no_grad():
+            level_loc = case.distribution_params()[0]
+        loc = level_loc
+        reports.append({"factor": int(factor), "shape": list(shape), "steps_run": info["steps_run"], "kept": info["kept"]})
+    with torch.no_grad():
+        loc = resize_displacement(loc.reshape(b * k_lat, 3, *loc.shape[3:]), full).reshape(b, k_lat, 3, *full)
+    return loc, reports
 
 
 def summarise(group: PreparedGroup, posterior: Posterior, disp: torch.Tensor, seconds: float,
@@ -255,6 +321,8 @@ def summarise(group: PreparedGroup, posterior: Posterior, disp: torch.Tensor, se
 def _finetune_report(group: PreparedGroup, start: Posterior, finetune: dict, nmi, summary: dict) -> dict:
     """What per-case refinement changed against the posterior it started from (NMI, landmarks)."""
     report = {key: finetune[key] for key in ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "diverged")}
+    if "levels" in finetune:
+        report["levels"] = finetune["levels"]
     with torch.no_grad():
         disp0 = group.transform.displacements(start.loc)
         nmi0 = nmi(disp0)

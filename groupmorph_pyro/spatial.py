@@ -14,6 +14,7 @@ Conventions (used by the whole package):
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -30,6 +31,9 @@ __all__ = [
     "invert_displacement",
     "jacobian_determinant",
     "map_points",
+    "level_shape",
+    "resample_grid",
+    "resize_displacement",
 ]
 
 
@@ -201,3 +205,64 @@ def map_points(points: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     coords = points.to(disp.dtype).permute(0, 2, 1)[..., None, None]  # (B, 3, N, 1, 1)
     values = sample(disp, coords)[..., 0, 0]  # (B, 3, N)
     return points.to(disp.dtype) + values.permute(0, 2, 1)
+
+
+def level_shape(spatial_shape: Sequence[int], factor: int) -> tuple:
+    """Grid of a pyramid level ``factor`` times coarser: ``round((n − 1) / factor) + 1`` voxels per
+    axis (at least 4), so that the first and last voxel centres stay where they were."""
+    if int(factor) != factor or factor < 1:
+        raise InputError(f"pyramid factor: expected an integer >= 1, got {factor!r}")
+    return tuple(max(4, int(round((n - 1) / factor)) + 1) if factor > 1 else int(n) for n in spatial_shape)
+
+
+def _gaussian_blur(volume: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, C, D, H, W)`` with per-axis sd (voxels); edges replicated."""
+    for axis, sd in enumerate(sigmas):
+        if sd <= 0:
+            continue
+        radius = int(math.ceil(3 * sd))
+        t = torch.arange(-radius, radius + 1, device=volume.device, dtype=volume.dtype)
+        kernel = torch.exp(-0.5 * (t / sd) ** 2)
+        kernel = kernel / kernel.sum()
+        moved = volume.movedim(2 + axis, -1)
+        flat = moved.reshape(-1, 1, moved.shape[-1])
+        flat = F.conv1d(F.pad(flat, (radius, radius), mode="replicate"), kernel.view(1, 1, -1))
+        volume = flat.reshape(moved.shape).movedim(-1, 2 + axis)
+    return volume
+
+
+def resample_grid(volume: torch.Tensor, spatial_shape: Sequence[int], antialias: bool = True) -> torch.Tensor:
+    """Resample ``(B, C, D, H, W)`` onto a grid of ``spatial_shape`` covering the same extent:
+    new voxel ``i`` sits at old voxel ``i · (n_old − 1) / (n_new − 1)`` along each axis (trilinear).
+
+    Args:
+        antialias: when coarsening, blur first with a Gaussian of sd ``0.5 · ratio`` old voxels
+            (``ratio`` = old voxels per new voxel) so that fine texture does not alias.
+    Returns:
+        ``(B, C, *spatial_shape)``.
+    """
+    check_tensor("volume", volume, ndim=5, layout="(B, C, D, H, W)")
+    old = volume.shape[2:]
+    new = tuple(int(n) for n in spatial_shape)
+    if len(new) != 3 or min(new) < 1:
+        raise InputError(f"resample_grid: expected a 3D shape of positive sizes, got {spatial_shape!r}")
+    if new == tuple(old):
+        return volume
+    ratios = [(o - 1) / (n - 1) if n > 1 else 0.0 for o, n in zip(old, new)]
+    if antialias:
+        volume = _gaussian_blur(volume, [0.5 * r if r > 1 else 0.0 for r in ratios])
+    axes = [torch.arange(n, device=volume.device, dtype=volume.dtype) * r for n, r in zip(new, ratios)]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None].expand(volume.shape[0], 3, *new)
+    return sample(volume, coords)
+
+
+def resize_displacement(disp: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+    """A displacement / velocity field ``(B, 3, D, H, W)`` in voxels, moved to a grid of
+    ``spatial_shape`` over the same extent (:func:`resample_grid`, no blur), its components rescaled
+    to the new voxel size (``× (n_new − 1) / (n_old − 1)`` along each axis)."""
+    _check_field("disp", disp)
+    old = disp.shape[2:]
+    out = resample_grid(disp, spatial_shape, antialias=False)
+    scale = torch.tensor([(n - 1) / (o - 1) if o > 1 else 1.0 for n, o in zip(out.shape[2:], old)],
+                         device=disp.device, dtype=disp.dtype)
+    return out * scale.view(1, 3, 1, 1, 1)

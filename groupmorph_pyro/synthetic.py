@@ -20,7 +20,7 @@ from scipy.ndimage import gaussian_filter
 from .checks import InputError, check_positive, check_spacing, check_spatial_shape
 from .spatial import integrate_velocity, map_points, warp
 
-__all__ = ["SyntheticGroup", "breathing_phantom", "dce_phantom"]
+__all__ = ["SyntheticGroup", "breathing_phantom", "dce_phantom", "anatomy_group"]
 
 
 @dataclass
@@ -147,4 +147,74 @@ def dce_phantom(shape=(48, 48, 32), num_timepoints: int = 6, amplitude: float = 
         field = np.stack([gaussian_filter(rng.standard_normal(shape), 6.0) for _ in range(3)])
         velocities[k] = amplitude * field / np.abs(field).max()
     candidates = np.argwhere(gland & (np.abs(np.stack(c)).max(0) < 0.85))
+    return _deform_group(refs, velocities, candidates, num_landmarks, noise, spacing, rng)
+
+
+def anatomy_group(t1: np.ndarray, grey: np.ndarray, white: np.ndarray, num_timepoints: int = 4,
+                  spacing=(2.0, 2.0, 2.0), amplitude_mm: float = 6.0, num_landmarks: int = 100,
+                  noise: float = 0.01, seed: int = 0) -> SyntheticGroup:
+    """A DCE-like group made from real anatomy (e.g. the MNI152 T1 template and its grey / white
+    matter maps, :func:`groupmorph_pyro.data.load_mni152`) with known motion and landmarks.
+
+    Each timepoint k gets its own contrast and its own motion, both drawn from ``seed``:
+
+    * contrast: ``R_k = (t1 + e_g,k · grey + e_w,k · white) ** γ_k`` rescaled to [0, 1], grey and
+      white matter enhancing by different amounts (``e`` in [0, 0.5]) and a gamma ``γ_k`` in [0.7, 1.4]
+      (timepoint 0 is the pre-contrast image, ``e = 0``, ``γ = 1``);
+    * motion: ``x_k = R_k ∘ exp(v_k)`` with ``v_k`` a random small rotation / scaling about the
+      centre plus smooth random components (Gaussian-filtered noise, σ = 4 voxels), scaled so that
+      the mean velocity magnitude inside the head (≈ the mean displacement) is ``amplitude_mm`` × a
+      random factor in [0.6, 1.2]; the largest displacements are about 2-3× the mean. Every timepoint moves, timepoint 0 included;
+    * landmarks: head voxels with a strong intensity gradient in ``t1`` (tissue boundaries),
+      ``l_k = exp(−v_k)(r)`` as in :func:`breathing_phantom`.
+
+    Args:
+        t1, grey, white: ``(D, H, W)`` arrays on one grid (t1 any range; grey, white in [0, 1]).
+        spacing: voxel size (mm) of that grid. Others as :func:`breathing_phantom`.
+    """
+    t1, grey, white = (np.asarray(a, dtype=np.float64) for a in (t1, grey, white))
+    shape = check_spatial_shape(t1.shape, minimum=16)
+    if grey.shape != shape or white.shape != shape:
+        raise InputError(f"anatomy_group: grey {grey.shape} and white {white.shape} must match t1 {shape}")
+    for name, a in (("t1", t1), ("grey", grey), ("white", white)):
+        if not np.isfinite(a).all():
+            raise InputError(f"anatomy_group: {name} has NaN/inf values")
+    for name, a in (("grey", grey), ("white", white)):
+        if a.min() < 0 or a.max() > 1 + 1e-6:
+            raise InputError(f"anatomy_group: {name} must be a probability map in [0, 1], got values in "
+                             f"[{a.min():.3g}, {a.max():.3g}]")
+    spacing = check_spacing(spacing)
+    if int(num_timepoints) != num_timepoints or num_timepoints < 2:
+        raise InputError(f"num_timepoints: expected an integer >= 2, got {num_timepoints!r}")
+    check_positive("amplitude_mm", amplitude_mm, allow_zero=True)
+    rng = np.random.default_rng(seed)
+    t1 = (t1 - t1.min()) / max(float(np.ptp(t1)), 1e-12)
+    head = gaussian_filter((t1 > 0.05).astype(np.float64), 1.0) > 0.5
+    refs = []
+    for k in range(num_timepoints):
+        e_g, e_w, gamma = (0.0, 0.0, 1.0) if k == 0 else (rng.uniform(0, 0.5), rng.uniform(0, 0.5), rng.uniform(0.7, 1.4))
+        r = np.clip(t1 + e_g * grey + e_w * white, 0, None) ** gamma
+        refs.append(r / r.max())
+    refs = np.stack(refs)
+
+    c = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij"))  # voxels from the centre
+    mm = np.asarray(spacing)[:, None, None, None]
+    velocities = np.zeros((num_timepoints, 3, *shape), dtype=np.float32)
+    for k in range(num_timepoints):
+        angle = rng.normal(0, 0.05, 3)  # radians, small rotation generator (skew-symmetric)
+        skew = np.array([[0, -angle[2], angle[1]], [angle[2], 0, -angle[0]], [-angle[1], angle[0], 0]])
+        linear = skew + np.diag(rng.normal(0, 0.03, 3))
+        v_mm = np.einsum("ij,j...->i...", linear, c * mm)
+        smooth = np.stack([gaussian_filter(rng.standard_normal(shape), 4.0) for _ in range(3)])
+        smooth /= np.abs(smooth).max()
+        v_mm = v_mm / max(np.abs(v_mm[:, head]).mean(), 1e-12) + 1.5 * smooth / max(np.abs(smooth[:, head]).mean(), 1e-12)
+        target = amplitude_mm * rng.uniform(0.6, 1.2)
+        v_mm *= target / max(float(np.linalg.norm(v_mm[:, head], axis=0).mean()), 1e-12)
+        velocities[k] = (v_mm / mm).astype(np.float32)  # mm -> voxels along each axis
+
+    grad = np.linalg.norm(np.stack(np.gradient(gaussian_filter(t1, 1.0))), axis=0)
+    inner = np.zeros(shape, bool)
+    inner[tuple(slice(max(2, n // 8), n - max(2, n // 8)) for n in shape)] = True
+    strong = head & inner & (grad > np.quantile(grad[head], 0.9))
+    candidates = np.argwhere(strong)
     return _deform_group(refs, velocities, candidates, num_landmarks, noise, spacing, rng)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import smooth_image
-from groupmorph_pyro.baselines import elastix_all_to_one, elastix_groupwise, identity, pairwise_groupmorph
+from groupmorph_pyro.baselines import ants_all_to_one, elastix_all_to_one, elastix_groupwise, identity, pairwise_groupmorph
 from groupmorph_pyro.checks import InputError
 from groupmorph_pyro.config import Config
 from groupmorph_pyro.spatial import warp
@@ -37,6 +37,25 @@ def test_elastix_recovers_a_known_translation_in_our_convention(tmp_path, monkey
     interior = res.displacement[1][:, 6:-6, 6:-6, 5:-5].reshape(3, -1).mean(1)
     assert np.allclose(interior, t.numpy(), atol=0.3), interior
     assert res.summary["seconds"] > 0 and res.summary["method"] == "elastix-bspline-nmi"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ants_recovers_a_known_translation_and_its_inverse_in_our_convention(tmp_path, monkeypatch):
+    pytest.importorskip("ants")
+    monkeypatch.chdir(tmp_path)  # ANTs must not write into the working directory
+    shape, spacing = (32, 32, 24), (1.0, 1.2, 2.0)
+    x0 = smooth_image(shape, seed=3)[0, 0]
+    t = torch.tensor([1.5, 0.0, -1.0])  # voxels along the array axes; anisotropic spacing catches mm/voxel slips
+    x1 = warp(x0[None, None], (-t).view(1, 3, 1, 1, 1).expand(1, 3, *shape).contiguous())[0, 0]  # φ_1(p) = p + t
+    x2 = warp(x0[None, None], (t / 2).view(1, 3, 1, 1, 1).expand(1, 3, *shape).contiguous())[0, 0]  # φ_2(p) = p - t/2
+    res = ants_all_to_one(torch.stack([x0, x1, x2]).numpy(), spacing, 0, {"reg_iterations": (40, 20)})
+    assert not res.displacement[0].any() and not res.inverse_displacement[0].any()
+    for k, shift in ((1, t), (2, -t / 2)):
+        fwd = res.displacement[k][:, 6:-6, 6:-6, 5:-5].reshape(3, -1).mean(1)
+        inv = res.inverse_displacement[k][:, 6:-6, 6:-6, 5:-5].reshape(3, -1).mean(1)
+        assert np.allclose(fwd, shift.numpy(), atol=0.25), (k, fwd)
+        assert np.allclose(inv, -shift.numpy(), atol=0.25), (k, inv)
+    assert res.summary["seconds"] > 0 and res.summary["method"] == "ants-syn-mattes"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -82,7 +101,7 @@ def test_table1_benchmark_smoke(tmp_path):
     spec.loader.exec_module(module)
     trained = importlib.util.find_spec("voxelmorph") is not None
     rows = module.main(["--smoke", "--out", str(tmp_path)] + (["--train-iterations", "2"] if trained else []))
-    assert len(rows) == 2 * (8 if trained else 5)
+    assert len(rows) == 2 * (9 if trained else 6)
     if trained:  # the three trained rows, checkpoints written and reused (not retrained) on a rerun
         assert {"groupmorph-diff all-to-one (trained)", "voxelmorph-diff (K=2, trained)",
                 "voxelmorph package (VxmPairwise, trained)"} <= {r["method"] for r in rows}
@@ -97,3 +116,21 @@ def test_table1_benchmark_smoke(tmp_path):
     assert {r["method"] for r in table} >= {"identity", "elastix (B-spline, NMI)"}
     for name in ("synthetic-4dct", "synthetic-dce"):
         assert (tmp_path / f"fig4_{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_table1_real_anatomy_series_with_the_ants_row(tmp_path):
+    """The MNI152 series (template from nilearn's wheel), the method filter, and the median / p95 columns."""
+    pytest.importorskip("ants")
+    pytest.importorskip("nilearn")
+    path = Path(__file__).parent.parent / "benchmarks" / "table1.py"
+    spec = importlib.util.spec_from_file_location("table1", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--smoke", "--out", str(tmp_path), "--series", "mni152-3.5mm", "--anatomy-seeds", "3",
+                        "--methods", "identity", "ants"])
+    assert [(r["series"], r["method"]) for r in rows] == [("mni152-3.5mm-seed3", "identity"),
+                                                          ("mni152-3.5mm-seed3", "ants (affine + SyN, Mattes MI)")]
+    ident, ants = rows
+    assert ident["landmark_mm_after"] == pytest.approx(ident["landmark_mm_before"]) and ident["landmark_mm_before"] > 3
+    assert ants["landmark_mm_after"] < ident["landmark_mm_after"]  # even 5 SyN iterations (plus affine) help
+    assert ants["landmark_median_after"] <= ants["landmark_p95_after"] and ants["seconds"] > 0

@@ -192,3 +192,20 @@ def test_landmark_files_with_different_point_counts_are_an_error(tmp_path):
     with pytest.raises(InputError, match=r"hold different numbers of points \[2, 1\]"):
         read_landmark_files([tmp_path / "a.txt", tmp_path / "b.txt"], (10, 10, 10))
     assert read_landmark_files([tmp_path / "a.txt"] * 2, (10, 10, 10)).shape == (2, 2, 3)
+
+
+def test_load_mni152_crops_and_resamples_the_template_from_nilearns_wheel():
+    pytest.importorskip("nilearn")
+    from groupmorph_pyro.data import load_mni152
+
+    vols = load_mni152(3.5)
+    assert set(vols) == {"t1", "grey", "white"}
+    shape = vols["t1"].data.shape
+    assert all(v.data.shape == shape for v in vols.values()) and np.allclose(vols["t1"].spacing, 3.5)
+    assert 35 <= min(shape) and max(shape) <= 60  # a head at 3.5 mm, cropped to its bounding box
+    t1 = vols["t1"].data
+    assert t1[tuple(n // 2 for n in shape)] > 0.2 * t1.max()  # the brain is in the middle
+    assert 0 <= vols["grey"].data.min() and vols["grey"].data.max() <= 1.0 + 1e-6
+    assert np.allclose(vols["t1"].affine[:3, :3], 3.5 * np.eye(3))
+    with pytest.raises(InputError, match="spacing"):
+        load_mni152(-1.0)

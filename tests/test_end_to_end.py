@@ -54,3 +54,66 @@ def test_amortised_network_learns_to_register_a_group(tmp_path):
     assert res.summary["amortized"] and res.summary["per_case_steps"] == 0
     assert cols["landmark_mm_after"] < 0.5 * cols["landmark_mm_before"], cols
     assert res.summary["folding_percent_all"] < 0.1
+
+
+def _blob_anatomy(shape=(24, 28, 22)):
+    """A small head-like template: an ellipsoid with two tissue classes and texture (no nilearn needed)."""
+    rng = np.random.default_rng(0)
+    c = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    r = np.sqrt(sum(ci ** 2 for ci in c))
+    from scipy.ndimage import gaussian_filter
+
+    texture = gaussian_filter(rng.standard_normal(shape), 1.5)
+    grey = ((r < 0.8) & (texture > 0)).astype(float)
+    white = ((r < 0.8) & (texture <= 0)).astype(float)
+    t1 = 0.4 * grey + 0.8 * white + 0.1 * (r < 0.9)
+    return t1, grey, white
+
+
+def test_anatomy_group_ground_truth_is_consistent_and_the_seed_draws_the_motion():
+    from groupmorph_pyro.spatial import compose
+    from groupmorph_pyro.synthetic import anatomy_group
+
+    t1, grey, white = _blob_anatomy()
+    g = anatomy_group(t1, grey, white, 3, spacing=(2.0, 2.5, 3.0), amplitude_mm=4.0, num_landmarks=20, seed=1)
+    assert g.images.shape == (3, 24, 28, 22) and g.landmarks.shape == (3, 20, 3)
+    v = torch.from_numpy(g.velocities)
+    fwd, inv = integrate_velocity(v), integrate_velocity(-v)
+    # every timepoint moves (timepoint 0 too); all-to-one truth for fixed 0: φ_k = exp(-v_k) ∘ exp(v_0)
+    disp = torch.stack([compose(inv[k:k + 1], fwd[0:1])[0] for k in range(3)])
+    back = torch.stack([compose(inv[0:1], fwd[k:k + 1])[0] for k in range(3)])
+    truth = summarize_distances(landmark_distances(g.landmarks, disp, back, g.spacing))
+    identity = summarize_distances(landmark_distances(g.landmarks, spacing=g.spacing))
+    assert truth["mean_mm"] < 0.1 and identity["mean_mm"] > 2.0, (truth, identity)
+    moved = np.linalg.norm(g.velocities * np.asarray(g.spacing)[None, :, None, None, None], axis=1)
+    assert all(moved[k].max() > 1.0 for k in range(3))
+    other = anatomy_group(t1, grey, white, 3, spacing=(2.0, 2.5, 3.0), amplitude_mm=4.0, num_landmarks=20, seed=2)
+    assert np.abs(other.velocities - g.velocities).max() > 0.5  # the seed draws the motion, not only the noise
+    again = anatomy_group(t1, grey, white, 3, spacing=(2.0, 2.5, 3.0), amplitude_mm=4.0, num_landmarks=20, seed=1)
+    assert np.array_equal(again.images, g.images)
+
+
+def test_anatomy_group_rejects_bad_maps():
+    import pytest
+
+    from groupmorph_pyro.checks import InputError
+    from groupmorph_pyro.synthetic import anatomy_group
+
+    t1, grey, white = _blob_anatomy()
+    with pytest.raises(InputError, match=r"grey \(24, 28, 21\) and white \(24, 28, 22\) must match t1 \(24, 28, 22\)"):
+        anatomy_group(t1, grey[..., :-1], white)
+    bad = t1.copy()
+    bad[3, 3, 3] = np.nan
+    with pytest.raises(InputError, match="t1 has NaN"):
+        anatomy_group(bad, grey, white)
+
+
+def test_anatomy_group_wants_probability_maps():
+    import pytest
+
+    from groupmorph_pyro.checks import InputError
+    from groupmorph_pyro.synthetic import anatomy_group
+
+    t1, grey, white = _blob_anatomy()
+    with pytest.raises(InputError, match=r"grey must be a probability map in \[0, 1\], got values in \[0, 255\]"):
+        anatomy_group(t1, 255 * grey, white)

@@ -153,6 +153,8 @@ BAD_CONFIGS = {  # YAML text -> expected message (key, expected type, value)
     "steps: abc": ("register:\n  steps: abc\n", r"register.steps: expected an integer, got 'abc'"),
     "steps: -3": ("register:\n  steps: -3\n", r"register.steps: expected an integer >= 0, got -3"),
     "channels_last: yes-please": ("runtime:\n  channels_last: yes-please\n", r"runtime.channels_last: expected true or false"),
+    "pyramid not ending in 1": ("register:\n  pyramid: [4, 2]\n", r"register.pyramid: expected decreasing integer shrink factors ending in 1"),
+    "schedule typo": ("register:\n  schedule: cosin\n", r"register.schedule: expected 'constant' or 'cosine', got 'cosin'"),
     "prior option typo": ("model:\n  prior_options: {lamda_u: 2}\n", r"prior 'laplacian' has no option\(s\) \['lamda_u'\]"),
 }
 

@@ -151,3 +151,53 @@ def test_samples_without_network_or_steps_sample_the_starting_posterior(group):
     assert res.summary["per_case_steps"] == 0 and np.allclose(res.displacement, 0.0)
     assert res.uncertainty["displacement_std_mm"][1:].mean() > 0.0
     assert np.allclose(res.uncertainty["displacement_std_mm"][0], 0.0)  # the fixed timepoint
+
+
+def test_iterate_averaging_returns_the_mean_of_the_last_iterates_and_cosine_ends_at_zero(group, monkeypatch):
+    """average=0.5 over 6 steps: the guide keeps the mean of the parameters after steps 4, 5, 6;
+    the cosine schedule starts at lr and decays towards 0."""
+    model = GroupMorphModel(3)
+    x = normalize_group(group.images)
+    loc, scale = torch.zeros(1, 2, 3, *x.shape[2:]), torch.full((1, 2, 3, *x.shape[2:]), 0.05)
+    seen, lrs = [], []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        seen.append([p.detach().clone() for p in self.param_groups[0]["params"]])
+        lrs.append(self.param_groups[0]["lr"])
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    settings = RegisterConfig(lr=0.05, patience=0, schedule="cosine", average=0.5)
+    guide, info = fit_case(model, x, 0, loc, scale, settings, steps=6)
+    assert info["kept"] == "refined" and len(seen) == 6
+    expected = [torch.stack([s[i] for s in seen[3:]]).mean(0) for i in range(2)]
+    for p, e in zip(guide.parameters(), expected):
+        assert torch.allclose(p, e, atol=1e-6)
+    assert not torch.allclose(expected[0], seen[-1][0])  # the average is not just the last iterate
+    assert lrs[0] == pytest.approx(0.05) and lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.05 * 0.1
+
+
+def test_coarse_to_fine_reaches_the_full_resolution_result_in_fewer_full_steps():
+    """Per-case from zero on a 24^3 phantom: the pyramid [2, 1] (100 half-resolution steps, then 30 full)
+    lands within 0.2 mm of 120 full-resolution steps (measured: 0.65 vs 0.56 mm, identity 1.79 mm), and
+    both at least halve the identity error."""
+    g = breathing_phantom((24, 24, 24), 3, amplitude=3.0, num_landmarks=30, seed=5)
+    results = {}
+    for name, pyramid, steps in (("full", [1], 120), ("pyramid", [2, 1], 30)):
+        cfg = Config()
+        cfg.model.num_timepoints = 3
+        cfg.register.pyramid, cfg.register.coarse_steps = pyramid, 100
+        res = register(g.images, cfg, finetune_steps=steps, landmarks=g.landmarks, affine=g.affine, seed=0)
+        results[name] = res.summary["landmarks"]
+        if name == "pyramid":
+            levels = res.summary["finetune"]["levels"]
+            assert [lv["factor"] for lv in levels] == [2] and levels[0]["shape"] == [13, 13, 13]
+            assert levels[0]["steps_run"] == 100 and res.summary["finetune"]["steps_run"] == 30
+        else:
+            assert "levels" not in res.summary["finetune"]
+    identity = results["full"]["identity"]["mean_mm"]
+    full, pyr = results["full"]["registered"]["mean_mm"], results["pyramid"]["registered"]["mean_mm"]
+    assert full <= 0.5 * identity and pyr <= 0.5 * identity, (identity, full, pyr)
+    assert abs(full - pyr) < 0.2, (full, pyr)

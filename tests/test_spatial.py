@@ -5,7 +5,7 @@ import torch
 from conftest import smooth_field, smooth_image
 from groupmorph_pyro.checks import InputError
 from groupmorph_pyro.spatial import (
-    compose, integrate_velocity, invert_displacement, jacobian_determinant, map_points, warp,
+    compose, identity_grid, integrate_velocity, invert_displacement, jacobian_determinant, map_points, warp,
 )
 
 SHAPE = (12, 14, 10)
@@ -101,3 +101,55 @@ def test_map_points_constant_shift():
 def test_bad_input_names_expected_and_actual(call, match):
     with pytest.raises(InputError, match=match):
         call()
+
+
+def test_level_shape_keeps_the_end_voxels():
+    from groupmorph_pyro.spatial import level_shape
+
+    assert level_shape((43, 53, 45), 1) == (43, 53, 45)
+    assert level_shape((43, 53, 45), 2) == (22, 27, 23)
+    assert level_shape((43, 53, 45), 4) == (11, 14, 12)  # round(10.5) = 10 (banker's rounding), + 1
+    assert level_shape((9, 9, 9), 8) == (4, 4, 4)  # never below 4 voxels
+
+
+def _affine_field(shape, matrix, offset):
+    """Displacement ``A p + c`` (voxels) on a grid, float64: trilinear interpolation is exact for it."""
+    g = identity_grid(shape, dtype=torch.float64)
+    return (torch.einsum("ij,j...->i...", matrix, g) + offset.view(3, 1, 1, 1))[None]
+
+
+def test_resize_displacement_of_an_affine_field_matches_the_closed_form():
+    """A field u(p) = A p + c on a 21x17x13 grid moved to the level-2 grid (11x9x7): new voxel q sits at
+    old position q * r (r = 20/10, 16/8, 12/6) and its displacement in new voxels is u(q r) / r."""
+    from groupmorph_pyro.spatial import level_shape, resize_displacement
+
+    a = torch.tensor([[0.1, 0.02, -0.03], [0.0, -0.05, 0.03], [0.01, 0.04, 0.08]], dtype=torch.float64)
+    c = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    coarse = resize_displacement(_affine_field((21, 17, 13), a, c), level_shape((21, 17, 13), 2))
+    r = torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64).view(3, 1, 1, 1)
+    q = identity_grid((11, 9, 7), dtype=torch.float64)
+    expected = (torch.einsum("ij,j...->i...", a, q * r) + c.view(3, 1, 1, 1)) / r
+    assert coarse.shape == (1, 3, 11, 9, 7)
+    assert torch.allclose(coarse[0], expected, atol=1e-10)
+    # and back up: a field on the coarse grid refined to 21x17x13 is the same physical motion
+    fine = resize_displacement(coarse, (21, 17, 13))
+    assert torch.allclose(fine, _affine_field((21, 17, 13), a, c), atol=1e-10)
+
+
+def test_resample_grid_blurs_only_when_coarsening_and_keeps_constants():
+    from groupmorph_pyro.spatial import resample_grid
+
+    x = torch.rand(2, 1, 20, 16, 12, dtype=torch.float64)
+    assert resample_grid(x, (20, 16, 12)) is x
+    const = torch.full((1, 2, 20, 16, 12), 3.25, dtype=torch.float64)
+    assert torch.allclose(resample_grid(const, (7, 6, 5)), torch.full((1, 2, 7, 6, 5), 3.25, dtype=torch.float64))
+    # a linear ramp along an axis is kept by blur (symmetric kernel) away from the edges, and by trilinear sampling
+    ramp = torch.arange(21, dtype=torch.float64).view(1, 1, 21, 1, 1).expand(1, 1, 21, 9, 9).contiguous()
+    out = resample_grid(ramp, (11, 9, 9))
+    assert torch.allclose(out[0, 0, 2:-2, 4, 4], torch.arange(2, 9, dtype=torch.float64) * 2.0, atol=1e-9)
+    # the blur really happens: coarsened by 2 (new voxels on even old ones), a one-voxel checkerboard
+    # aliases to all zeros without it and averages to its mean, 0.5, with it
+    checker = (identity_grid((21, 21, 21)).sum(0) % 2)[None, None].double()
+    smooth = resample_grid(checker, (11, 11, 11))[0, 0, 3:-3, 3:-3, 3:-3]
+    assert (smooth - 0.5).abs().max() < 0.05
+    assert resample_grid(checker, (11, 11, 11), antialias=False).abs().max() < 1e-6
