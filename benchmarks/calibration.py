@@ -6,7 +6,11 @@ central 90% posterior interval (coverage; 0.90 = honest), over all voxels and in
 (lung) region, together with the landmark error. All-to-one with fixed timepoint 0, whose true
 map is the identity, so the truth for timepoint k is exp(−v_k).
 
-    python benchmarks/calibration.py --betas 1 5 20 --samples 40 --steps 100
+    python benchmarks/calibration.py --betas 1 5 20 --samples 40                 # the per-case engine's defaults
+    python benchmarks/calibration.py --betas 5 --engine legacy --out before.json  # the engine before 2026-11-25
+
+``--engine legacy`` is the per-case engine as it was before the coarse-to-fine schedule: 100
+full-resolution Adam steps at a constant lr 0.2, no iterate averaging, no pyramid.
 """
 from __future__ import annotations
 
@@ -18,13 +22,14 @@ import numpy as np
 import torch
 
 from groupmorph_pyro.config import Config
-from groupmorph_pyro.model import build_model
 from groupmorph_pyro.posterior import sample_posterior
-from groupmorph_pyro.preprocess import normalize_group
-from groupmorph_pyro.registration import fit_case
+from groupmorph_pyro.registration import infer, prepare, refine
 from groupmorph_pyro.metrics import landmark_distances, summarize_distances
 from groupmorph_pyro.spatial import integrate_velocity
 from groupmorph_pyro.synthetic import breathing_phantom
+
+
+LEGACY = {"pyramid": [1], "lr": 0.2, "schedule": "constant", "average": 0.0, "steps": 100, "patience": 0}
 
 
 def coverage(samples: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor, level: float = 0.9) -> float:
@@ -39,13 +44,13 @@ def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--betas", type=float, nargs="+", default=[1.0, 5.0, 20.0])
     p.add_argument("--samples", type=int, default=40)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, help="full-resolution SVI steps (default: the engine's)")
+    p.add_argument("--engine", choices=["default", "legacy"], default="default")
     p.add_argument("--size", type=int, default=48)
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
 
     g = breathing_phantom((args.size,) * 3, 4, seed=1)
-    x = normalize_group(g.images)
     truth = integrate_velocity(-torch.from_numpy(g.velocities))[1:]  # (K-1, 3, D, H, W), timepoints 1..K-1
     moving = truth.norm(dim=1).amax(0) > 0.5  # voxels that move more than half a voxel somewhere
     everywhere = torch.ones_like(moving)
@@ -53,19 +58,22 @@ def main(argv=None) -> list:
     for beta in args.betas:
         cfg = Config()
         cfg.model.num_timepoints, cfg.model.beta = 4, beta
-        model = build_model(cfg.model)
-        loc = torch.zeros(1, 3, 3, *x.shape[2:])
-        cfg.register.patience = 0
-        guide, info = fit_case(model, x, 0, loc, torch.full_like(loc, cfg.register.init_scale), cfg.register,
-                               steps=args.steps)
-        draws = sample_posterior(model, guide, x, 0, args.samples)
+        if args.engine == "legacy":
+            for key, value in LEGACY.items():
+                setattr(cfg.register, key, value)
+        if args.steps is not None:
+            cfg.register.steps = args.steps
+        group = prepare(g.images, cfg, fixed=0)
+        posterior, info = refine(group, infer(group))
+        model, guide = group.model, posterior.guide
+        draws = sample_posterior(model, guide, group.x, 0, args.samples)
         disp = draws["displacement"][:, 0, 1:].double()  # (S, K-1, 3, D, H, W)
         with torch.no_grad():
             mean_loc, _ = guide.distribution_params()
             transform = model.transform(0)
             d, inv = transform.displacements(mean_loc)[0], transform.inverse_displacements(mean_loc)[0]
         lm = summarize_distances(landmark_distances(g.landmarks, d, inv, g.spacing))
-        row = {"beta": beta, "coverage90_all": coverage(disp, truth.double(), everywhere),
+        row = {"beta": beta, "engine": args.engine, "coverage90_all": coverage(disp, truth.double(), everywhere),
                "coverage90_moving": coverage(disp, truth.double(), moving),
                "mean_sd_voxels": float(disp.std(0).mean()), "landmark_mm": lm["mean_mm"],
                "elbo_loss_per_voxel": info["elbo_loss_after"]}

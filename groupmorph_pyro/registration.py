@@ -238,6 +238,9 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
     return Posterior(loc, scale, case), info
 
 
+MIN_LEVEL_SIZE = 12  # voxels: coarser pyramid levels are skipped
+
+
 def fit_pyramid(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Tensor, settings: RegisterConfig,
                 elbo: str = "trace", progress: bool = False) -> tuple[torch.Tensor, list]:
     """Coarse-to-fine start for per-case SVI: the same model on coarser grids.
@@ -245,7 +248,8 @@ def fit_pyramid(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.
     For each shrink factor f of ``settings.pyramid`` except the last (1): the images are blurred and
     resampled to :func:`~groupmorph_pyro.spatial.level_shape` (f times fewer voxels per axis), the
     current mean is moved to that grid (:func:`~groupmorph_pyro.spatial.resize_displacement`, voxel
-    units rescaled) and :func:`fit_case` runs ``settings.coarse_steps`` steps there, under the model's
+    units rescaled) and :func:`fit_case` runs ``settings.coarse_steps`` steps there (levels with an axis
+    shorter than ``MIN_LEVEL_SIZE`` = 12 voxels are skipped), under the model's
     prior on the coarse grid and σ starting from ``settings.init_scale``. A coarse step costs about
     f³ times less than a full-resolution one, and the coarse grids see large motions as small ones.
 
@@ -260,6 +264,8 @@ def fit_pyramid(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.
     reports = []
     for factor in settings.pyramid[:-1]:
         shape = level_shape(full, factor)
+        if min(shape) < MIN_LEVEL_SIZE:
+            continue  # too coarse to hold the anatomy (small volumes run the finer levels only)
         x = resample_grid(images, shape)
         level_loc = resize_displacement(loc.reshape(b * k_lat, 3, *loc.shape[3:]), shape).reshape(b, k_lat, 3, *shape)
         scale = torch.full_like(level_loc, settings.init_scale)

@@ -144,6 +144,8 @@ def test_demo_command(tmp_path, capsys):
     report = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     summary = json.loads((tmp_path / "demo" / "registered" / "summary.json").read_text())
     assert report["landmarks"] == summary["landmarks"] and report["landmarks"]["identity"]["mean_mm"] > 0
+    figure = tmp_path / "demo" / "fig4_demo.png"
+    assert figure.read_bytes()[:4] == b"\x89PNG" and f"picture: {figure}" in out
 
 
 BAD_CONFIGS = {  # YAML text -> expected message (key, expected type, value)
