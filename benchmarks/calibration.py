@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 import torch
+import yaml
 
 from groupmorph_pyro.config import Config
 from groupmorph_pyro.posterior import sample_posterior
@@ -29,7 +30,7 @@ from groupmorph_pyro.spatial import integrate_velocity
 from groupmorph_pyro.synthetic import breathing_phantom
 
 
-LEGACY = {"pyramid": [1], "lr": 0.2, "schedule": "constant", "average": 0.0, "steps": 100, "patience": 0}
+LEGACY = {"pyramid": [1], "lr": 0.2, "schedule": "constant", "average": 0.0, "steps": 100, "patience": 0, "scale_steps": 0}
 
 
 def coverage(samples: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor, level: float = 0.9) -> float:
@@ -46,6 +47,8 @@ def main(argv=None) -> list:
     p.add_argument("--samples", type=int, default=40)
     p.add_argument("--steps", type=int, help="full-resolution SVI steps (default: the engine's)")
     p.add_argument("--engine", choices=["default", "legacy"], default="default")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="register settings on top of the engine's, e.g. scale_lr=0.1 lr=0.5")
     p.add_argument("--size", type=int, default=48)
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
@@ -63,6 +66,10 @@ def main(argv=None) -> list:
                 setattr(cfg.register, key, value)
         if args.steps is not None:
             cfg.register.steps = args.steps
+        for item in args.set:
+            key, value = item.split("=", 1)
+            setattr(cfg.register, key, yaml.safe_load(value))
+        cfg.register.validate()
         group = prepare(g.images, cfg, fixed=0)
         posterior, info = refine(group, infer(group))
         model, guide = group.model, posterior.guide
@@ -73,7 +80,7 @@ def main(argv=None) -> list:
             transform = model.transform(0)
             d, inv = transform.displacements(mean_loc)[0], transform.inverse_displacements(mean_loc)[0]
         lm = summarize_distances(landmark_distances(g.landmarks, d, inv, g.spacing))
-        row = {"beta": beta, "engine": args.engine, "coverage90_all": coverage(disp, truth.double(), everywhere),
+        row = {"beta": beta, "engine": args.engine, "set": args.set, "coverage90_all": coverage(disp, truth.double(), everywhere),
                "coverage90_moving": coverage(disp, truth.double(), moving),
                "mean_sd_voxels": float(disp.std(0).mean()), "landmark_mm": lm["mean_mm"],
                "elbo_loss_per_voxel": info["elbo_loss_after"]}

@@ -19,6 +19,7 @@ gradient penalty). Checkpoints go to ``<out>/models/<series>/``; a rerun resumes
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -34,6 +35,9 @@ from groupmorph_pyro.preprocess import percentile_normalize
 from groupmorph_pyro.registration import register
 from groupmorph_pyro.synthetic import anatomy_group, breathing_phantom, dce_phantom
 
+LEGACY_ENGINE = {"pyramid": [1], "lr": 0.2, "schedule": "constant", "average": 0.0, "steps": 300, "patience": 50,
+                 "scale_steps": 0}
+"""``register`` settings of the per-case engine before the coarse-to-fine schedule (its defaults then)."""
 TRAIN_SEED = 100  # training phantoms use seeds TRAIN_SEED.. ; the test phantoms use seeds 1 and 2
 
 
@@ -175,6 +179,9 @@ def main(argv=None) -> list:
     for name, images, spacing, landmarks in datasets(args):
         cfg = Config()
         cfg.model.num_timepoints = images.shape[0]
+        legacy = copy.deepcopy(cfg)  # the per-case engine before 2026-11-25 (as benchmarks/calibration.py --engine legacy)
+        for key, value in LEGACY_ENGINE.items():
+            setattr(legacy.register, key, value)
         methods = {
             "identity": lambda: identity(images),
             "elastix (B-spline, NMI)": lambda: elastix_all_to_one(images, spacing, 0, elx),
@@ -182,6 +189,7 @@ def main(argv=None) -> list:
             "ants (affine + SyN, Mattes MI)": lambda: ants_all_to_one(images, spacing, 0, ants_settings),
             "voxelmorph-diff (K=2, per-case)": lambda: pairwise_groupmorph(images, cfg, 0, steps),
             "groupmorph-diff all-to-one (per-case)": lambda: register(images, cfg, finetune_steps=steps),
+            "groupmorph-diff all-to-one (per-case, legacy engine)": lambda: register(images, legacy, finetune_steps=steps),
         }
         if args.checkpoint:
             from groupmorph_pyro.train import load_checkpoint

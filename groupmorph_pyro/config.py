@@ -124,7 +124,11 @@ class RegisterConfig(_Section):
 
     steps: int = 60  # full-resolution per-case SVI steps (without a checkpoint: after the coarse pyramid levels)
     patience: int = 0  # early stopping: steps without improvement of the smoothed loss, after 2x this warm-up (0 = off)
-    lr: float = 1.0  # Adam step on the whitened guide mean and log σ (peak of the schedule)
+    lr: float = 1.0  # Adam step on the whitened guide mean (peak of the schedule)
+    scale_lr: float | None = None  # Adam step on log σ (peak of the schedule); null = lr
+    scale_reset: bool = True  # after the mean's fit, set σ to the prior's mean-field optimum 1/sqrt(diag Λ)
+    scale_steps: int = 5  # then this many steps on log σ alone (mean fixed), at scale_phase_lr (0 = none)
+    scale_phase_lr: float = 0.1  # Adam step on log σ in those steps (constant)
     schedule: str = "cosine"  # learning-rate schedule over each level's steps: "constant" or "cosine" (to 0)
     average: float = 0.3  # average the guide's parameters over this final fraction of each level's steps (0 = off)
     pyramid: list[int] = field(default_factory=lambda: [2, 1])  # per-case from zero: shrink factors, coarse to fine, ending in 1
@@ -134,11 +138,14 @@ class RegisterConfig(_Section):
     overlap: float = 0.25  # tile overlap fraction for `window`
 
     def validate(self):
-        for name in ("steps", "patience", "coarse_steps"):
+        for name in ("steps", "patience", "coarse_steps", "scale_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"register.{name}: expected an integer >= 0, got {value!r}")
         check_positive("register.lr", self.lr)
+        check_positive("register.scale_phase_lr", self.scale_phase_lr)
+        if self.scale_lr is not None:
+            check_positive("register.scale_lr", self.scale_lr)
         if self.schedule not in ("constant", "cosine"):
             raise InputError(f"register.schedule: expected 'constant' or 'cosine', got {self.schedule!r}")
         if not 0 <= self.average < 1:
@@ -241,11 +248,13 @@ def _number(key: str, value, kind: type):
 
 def _typed(key: str, value, f: dataclasses.Field):
     """``value`` checked (and coerced where YAML is ambiguous) against field ``f``'s declared type:
-    ``int``/``float`` (numbers, numeric strings), ``bool``, ``str``, ``dict``, ``list`` (any items)
+    ``int``/``float`` (numbers, numeric strings), ``float | None`` (also null), ``bool``, ``str``, ``dict``, ``list`` (any items)
     or ``list[int]``/``list[float]``; ``object`` fields are checked by the section's ``validate``."""
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "object")
     if kind in ("int", "float"):
         return _number(key, value, int if kind == "int" else float)
+    if kind == "float | None":
+        return None if value is None else _number(key, value, float)
     if kind == "bool":
         if not isinstance(value, bool):
             raise InputError(f"{key}: expected true or false, got {value!r} ({type(value).__name__})")

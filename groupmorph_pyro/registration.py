@@ -8,6 +8,7 @@ transformation (latents -> maps, inverse maps, det J, warped group) is asked of 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 import time
@@ -26,13 +27,14 @@ from .group import GroupTransform
 from .likelihoods import group_nmi
 from .metrics import folding_percent, landmark_report
 from .model import CaseGuide, GroupMorphGuide, GroupMorphModel, build_model
+from .priors import DCTGaussianField
 from .posterior import landmark_posterior, sample_posterior, to_inference_data, uncertainty_maps
 from .preprocess import normalize_group, sliding_window
 from .results import RegistrationResult
 from .spatial import level_shape, resample_grid, resize_displacement
 from .volumes import affine_spacing
 
-__all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "fit_case", "fit_pyramid", "prepare",
+__all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "fit_case", "fit_pyramid", "fit_scale", "prepare",
            "infer", "refine", "summarise", "add_posterior_samples", "register"]
 
 
@@ -88,7 +90,8 @@ def elbo_loss(model, guide, images: torch.Tensor, fixed, particles: int = 8, see
 
 def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Tensor, scale: torch.Tensor,
              settings: RegisterConfig | None = None, steps: int | None = None, elbo: str = "trace",
-             progress: bool = False, eval_particles: int = 8, desc: str = "per-case SVI") -> tuple[CaseGuide, dict]:
+             progress: bool = False, eval_particles: int = 8, desc: str = "per-case SVI",
+             fit_mean: bool = True) -> tuple[CaseGuide, dict]:
     """Per-case SVI: refine a :class:`CaseGuide` initialised at (loc, scale) on this group alone.
 
     The guide's mean is whitened with the model's prior spectrum (see CaseGuide). Adam's step follows
@@ -103,7 +106,8 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     Args:
         model: a GroupMorphModel; images: ``(1, K, D, H, W)`` in [0, 1]; fixed: fixed timepoint or None;
         loc, scale: ``(1, K_lat, 3, D, H, W)`` initial posterior (voxels);
-        settings: ``lr`` (Adam step), ``schedule``, ``average``, ``patience``, ``steps`` (default
+        settings: ``lr`` (Adam step of the whitened mean), ``scale_lr`` (of log σ; None = ``lr``),
+            ``schedule``, ``average``, ``patience``, ``steps`` (default
             :class:`RegisterConfig`);
         steps: maximum SVI steps (default ``settings.steps``); elbo: ``"trace"`` or ``"meanfield"``.
     Returns:
@@ -119,7 +123,10 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     initial = copy.deepcopy(guide.state_dict())
     before = elbo_loss(model, guide, images, fixed, eval_particles)
     loss_fn = (TraceMeanField_ELBO() if elbo == "meanfield" else Trace_ELBO()).differentiable_loss
-    optim = torch.optim.Adam(guide.parameters(), lr=settings.lr)
+    scale_lr = settings.lr if settings.scale_lr is None else settings.scale_lr
+    groups = [{"params": [guide.whitened], "lr": settings.lr}] if fit_mean else []
+    optim = torch.optim.Adam(groups + [{"params": [guide.log_scale], "lr": scale_lr}])
+    peaks = [group["lr"] for group in optim.param_groups]
     cosine = settings.schedule == "cosine"
     average_from = int(steps) - int(round(settings.average * int(steps))) if settings.average else None
     averaged, n_avg = None, 0
@@ -129,7 +136,8 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     diverged = False
     for step in bar:
         if cosine:
-            optim.param_groups[0]["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * step / int(steps)))
+            for group, peak in zip(optim.param_groups, peaks):
+                group["lr"] = peak * 0.5 * (1 + math.cos(math.pi * step / int(steps)))
         optim.zero_grad()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Encountered NaN")  # handled: reported as `diverged`
@@ -141,7 +149,7 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
         optim.step()
         if average_from is not None and step >= average_from:
             n_avg += 1
-            current = [p.detach().clone() for p in guide.parameters()]
+            current = [p.detach().clone() for p in guide.parameters()]  # (whitened, log_scale)
             averaged = current if averaged is None else [a + (c - a) / n_avg for a, c in zip(averaged, current)]
         losses.append(loss.detach().item() / n_vox)
         ema = losses[-1] if ema is None else 0.9 * ema + 0.1 * losses[-1]
@@ -231,11 +239,39 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
         start = Posterior(loc, start.scale)
     case, info = fit_case(group.model, group.x, group.fixed, start.loc, start.scale, cfg,
                           group.steps, group.config.train.elbo, progress)
+    if cfg.scale_reset or cfg.scale_steps:
+        case, info["scale_phase"] = fit_scale(group.model, group.x, group.fixed, case, cfg, group.config.train.elbo,
+                                              progress)
+        info["elbo_loss_after"] = info["scale_phase"]["elbo_loss_after"]
     if levels:
         info["levels"] = levels
     with torch.no_grad():
         loc, scale = case.distribution_params()
     return Posterior(loc, scale, case), info
+
+
+def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGuide, settings: RegisterConfig,
+              elbo: str = "trace", progress: bool = False) -> tuple[CaseGuide, dict]:
+    """The posterior sd for a fitted mean: σ set to the prior's mean-field optimum ``1 / sqrt(diag Λ)``
+    (``settings.scale_reset``; priors with a DCT spectrum), then ``settings.scale_steps`` Adam steps
+    (``scale_phase_lr``, constant) on log σ alone, the mean fixed (:func:`fit_case` with
+    ``fit_mean=False``), which add the likelihood's pull. Large steps on log σ during the mean's
+    fit leave σ far below its ELBO optimum; this restores it at the cost of a few steps.
+
+    Returns:
+        (guide, ``{"steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "reset"}``).
+    """
+    with torch.no_grad():
+        loc, scale = case.distribution_params()
+    prior = model.prior_distribution(loc.shape[3:], loc.device)
+    reset = bool(settings.scale_reset and isinstance(prior, DCTGaussianField))
+    if reset:
+        scale = prior.precision_diagonal(loc.device, loc.dtype).rsqrt().expand_as(loc)
+    phase = dataclasses.replace(settings, scale_lr=settings.scale_phase_lr, schedule="constant", average=0.0)
+    guide, info = fit_case(model, images, fixed, loc, scale, phase, settings.scale_steps, elbo, progress,
+                           desc="per-case SVI, σ only", fit_mean=False)
+    report = {key: info[key] for key in ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept")}
+    return guide, {**report, "reset": reset}
 
 
 MIN_LEVEL_SIZE = 12  # voxels: coarser pyramid levels are skipped

@@ -164,7 +164,7 @@ def test_iterate_averaging_returns_the_mean_of_the_last_iterates_and_cosine_ends
 
     def recording_step(self, *args, **kwargs):
         out = step(self, *args, **kwargs)
-        seen.append([p.detach().clone() for p in self.param_groups[0]["params"]])
+        seen.append([p.detach().clone() for g in self.param_groups for p in g["params"]])
         lrs.append(self.param_groups[0]["lr"])
         return out
 
@@ -201,3 +201,27 @@ def test_coarse_to_fine_reaches_the_full_resolution_result_in_fewer_full_steps()
     full, pyr = results["full"]["registered"]["mean_mm"], results["pyramid"]["registered"]["mean_mm"]
     assert full <= 0.5 * identity and pyr <= 0.5 * identity, (identity, full, pyr)
     assert abs(full - pyr) < 0.2, (full, pyr)
+
+
+def test_fit_scale_resets_sigma_to_the_priors_mean_field_optimum_and_keeps_the_mean(group):
+    """σ_i = 1/sqrt(Λ_ii) with Λ = 0.01 I + L (6-neighbour graph Laplacian): 1/sqrt(6.01) inside,
+    1/sqrt(5.01) on a face, 1/sqrt(3.01) at a corner; then σ-only steps move σ, never the mean."""
+    from groupmorph_pyro.registration import fit_scale
+
+    model = GroupMorphModel(3)
+    x = normalize_group(group.images)
+    loc = torch.zeros(1, 2, 3, *x.shape[2:])
+    loc[:, :, 0] = torch.linspace(-1, 1, x.shape[2]).view(-1, 1, 1)
+    case = CaseGuide(loc, torch.full_like(loc, 0.05), model.prior_distribution(loc.shape[3:]))
+    reset, info = fit_scale(model, x, 0, case, RegisterConfig(scale_steps=0))
+    _, scale = reset.distribution_params()
+    assert info["reset"] and info["steps_run"] == 0
+    assert scale[0, 0, 0, 5, 5, 5].item() == pytest.approx(6.01 ** -0.5, rel=1e-5)
+    assert scale[0, 1, 2, 0, 5, 5].item() == pytest.approx(5.01 ** -0.5, rel=1e-5)
+    assert scale[0, 0, 1, 0, 0, 0].item() == pytest.approx(3.01 ** -0.5, rel=1e-5)
+    moved, info = fit_scale(model, x, 0, case, RegisterConfig(scale_steps=4))
+    new_loc, new_scale = moved.distribution_params()
+    assert info["steps_run"] == 4 and info["elbo_loss_after"] <= info["elbo_loss_before"]
+    assert torch.allclose(new_loc, case.distribution_params()[0], atol=1e-6)  # the mean stays
+    if info["kept"] == "refined":
+        assert not torch.allclose(new_scale, scale)
