@@ -19,6 +19,7 @@ import json
 import sys
 
 import numpy as np
+import pyro
 import torch
 import yaml
 
@@ -47,6 +48,7 @@ def main(argv=None) -> list:
     p.add_argument("--samples", type=int, default=40)
     p.add_argument("--steps", type=int, help="full-resolution SVI steps (default: the engine's)")
     p.add_argument("--engine", choices=["default", "legacy"], default="default")
+    p.add_argument("--seed", type=int, default=0, help="seeds Pyro's random streams before each β (reproducible rows)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="register settings on top of the engine's, e.g. scale_lr=0.1 lr=0.5")
     p.add_argument("--size", type=int, default=48)
@@ -70,6 +72,7 @@ def main(argv=None) -> list:
             key, value = item.split("=", 1)
             setattr(cfg.register, key, yaml.safe_load(value))
         cfg.register.validate()
+        pyro.set_rng_seed(args.seed)
         group = prepare(g.images, cfg, fixed=0)
         posterior, info = refine(group, infer(group))
         model, guide = group.model, posterior.guide

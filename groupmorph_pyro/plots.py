@@ -5,17 +5,28 @@ import numpy as np
 
 from .files import atomic_write
 
-__all__ = ["uncertainty_figure", "comparison_figure"]
+__all__ = ["uncertainty_figure", "comparison_figure", "foreground_mask"]
 
 
 def _middle_slice(vol: np.ndarray, axis: int = 2) -> np.ndarray:
     return np.take(vol, vol.shape[axis] // 2, axis=axis).T  # rows = second array axis, for display
 
 
+def foreground_mask(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
+    """Voxels brighter than the 1st percentile plus ``fraction`` of the 1–99 percentile range: the
+    body, not the air around it (same shape as ``image``, bool). A constant image is all foreground."""
+    lo, hi = np.percentile(image, [1.0, 99.0])
+    if hi <= lo:
+        return np.ones(image.shape, bool)
+    return image > lo + fraction * (hi - lo)
+
+
 def uncertainty_figure(path, image: np.ndarray, std_mm: np.ndarray, jacobian: np.ndarray, title: str = "",
                        identity: bool = False) -> None:
     """Save a PNG with the middle slice (last array axis) of the warped image, the displacement
-    standard deviation (mm) and ``det J``, each with a colorbar. Arrays are ``(D, H, W)``.
+    standard deviation (mm) inside the body (:func:`foreground_mask` of the image; the air around it,
+    where nothing constrains the motion, is left blank) and ``det J``, each with a colorbar. Arrays
+    are ``(D, H, W)``.
     ``identity``: the fixed timepoint (φ = Id in every sample), whose sd and det J panels would be
     constant; they are replaced by a note. Written atomically."""
     import matplotlib
@@ -24,9 +35,10 @@ def uncertainty_figure(path, image: np.ndarray, std_mm: np.ndarray, jacobian: np
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 4), constrained_layout=True)
+    body = np.where(foreground_mask(image), std_mm, np.nan)
     panels = [
         (image, "warped image (input intensity)", "gray", None),
-        (std_mm, "posterior sd of displacement (mm)", "magma", None),
+        (body, "posterior sd of displacement (mm), body only", "magma", None),
         (jacobian, "det J of the posterior mean (≤ 0: folding)", "RdBu_r", (0.0, 2.0)),
     ]
     for i, (ax, (vol, label, cmap, lim)) in enumerate(zip(axes, panels)):

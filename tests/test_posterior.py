@@ -225,3 +225,13 @@ def test_fit_scale_resets_sigma_to_the_priors_mean_field_optimum_and_keeps_the_m
     assert torch.allclose(new_loc, case.distribution_params()[0], atol=1e-6)  # the mean stays
     if info["kept"] == "refined":
         assert not torch.allclose(new_scale, scale)
+
+
+def test_foreground_mask_keeps_the_body_and_drops_the_air():
+    from groupmorph_pyro.plots import foreground_mask
+
+    image = np.zeros((10, 10, 10))
+    image[2:8, 3:7, 1:9] = 0.6 + 0.01 * np.arange(8)  # a body with some texture, air = 0
+    mask = foreground_mask(image)
+    assert mask[2:8, 3:7, 1:9].all() and mask.sum() == 6 * 4 * 8
+    assert foreground_mask(np.full((4, 4, 4), 3.0)).all()  # a constant image: nothing to mask
