@@ -60,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "register", help="register one group of K images, or every series of a manifest", formatter_class=fmt,
         description="Register one group. With --checkpoint: one amortised network pass (plus --finetune-steps of "
-                    "per-case SVI). Without: per-case SVI from zero, up to register.steps steps (300 by default; "
-                    "--finetune-steps overrides) with early stopping once the smoothed loss stalls for "
-                    "register.patience steps (after a warm-up of twice that). Outputs: warped images, world-mm "
+                    "per-case SVI). Without: per-case SVI from zero, coarse to fine: register.coarse_steps (150) steps at "
+                    "half resolution, then register.steps (60; --finetune-steps overrides) at full resolution "
+                    "(Adam, cosine from register.lr = 1.0, parameters averaged over the last 30 %), then "
+                    "register.scale_steps (5) steps on the posterior sd alone. Outputs: warped images, world-mm "
                     "displacements, det J and summary.json in --out.")
     r.add_argument("images", nargs="*", help="K 3D images (NIfTI), one per timepoint, in order")
     r.add_argument("--manifest", help="register every series of --split instead (resumable: finished series are skipped)")

@@ -405,8 +405,9 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     """Register a group of K images.
 
     With ``guide`` (trained): one amortised pass gives the posterior; ``finetune_steps > 0`` then
-    refines it by per-case SVI. Without ``guide``: per-case SVI from zero for ``finetune_steps``
-    (default ``config.register.steps``, an upper bound with early stopping).
+    refines it by per-case SVI. Without ``guide``: per-case SVI from zero, coarse to fine
+    (``config.register.pyramid``), then ``finetune_steps`` (default ``config.register.steps``)
+    full-resolution steps and the σ steps (:func:`refine`).
 
     Args:
         images: ``(K, D, H, W)`` raw intensities (numpy or tensor), same grid.
@@ -431,8 +432,9 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     say = _stage if progress else (lambda message: None)
     pyro.set_rng_seed(seed)
     clock = time.perf_counter()
-    say("amortised network pass" if guide is not None else f"per-case SVI from zero (up to {group.steps} steps, "
-        f"early stopping)" if group.steps else "no network and no per-case steps: identity posterior")
+    levels = " -> ".join(f"1/{f}" if f > 1 else "full" for f in group.config.register.pyramid)
+    say("amortised network pass" if guide is not None else f"per-case SVI from zero (resolutions {levels}; "
+        f"{group.steps} full-resolution steps)" if group.steps else "no network and no per-case steps: identity posterior")
     start = infer(group, guide)
     posterior, finetune = refine(group, start, progress)
     with torch.no_grad():
