@@ -61,17 +61,13 @@ def main(argv=None) -> list:
     everywhere = torch.ones_like(moving)
     rows = []
     for beta in args.betas:
-        cfg = Config()
-        cfg.model.num_timepoints, cfg.model.beta = 4, beta
-        if args.engine == "legacy":
-            for key, value in LEGACY.items():
-                setattr(cfg.register, key, value)
+        register = dict(LEGACY) if args.engine == "legacy" else {}
         if args.steps is not None:
-            cfg.register.steps = args.steps
-        for item in args.set:
+            register["steps"] = args.steps
+        for item in args.set:  # YAML values, then typed and checked like a config file's
             key, value = item.split("=", 1)
-            setattr(cfg.register, key, yaml.safe_load(value))
-        cfg.register.validate()
+            register[key] = yaml.safe_load(value)
+        cfg = Config.from_dict({"model": {"num_timepoints": 4, "beta": beta}, "register": register}, "--set")
         pyro.set_rng_seed(args.seed)
         group = prepare(g.images, cfg, fixed=0)
         posterior, info = refine(group, infer(group))

@@ -109,7 +109,8 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
         settings: ``lr`` (Adam step of the whitened mean), ``scale_lr`` (of log σ; None = ``lr``),
             ``schedule``, ``average``, ``patience``, ``steps`` (default
             :class:`RegisterConfig`);
-        steps: maximum SVI steps (default ``settings.steps``); elbo: ``"trace"`` or ``"meanfield"``.
+        steps: maximum SVI steps (default ``settings.steps``); elbo: ``"trace"`` or ``"meanfield"``;
+        desc: the progress bar's label; fit_mean: False optimises log σ alone (the mean stays).
     Returns:
         (guide, info) with info keys ``losses`` (per step, per voxel), ``steps_run``,
         ``elbo_loss_before`` / ``elbo_loss_after`` (negative ELBO per voxel), ``kept`` ("refined"/"initial"),
@@ -164,9 +165,12 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
         with torch.no_grad():
             for p, a in zip(guide.parameters(), averaged):
                 p.copy_(a)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Encountered NaN")
-        after = elbo_loss(model, guide, images, fixed, eval_particles)
+    if losses or diverged:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encountered NaN")
+            after = elbo_loss(model, guide, images, fixed, eval_particles)
+    else:  # no step taken (steps=0): the guide is the initial one, whose ELBO is already known
+        after = before
     kept = "refined"
     if not after <= before:  # also catches NaN
         guide.load_state_dict(initial)
@@ -296,24 +300,26 @@ def fit_pyramid(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.
         ``{"factor", "shape", "steps_run", "kept"}``).
     """
     full = tuple(images.shape[2:])
-    b, k_lat = loc.shape[:2]
     reports = []
     for factor in settings.pyramid[:-1]:
         shape = level_shape(full, factor)
         if min(shape) < MIN_LEVEL_SIZE:
             continue  # too coarse to hold the anatomy (small volumes run the finer levels only)
-        x = resample_grid(images, shape)
-        level_loc = resize_displacement(loc.reshape(b * k_lat, 3, *loc.shape[3:]), shape).reshape(b, k_lat, 3, *shape)
+        level_loc = _resize_latents(loc, shape)
         scale = torch.full_like(level_loc, settings.init_scale)
-        case, info = fit_case(model, x, fixed, level_loc, scale, settings, settings.coarse_steps, elbo, progress,
-                              desc=f"per-case SVI, level 1/{factor}")
+        case, info = fit_case(model, resample_grid(images, shape), fixed, level_loc, scale, settings,
+                              settings.coarse_steps, elbo, progress, desc=f"per-case SVI, level 1/{factor}")
         with torch.no_grad():
-            level_loc = case.distribution_params()[0]
-        loc = level_loc
+            loc = case.distribution_params()[0]
         reports.append({"factor": int(factor), "shape": list(shape), "steps_run": info["steps_run"], "kept": info["kept"]})
     with torch.no_grad():
-        loc = resize_displacement(loc.reshape(b * k_lat, 3, *loc.shape[3:]), full).reshape(b, k_lat, 3, *full)
-    return loc, reports
+        return _resize_latents(loc, full), reports
+
+
+def _resize_latents(loc: torch.Tensor, shape) -> torch.Tensor:
+    """:func:`~groupmorph_pyro.spatial.resize_displacement` of every field of ``(B, K_lat, 3, D, H, W)``."""
+    b, k_lat = loc.shape[:2]
+    return resize_displacement(loc.reshape(b * k_lat, 3, *loc.shape[3:]), shape).reshape(b, k_lat, 3, *shape)
 
 
 def summarise(group: PreparedGroup, posterior: Posterior, disp: torch.Tensor, seconds: float,

@@ -251,8 +251,8 @@ def resample_grid(volume: torch.Tensor, spatial_shape: Sequence[int], antialias:
     ratios = [(o - 1) / (n - 1) if n > 1 else 0.0 for o, n in zip(old, new)]
     if antialias:
         volume = _gaussian_blur(volume, [0.5 * r if r > 1 else 0.0 for r in ratios])
-    axes = [torch.arange(n, device=volume.device, dtype=volume.dtype) * r for n, r in zip(new, ratios)]
-    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None].expand(volume.shape[0], 3, *new)
+    scale = torch.tensor(ratios, device=volume.device, dtype=volume.dtype).view(3, 1, 1, 1)
+    coords = (identity_grid(new, volume.device, volume.dtype) * scale)[None].expand(volume.shape[0], 3, *new)
     return sample(volume, coords)
 
 

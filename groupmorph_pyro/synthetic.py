@@ -42,6 +42,11 @@ class SyntheticGroup:
     velocities: np.ndarray
 
 
+def _check_timepoints(num_timepoints) -> None:
+    if int(num_timepoints) != num_timepoints or num_timepoints < 2:
+        raise InputError(f"num_timepoints: expected an integer >= 2, got {num_timepoints!r}")
+
+
 def _ellipsoid(c, centre, radii):
     return sum(((ci - m) / r) ** 2 for ci, m, r in zip(c, centre, radii)) <= 1.0
 
@@ -62,8 +67,7 @@ def breathing_phantom(shape=(48, 48, 48), num_timepoints: int = 6, amplitude: fl
     """
     shape = check_spatial_shape(shape, minimum=16)
     spacing = check_spacing(spacing)
-    if int(num_timepoints) != num_timepoints or num_timepoints < 2:
-        raise InputError(f"num_timepoints: expected an integer >= 2, got {num_timepoints!r}")
+    _check_timepoints(num_timepoints)
     check_positive("amplitude", amplitude, allow_zero=True)
     rng = np.random.default_rng(seed)
     c = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
@@ -123,8 +127,7 @@ def dce_phantom(shape=(48, 48, 32), num_timepoints: int = 6, amplitude: float = 
     """
     shape = check_spatial_shape(shape, minimum=16)
     spacing = check_spacing(spacing)
-    if int(num_timepoints) != num_timepoints or num_timepoints < 2:
-        raise InputError(f"num_timepoints: expected an integer >= 2, got {num_timepoints!r}")
+    _check_timepoints(num_timepoints)
     rng = np.random.default_rng(seed)
     c = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
     breasts = _ellipsoid(c, (-0.45, 0.2, 0.0), (0.42, 0.75, 0.85)) | _ellipsoid(c, (0.45, 0.2, 0.0), (0.42, 0.75, 0.85))
@@ -184,8 +187,7 @@ def anatomy_group(t1: np.ndarray, grey: np.ndarray, white: np.ndarray, num_timep
             raise InputError(f"anatomy_group: {name} must be a probability map in [0, 1], got values in "
                              f"[{a.min():.3g}, {a.max():.3g}]")
     spacing = check_spacing(spacing)
-    if int(num_timepoints) != num_timepoints or num_timepoints < 2:
-        raise InputError(f"num_timepoints: expected an integer >= 2, got {num_timepoints!r}")
+    _check_timepoints(num_timepoints)
     check_positive("amplitude_mm", amplitude_mm, allow_zero=True)
     rng = np.random.default_rng(seed)
     t1 = (t1 - t1.min()) / max(float(np.ptp(t1)), 1e-12)
