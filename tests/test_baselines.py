@@ -134,3 +134,17 @@ def test_table1_real_anatomy_series_with_the_ants_row(tmp_path):
     assert ident["landmark_mm_after"] == pytest.approx(ident["landmark_mm_before"]) and ident["landmark_mm_before"] > 3
     assert ants["landmark_mm_after"] < ident["landmark_mm_after"]  # even 5 SyN iterations (plus affine) help
     assert ants["landmark_median_after"] <= ants["landmark_p95_after"] and ants["seconds"] > 0
+
+
+def test_ants_and_mni152_without_their_packages_say_what_to_install(monkeypatch):
+    import sys
+
+    from groupmorph_pyro.data import load_mni152
+
+    monkeypatch.setitem(sys.modules, "ants", None)  # import ants -> ImportError
+    with pytest.raises(InputError, match=r"ANTs baseline needs antspyx: pip install 'groupmorph_pyro\[baselines\]'"):
+        ants_all_to_one(np.zeros((2, 8, 8, 8), np.float32), (1.0, 1.0, 1.0))
+    monkeypatch.setitem(sys.modules, "nilearn", None)
+    monkeypatch.setitem(sys.modules, "nilearn.datasets", None)
+    with pytest.raises(InputError, match=r"load_mni152 needs nilearn \(pip install nilearn"):
+        load_mni152(3.5)

@@ -157,6 +157,9 @@ BAD_CONFIGS = {  # YAML text -> expected message (key, expected type, value)
     "channels_last: yes-please": ("runtime:\n  channels_last: yes-please\n", r"runtime.channels_last: expected true or false"),
     "pyramid not ending in 1": ("register:\n  pyramid: [4, 2]\n", r"register.pyramid: expected decreasing integer shrink factors ending in 1"),
     "schedule typo": ("register:\n  schedule: cosin\n", r"register.schedule: expected 'constant' or 'cosine', got 'cosin'"),
+    "average: 1.5": ("register:\n  average: 1.5\n", r"register.average: expected a fraction in \[0, 1\), got 1.5"),
+    "scale_lr: fast": ("register:\n  scale_lr: fast\n", r"register.scale_lr: expected a number, got 'fast'"),
+    "scale_phase_lr: 0": ("register:\n  scale_phase_lr: 0\n", r"register.scale_phase_lr"),
     "prior option typo": ("model:\n  prior_options: {lamda_u: 2}\n", r"prior 'laplacian' has no option\(s\) \['lamda_u'\]"),
 }
 
