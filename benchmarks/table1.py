@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 from pathlib import Path
 
@@ -41,20 +42,23 @@ LEGACY_ENGINE = {"pyramid": [1], "lr": 0.2, "schedule": "constant", "average": 0
 TRAIN_SEED = 100  # training phantoms use seeds TRAIN_SEED.. ; the test phantoms use seeds 1 and 2
 
 
+@functools.lru_cache(maxsize=None)
+def _mni152(spacing: float) -> dict:
+    """The template at ``spacing`` mm, read once per run (needs nilearn)."""
+    from groupmorph_pyro.data import load_mni152
+
+    return load_mni152(spacing)
+
+
 def _anatomy(spacing: float, args):
     """Real anatomy (MNI152 from nilearn's wheel) at ``spacing`` mm with seeded motion and contrast."""
     def make(seed, n):
-        from groupmorph_pyro.data import load_mni152
-
-        if spacing not in _MNI:
-            _MNI[spacing] = load_mni152(spacing)
-        m = _MNI[spacing]
+        m = _mni152(spacing)
         return anatomy_group(m["t1"].data, m["grey"].data, m["white"].data, args.timepoints, m["t1"].spacing,
                              amplitude_mm=args.anatomy_amplitude, num_landmarks=n or 100, seed=seed)
     return make
 
 
-_MNI = {}
 ANATOMY_SPACINGS = (2.5, 3.5)  # mm: the two resolutions of the real-anatomy series
 
 
