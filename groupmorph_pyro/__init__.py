@@ -14,14 +14,24 @@ Layers, lowest first; a module imports only modules of lower layers (lazy import
 4. model: ``model`` (Pyro model and guides), ``posterior`` (sampling, uncertainty, arviz),
    ``config``, ``outputs`` (what ``register`` writes), ``prepare`` (data sets -> NIfTI + manifest)
 5. inference: ``registration`` (prepare -> infer -> refine -> summarise -> sample), ``train``
-6. workflows: ``baselines`` (identity, Elastix, pairwise), ``batch`` (the manifest loop)
+6. workflows: ``baselines`` (identity, Elastix, pairwise), ``batch`` (the manifest loop), ``transfer``
+   (apply a stored registration to images, label maps and points)
 7. comparison: ``peers`` (the voxelmorph package), ``evaluation`` (Table-1 metrics)
 8. interface: ``cli``
 """
 from .checks import InputError
 
 __version__ = "0.1.0"
-__all__ = ["InputError", "__version__", "LAYERS"]
+__all__ = ["InputError", "__version__", "LAYERS", "apply_registration"]
+
+
+def apply_registration(registration, source, target, **kwargs):
+    """Apply a stored registration to an image, label map or points: see
+    :func:`groupmorph_pyro.transfer.apply_registration` (imported on first use, so that importing the
+    package stays light)."""
+    from .transfer import apply_registration as apply
+
+    return apply(registration, source, target, **kwargs)
 
 LAYERS = (
     ("checks", "files", "results"),
@@ -29,7 +39,7 @@ LAYERS = (
     ("group", "priors", "likelihoods", "networks", "metrics", "synthetic", "data"),
     ("model", "posterior", "config", "outputs", "prepare"),
     ("registration", "train"),
-    ("baselines", "batch"),
+    ("baselines", "batch", "transfer"),
     ("peers", "evaluation"),
     ("cli",),
 )

@@ -70,7 +70,7 @@ class SeriesRun:
 def register_manifest(manifest, out_dir, config: Config | None = None, guide=None, split: str = "test",
                       fixed: int | None = None, finetune_steps: int | None = None, device="cpu",
                       samples: int = 0, seed: int = 0, progress: bool = True,
-                      on_series: Callable[[SeriesRun], None] | None = None) -> list[dict]:
+                      on_series: Callable[[SeriesRun], None] | None = None, itk: bool = True) -> list[dict]:
     """Register every series of ``split`` in ``manifest``; finished series are skipped.
 
     Every check that needs no registration runs before the first series (unique names, K against
@@ -83,6 +83,7 @@ def register_manifest(manifest, out_dir, config: Config | None = None, guide=Non
             network; its config's K must match every series).
         fixed, finetune_steps, device, samples, seed: passed to ``register`` for each series.
         on_series: called with a :class:`SeriesRun` after each series (registered or skipped).
+        itk: also write the ITK-convention fields (:func:`~groupmorph_pyro.outputs.write_registration`).
     Returns:
         one row per series (:data:`BATCH_COLUMNS`); ``status`` is ``"registered"`` or ``"skipped"``
         (already finished by an earlier run).
@@ -100,7 +101,7 @@ def register_manifest(manifest, out_dir, config: Config | None = None, guide=Non
         if wrong:
             raise InputError(f"{manifest}: the network was trained for K={k} timepoints, got series {wrong}")
     for e in entries:
-        check_outputs(output_paths(out_dir / e.name, len(e.images)) + [out_dir / "batch.csv"], e.images)
+        check_outputs(output_paths(out_dir / e.name, len(e.images), itk) + [out_dir / "batch.csv"], e.images)
     rows, index = [], out_dir / "batch.csv"
     bar = tqdm(entries, desc="register", unit="series", disable=not progress)
     for e in bar:
@@ -118,7 +119,7 @@ def register_manifest(manifest, out_dir, config: Config | None = None, guide=Non
         result = register(images, cfg, guide, fixed=fixed, finetune_steps=finetune_steps, device=device, seed=seed,
                           samples=samples, landmarks=landmarks, affine=affine)
         result.summary.update(series=e.name, wall_seconds=time.perf_counter() - start)
-        write_registration(result, folder, affine, e.images)
+        write_registration(result, folder, affine, e.images, itk=itk)
         rows.append(_row(e.name, "registered", result.summary, folder))
         _write_index(index, rows)
         if on_series is not None:

@@ -1,4 +1,4 @@
-"""Command line: ``groupmorph train | register | evaluate | demo``.
+"""Command line: ``groupmorph train | register | apply | evaluate | demo``.
 
 Bad input prints one line ``groupmorph: error: ...`` to stderr and exits with code 2, before
 anything is written.
@@ -83,7 +83,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     r.add_argument("--seed", type=int, default=0, help="random seed (posterior noise, sampling): same seed, same result")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--no-itk", action="store_true",
+                   help="skip the ITK-convention fields transform_<k>_itk / inverse_<k>_itk (LPS mm) for SimpleITK, ANTs, Slicer")
     _add_runtime_args(r, inference=True)
+
+    a = sub.add_parser(
+        "apply", formatter_class=fmt,
+        help="move an image, label map or points from timepoint I to J with a stored registration",
+        description="Apply a 'groupmorph register' output folder to other data. An image or label map on timepoint I's "
+                    "grid is resampled onto J's grid, showing it moved by the motion from I to J "
+                    "(out(q) = img(φ_I(φ_J⁻¹(q)))); points of I are mapped to J (p -> φ_J(φ_I⁻¹(p))). "
+                    "I or J may be 'common' (the common frame; the fixed image's in all-to-one mode).")
+    a.add_argument("registration", metavar="REG_DIR", help="a 'groupmorph register' output folder")
+    a.add_argument("--from", dest="source", required=True, metavar="I", help="timepoint (0-based) the data belongs to, or 'common'")
+    a.add_argument("--to", dest="target", required=True, metavar="J", help="timepoint (0-based) to move it to, or 'common'")
+    a.add_argument("--out", required=True, help="output file (NIfTI for --image/--labels; the input's format for --points)")
+    what = a.add_mutually_exclusive_group(required=True)
+    what.add_argument("--image", metavar="IMG", help="a 3D image on timepoint I's grid (NIfTI)")
+    what.add_argument("--labels", metavar="SEG", help="a label map on timepoint I's grid (NIfTI, integer labels)")
+    what.add_argument("--points", metavar="FILE",
+                      help="DIR-Lab text (1-based voxel 'x y z' per line) or .csv with world-mm columns x, y, z (RAS)")
+    a.add_argument("--interpolation", choices=["linear", "bspline", "nearest"], default="linear",
+                   help="images: trilinear, cubic B-spline or nearest; labels: linear = each label's indicator resampled "
+                        "trilinearly, largest wins (no new label values), or nearest")
 
     e = sub.add_parser("evaluate", help="Table-1 metrics for a manifest split or registration output folders",
                        formatter_class=fmt)
@@ -147,7 +169,7 @@ def _register_manifest(args) -> int:
     device = resolve_device(args.device)
     cfg, guide = _config_and_guide(args, device)
     rows = register_manifest(args.manifest, args.out, cfg, guide, args.split, args.fixed, args.finetune_steps, device,
-                             args.samples, args.seed, progress=not args.quiet)
+                             args.samples, args.seed, progress=not args.quiet, itk=not args.no_itk)
     done = sum(r["status"] == "registered" for r in rows)
     print(f"{done} series registered, {len(rows) - done} already done -> {Path(args.out) / 'batch.csv'}")
     return 0
@@ -166,7 +188,7 @@ def _register(args) -> int:
         return _register_manifest(args)
     if len(args.images) < 2:
         raise InputError(f"expected at least 2 images (K >= 2), got {len(args.images)}")
-    check_outputs(output_paths(args.out, len(args.images)), args.images)
+    check_outputs(output_paths(args.out, len(args.images), itk=not args.no_itk), args.images)
     device = resolve_device(args.device)
     images, affine, _ = load_group(args.images, resample=args.resample)
     cfg, guide = _config_and_guide(args, device)
@@ -187,10 +209,20 @@ def _register(args) -> int:
     result.summary["checkpoint"] = args.checkpoint
     if not args.quiet:
         print(f"groupmorph: writing outputs to {out}", file=sys.stderr, flush=True)
-    write_registration(result, out, affine, args.images)
+    write_registration(result, out, affine, args.images, itk=not args.no_itk)
     s = result.summary
     print(f"registered K={len(args.images)} in {s['seconds']:.2f} s: NMI {s['nmi_before']:.3f} -> {s['nmi_after']:.3f}, "
           f"folding {s['folding_percent_all']:.4f}% -> {out}")
+    return 0
+
+
+def _apply(args) -> int:
+    from .transfer import apply_to_file
+
+    out = apply_to_file(args.registration, args.source, args.target, args.out, image=args.image, labels=args.labels,
+                        points=args.points, interpolation=args.interpolation)
+    what = "image" if args.image else "label map" if args.labels else "points"
+    print(f"{what} moved from {args.source} to {args.target} -> {out}")
     return 0
 
 
@@ -299,7 +331,8 @@ def _evaluate(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "register": _register, "demo": _demo, "evaluate": _evaluate}[args.command](args)
+        return {"train": _train, "register": _register, "apply": _apply, "demo": _demo,
+                "evaluate": _evaluate}[args.command](args)
     except InputError as exc:
         print(f"groupmorph: error: {exc}", file=sys.stderr)
         return 2

@@ -63,8 +63,8 @@ def evaluate_output(folder, images=None, landmarks=None, series: str = "", metho
     Args:
         folder: holds ``warped_<k>``, ``displacement_<k>``, ``jacobian_<k>`` (.nii.gz) and ``summary.json``.
         images: the K input paths (default: ``summary.json["inputs"]``).
-        landmarks: ``(K, L, 3)`` 0-based voxel coordinates (optional). The inverse maps are computed
-            from the stored displacements by fixed-point iteration.
+        landmarks: ``(K, L, 3)`` 0-based voxel coordinates (optional). The inverse maps are the stored
+            ``inverse_displacement_<k>`` (folders written before them: fixed-point inverses of the maps).
         landmark_files: instead of ``landmarks``, K DIR-Lab text files, read on the images' grid.
     Returns:
         one row with the :data:`COLUMNS` keys.
@@ -93,7 +93,11 @@ def evaluate_output(folder, images=None, landmarks=None, series: str = "", metho
     if landmarks is not None:
         disp = np.stack([load_displacement(folder / f"displacement_{i}.nii.gz", affine) for i in range(k)])  # voxels
         disp_t = torch.from_numpy(disp).double()
-        inv = invert_displacement(disp_t, iterations=30)
+        if all((folder / f"inverse_displacement_{i}.nii.gz").is_file() for i in range(k)):  # stored since outputs_version 2
+            inv = torch.from_numpy(np.stack([load_displacement(folder / f"inverse_displacement_{i}.nii.gz", affine)
+                                             for i in range(k)])).double()
+        else:
+            inv = invert_displacement(disp_t, iterations=30)
         row.update(landmark_columns(landmarks, disp_t, inv, vols[0].spacing))
     return {c: row.get(c) for c in COLUMNS}
 

@@ -18,7 +18,10 @@ from .checks import InputError
 from .files import atomic_write
 
 __all__ = ["Volume", "affine_spacing", "load_volume", "load_group", "save_nifti", "load_displacement",
-           "displacement_to_world"]
+           "displacement_to_world", "displacement_to_itk", "same_grid", "read_grid", "RAS_TO_LPS"]
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+"""World coordinates: NIfTI's RAS+ (nibabel, this package) -> ITK's LPS+ (ITK, SimpleITK, ANTs, Slicer)."""
 
 
 def affine_spacing(affine) -> tuple:
@@ -61,6 +64,18 @@ def load_volume(path) -> Volume:
     return Volume(data, np.asarray(img.affine, dtype=np.float64), path)
 
 
+def read_grid(path) -> tuple[tuple, np.ndarray]:
+    """``(spatial shape (3 ints), affine 4x4)`` of an image or field file, from its header only."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    try:
+        img = nib.load(path)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read as an image ({type(exc).__name__}: {exc})") from exc
+    return tuple(int(n) for n in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)
+
+
 def _resample_to(vol: Volume, shape, affine) -> np.ndarray:
     """Trilinearly resample ``vol`` onto the grid (shape, affine); outside values = 0."""
     vox_to_vox = np.linalg.inv(vol.affine) @ affine
@@ -81,8 +96,7 @@ def load_group(paths: Sequence, resample: bool = False) -> tuple[np.ndarray, np.
     vols = [load_volume(p) for p in paths]
     ref = vols[0]
     for v in vols[1:]:
-        same_grid = v.data.shape == ref.data.shape and np.allclose(v.affine, ref.affine, atol=1e-4)
-        if same_grid:
+        if same_grid(v.data.shape, v.affine, ref.data.shape, ref.affine):
             continue
         if not resample:
             raise InputError(
@@ -95,9 +109,15 @@ def load_group(paths: Sequence, resample: bool = False) -> tuple[np.ndarray, np.
     return np.stack([v.data for v in vols]), ref.affine, vols
 
 
-def save_nifti(path, data: np.ndarray, affine: np.ndarray, intent: str | None = None) -> None:
-    """Write ``data`` with ``affine`` to ``path`` atomically (temporary file + rename)."""
-    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
+def same_grid(shape_a, affine_a, shape_b, affine_b, atol: float = 1e-4) -> bool:
+    """Whether two grids are the same: equal array shape and voxel -> world affines within ``atol`` mm."""
+    return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b, atol=atol)
+
+
+def save_nifti(path, data: np.ndarray, affine: np.ndarray, intent: str | None = None, dtype=np.float32) -> None:
+    """Write ``data`` (as ``dtype``, float32 by default) with ``affine`` to ``path`` atomically
+    (temporary file + rename)."""
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
     if intent:
         img.header.set_intent(intent)
     img.header.set_xyzt_units("mm")
@@ -107,6 +127,17 @@ def save_nifti(path, data: np.ndarray, affine: np.ndarray, intent: str | None = 
 def displacement_to_world(disp_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Voxel displacement ``(3, D, H, W)`` -> world displacement in mm ``(D, H, W, 3)``: ``A[:3,:3] @ u``."""
     return np.einsum("rc,c...->...r", affine[:3, :3], disp_vox)
+
+
+def displacement_to_itk(disp_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Voxel displacement ``(3, D, H, W)`` -> ITK displacement in LPS mm ``(D, H, W, 1, 3)``.
+
+    This is the layout ITK's NIfTI reader turns into a vector image when the file's intent is
+    "vector" (ITK then keeps the components as they are; it converts only the grid to LPS), i.e.
+    what ``itk::DisplacementFieldTransform`` (SimpleITK, ANTs, Slicer) expects: ``T(x) = x + d(x)``
+    with ``x`` and ``d`` in physical LPS millimetres. Components: ``d_LPS = diag(-1, -1, 1) A[:3,:3] u``.
+    """
+    return np.einsum("rc,...c->...r", RAS_TO_LPS, displacement_to_world(disp_vox, affine))[..., None, :]
 
 
 def load_displacement(path, affine: np.ndarray) -> np.ndarray:

@@ -44,7 +44,16 @@ def test_register_per_case_writes_all_outputs_with_input_affine(tmp_path, group_
             assert np.allclose(img.affine, affine)
         assert nib.load(out / f"displacement_{k}.nii.gz").shape == (SIZE, SIZE, SIZE, 1, 3)
     assert np.allclose(nib.load(out / "displacement_1.nii.gz").get_fdata(), 0.0)  # the fixed timepoint
+    for name in ("inverse_displacement_{k}", "transform_{k}_itk", "inverse_{k}_itk"):
+        for k in range(K):
+            img = nib.load(out / (name.format(k=k) + ".nii.gz"))
+            assert img.shape == (SIZE, SIZE, SIZE, 1, 3) and np.allclose(img.affine, affine)
+    world = nib.load(out / "displacement_0.nii.gz").get_fdata()
+    lps = nib.load(out / "transform_0_itk.nii.gz").get_fdata()
+    np.testing.assert_allclose(lps, world * [-1, -1, 1], atol=1e-6)  # RAS -> LPS components
+    assert np.abs(world).max() > 0
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["outputs_version"] == 2
     for key in ("seconds", "nmi_before", "nmi_after", "folding_percent", "mode", "fixed"):
         assert key in summary
     assert summary["fixed"] == 1 and summary["per_case_steps"] == 3
@@ -262,3 +271,11 @@ def test_register_rejects_bad_arguments_before_any_work(kwargs, match):
     cfg.model.num_timepoints = 3
     with pytest.raises(InputError, match=match):
         register(np.random.default_rng(0).random((3, 8, 8, 8)), cfg, **kwargs)
+
+
+def test_register_no_itk_skips_the_itk_fields(tmp_path, group_files):
+    paths, _ = group_files
+    out = tmp_path / "out"
+    assert main(["register", *map(str, paths), "--out", str(out), "--finetune-steps", "1", "--no-itk", "--quiet"]) == 0
+    assert (out / "inverse_displacement_0.nii.gz").is_file()
+    assert not list(out.glob("*_itk.nii.gz"))
