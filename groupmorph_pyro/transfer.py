@@ -30,7 +30,7 @@ import torch
 from scipy.ndimage import map_coordinates
 
 from .checks import InputError
-from .data import check_landmarks_in_image, read_landmarks, write_landmarks
+from .data import read_landmarks, write_landmarks
 from .files import atomic_write_text
 from .outputs import check_outputs, output_paths
 from .spatial import compose, identity_grid, map_points, warp
@@ -229,11 +229,24 @@ def transfer_labels(labels: np.ndarray, reg: StoredRegistration, source: Frame, 
     return np.round(out).astype(_label_dtype(values))
 
 
+def _check_near_grid(points: np.ndarray, shape) -> None:
+    """Points may leave the grid by up to half its size per axis (motion carries border points out;
+    the maps continue with their border values there); farther out means wrong units or axes."""
+    n = np.asarray(shape, dtype=np.float64)
+    bad = np.where(((points < -0.5 * n) | (points > 1.5 * n - 1)).any(axis=1))[0]
+    if len(bad):
+        i = int(bad[0])
+        raise InputError(f"points: {len(bad)} point(s) far outside the grid of size {tuple(shape)} (more than half its "
+                         f"size beyond a border; wrong units or axes?), first #{i + 1} at 0-based voxel "
+                         f"({', '.join(f'{x:.4g}' for x in points[i])})")
+
+
 def transfer_points(points: np.ndarray, reg: StoredRegistration, source: Frame, target: Frame) -> np.ndarray:
     """Map points of ``source`` to ``target``: ``p ↦ φ_target(φ_source⁻¹(p))``.
 
     Args:
-        points: ``(L, 3)`` 0-based voxel coordinates (array axis order) inside the grid.
+        points: ``(L, 3)`` 0-based voxel coordinates (array axis order), inside the grid or less than
+            half its size outside (the maps continue with their border values there).
     Returns:
         ``(L, 3)`` float64 voxel coordinates in the target frame (each map interpolated trilinearly).
     """
@@ -242,7 +255,7 @@ def transfer_points(points: np.ndarray, reg: StoredRegistration, source: Frame, 
         raise InputError(f"points: expected (L, 3) voxel coordinates, got shape {pts.shape}")
     if not np.isfinite(pts).all():
         raise InputError("points: expected finite coordinates, got NaN/inf")
-    check_landmarks_in_image(pts, reg.shape, "points")
+    _check_near_grid(pts, reg.shape)
     source, target = _frame(reg, source, "source (--from)"), _frame(reg, target, "target (--to)")
     p = torch.from_numpy(pts)[None]
     inverse, forward = _field(reg, source, inverse=True), _field(reg, target, inverse=False)
@@ -362,7 +375,7 @@ def apply_to_file(registration_dir, source: Frame, target: Frame, out, *, image=
             moved = transfer_points(vox, reg, source, target)
             _write_csv_points(out, header, rows, moved, reg.affine)
         else:
-            moved = transfer_points(read_landmarks(path, shape=reg.shape), reg, source, target)
+            moved = transfer_points(read_landmarks(path), reg, source, target)
             write_landmarks(out, moved)
         return out
     data = _volume_on_grid(path, reg, source)

@@ -94,6 +94,13 @@ def test_points_follow_the_forward_map_and_round_trip(stored):
     assert np.abs(out - pts).max() > 0.5  # the maps really move these points
     back = transfer_points(out, reg, 2, 0)
     assert np.abs(back - pts).max() < 0.05  # voxels; inverse consistency of exp(±v) plus interpolation
+    # every grid point of every timepoint, there and back (points carried off the grid come back too)
+    q = grid_points()
+    for i, j in [(0, 1), (1, 2), (2, 0), (0, "common")]:
+        error = np.abs(transfer_points(transfer_points(q, reg, i, j), reg, j, i) - q).max(axis=1)
+        # measured with maps up to 2 voxels: mean 0.024-0.031 voxels; max 0.18 where the points stay on the
+        # grid, 0.54 where they leave it (there the maps are continued by their border values, not inverted)
+        assert error.mean() < 0.05 and error.max() < 0.6
 
 
 def test_image_to_common_frame_reproduces_warped(stored):
@@ -248,7 +255,7 @@ BAD = {
     "text with 2 columns": (lambda s, t: [str(s["reg"]), "--from", "0", "--to", "1", "--points", str(t / "bad.txt")],
                             "expected 3 columns"),
     "point outside": (lambda s, t: [str(s["reg"]), "--from", "0", "--to", "1", "--points", str(t / "far.txt")],
-                      "outside the image"),
+                      "far outside the grid"),
     "non-integer labels": (lambda s, t: [str(s["reg"]), "--from", "0", "--to", "1", "--labels", str(s["inputs"][0])],
                            "expected integer label values"),
     "bspline labels": (lambda s, t: [str(s["reg"]), "--from", "0", "--to", "1", "--labels", str(t / "seg.nii.gz"),
@@ -262,7 +269,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(stored, tmp_path, ca
     save_nifti(tmp_path / "seg.nii.gz", np.zeros(SHAPE), stored["affine"], dtype=np.uint8)
     (tmp_path / "bad.csv").write_text("a,b,c\n1,2,3\n")
     (tmp_path / "bad.txt").write_text("1 2\n")
-    (tmp_path / "far.txt").write_text("1 2 3\n40 2 3\n")
+    (tmp_path / "far.txt").write_text("1 2 3\n40 2 3\n")  # 1-based x = 40 on an axis of 16 voxels
     argv, message = BAD[case]
     before = _digest(stored["reg"])
     out = tmp_path / "out_file"
