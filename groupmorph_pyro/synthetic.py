@@ -5,7 +5,11 @@ spine, and a smooth diffeomorphic respiratory motion (mostly along the last axis
 superior–inferior ``z`` of a NIfTI array) over K phases. Ground truth:
 
 * reference anatomy ``R``; phase k is ``x_k = R ∘ ψ_k`` with ``ψ_k = exp(a_k · v)``,
-  ``a_k = (1 − cos(π k / (K − 1))) / 2`` (phase 0 = no motion, last phase = full amplitude);
+  ``a_k = ((1 − cos(π t_k)) / 2)^γ`` (phase 0 = no motion, last phase = full amplitude);
+* the seed draws the anatomy's texture **and the motion**: the peak amplitude (× U(0.7, 1.3)), the
+  mix of directions (anterior–posterior and lateral shares), a smooth random component, and the
+  phase timing (``t_k`` from random increments, exponent γ ~ U(0.6, 1.6)), so groups of other
+  seeds are held-out motions, not only new textures;
 * landmarks: reference points ``r`` (vessel voxels inside the lungs) appear in phase k at
   ``l_k = ψ_k⁻¹(r) = exp(−a_k v)(r)``, in voxel coordinates (0-based, array axis order).
 """
@@ -59,11 +63,12 @@ def breathing_phantom(shape=(48, 48, 48), num_timepoints: int = 6, amplitude: fl
     Args:
         shape: grid ``(D, H, W)``; the last axis is superior–inferior. Each axis >= 16.
         num_timepoints: K >= 2 phases.
-        amplitude: peak superior–inferior displacement in voxels at full exhale.
+        amplitude: typical peak superior–inferior displacement in voxels at full exhale (each seed
+            draws its own, between 0.7 and 1.3 times this).
         num_landmarks: L landmarks (vessel voxels inside the lungs).
         spacing: voxel size in mm.
         noise: standard deviation of independent Gaussian noise added per phase.
-        seed: random seed (same seed, same group).
+        seed: random seed (same seed, same group): texture, noise, landmarks and the motion.
     """
     shape = check_spatial_shape(shape, minimum=16)
     spacing = check_spacing(spacing)
@@ -84,13 +89,18 @@ def breathing_phantom(shape=(48, 48, 48), num_timepoints: int = 6, amplitude: fl
     ref = np.where(spine, 0.95, ref)
     ref = gaussian_filter(ref, 0.6).astype(np.float32)
 
-    # Smooth motion profile: strongest in the lungs' inferior part, fading outside.
+    # Smooth motion profile: strongest in the lungs' inferior part, fading outside; drawn from the seed.
     weight = gaussian_filter(lungs.astype(np.float64), 3.0) * (0.6 + 0.4 * (1 - c[2]) / 2)
-    v = np.zeros((3, *shape))
-    v[2] = -amplitude * weight  # superior–inferior
-    v[1] = 0.25 * amplitude * weight * c[1]  # mild anterior–posterior expansion
-    v[0] = 0.15 * amplitude * weight * np.sign(c[0]) * np.abs(c[0])  # mild lateral
-    a = (1 - np.cos(np.pi * np.arange(num_timepoints) / (num_timepoints - 1))) / 2
+    peak = amplitude * rng.uniform(0.7, 1.3)
+    anterior, lateral = rng.uniform(0.1, 0.4), rng.uniform(0.05, 0.3)
+    smooth = np.stack([gaussian_filter(rng.standard_normal(shape), [n / 6 for n in shape]) for _ in range(3)])
+    smooth /= max(np.abs(smooth).max(), 1e-12)
+    v = 0.25 * peak * weight * smooth  # smooth random component, up to a quarter of the peak
+    v[2] += -peak * weight  # superior–inferior
+    v[1] += anterior * peak * weight * c[1]  # anterior–posterior expansion
+    v[0] += lateral * peak * weight * np.sign(c[0]) * np.abs(c[0])  # lateral
+    t = np.concatenate([[0.0], np.cumsum(rng.uniform(0.5, 1.5, num_timepoints - 1))])
+    a = ((1 - np.cos(np.pi * t / t[-1])) / 2) ** rng.uniform(0.6, 1.6)
     velocities = (a[:, None, None, None, None] * v[None]).astype(np.float32)
 
     candidates = np.argwhere(vessels & (np.abs(np.stack(c)).max(0) < 0.85))

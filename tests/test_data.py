@@ -79,7 +79,7 @@ def test_crop_window_keeps_every_point():
 
 def test_prepare_dirlab_crops_and_shifts_landmarks_consistently(tmp_path):
     geo = write_dirlab_twin(tmp_path / "raw", case=4, shape=(48, 40, 24), spacing=(2.0, 2.0, 2.5), num_landmarks=20)
-    manifest = prepare_dirlab(tmp_path / "raw", tmp_path / "prep", 4, crop=32, shape=geo["shape"], spacing=geo["spacing"])
+    manifest = prepare_dirlab(tmp_path / "raw", tmp_path / "prep", 4, crop=44, shape=geo["shape"], spacing=geo["spacing"])
     (entry,) = load_manifest(manifest)
     assert entry.name == "case4" and len(entry.images) == len(entry.landmarks) == 6
     for t, img_path, lm_path in zip(geo["phases"], entry.images, entry.landmarks):
@@ -87,7 +87,7 @@ def test_prepare_dirlab_crops_and_shifts_landmarks_consistently(tmp_path):
         pts_orig = read_landmarks(tmp_path / "raw" / f"case4_4D-75_{t}.txt")
         cropped = load_volume(img_path)
         pts = read_landmarks(lm_path, cropped.data.shape)
-        assert cropped.data.shape == (32, 32, 24)
+        assert cropped.data.shape == (44, 40, 24)
         # same world position before and after the crop
         world = lambda aff, p: p @ aff[:3, :3].T + aff[:3, 3]  # noqa: E731
         assert np.allclose(world(cropped.affine, pts), world(original.affine, pts_orig), atol=1e-4)

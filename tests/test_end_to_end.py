@@ -19,6 +19,20 @@ def test_phantom_ground_truth_is_consistent():
     assert truth["mean_mm"] < 0.05 and identity["mean_mm"] > 1.0
 
 
+def test_the_phantom_seed_draws_the_motion_not_only_the_texture():
+    """Held-out seeds must mean held-out motions (issue 14): direction mix, amplitude and phase timing."""
+    a, b = (breathing_phantom((32, 32, 32), 4, num_landmarks=10, seed=s) for s in (2, 3))
+    va, vb = a.velocities[-1][:2].ravel(), b.velocities[-1][:2].ravel()  # besides the superior–inferior main motion
+    cosine = va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb))  # measured 0.74
+    share = [np.linalg.norm(g.velocities[1]) / np.linalg.norm(g.velocities[-1]) for g in (a, b)]
+    peak = [np.abs(g.velocities[-1][2]).max() for g in (a, b)]
+    assert cosine < 0.95, cosine  # not a rescaled copy of one field
+    assert abs(share[0] - share[1]) > 0.02, share  # phase timing
+    assert abs(peak[0] - peak[1]) > 0.1, peak  # amplitude (voxels)
+    again = breathing_phantom((32, 32, 32), 4, num_landmarks=10, seed=2)
+    assert np.array_equal(again.images, a.images) and np.array_equal(again.landmarks, a.landmarks)
+
+
 def test_per_case_registration_halves_landmark_error_without_folding():
     g = breathing_phantom((48, 48, 48), 4, seed=1)
     cfg = Config()
