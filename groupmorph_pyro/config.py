@@ -86,6 +86,7 @@ class TrainConfig(_Section):
     batch_size: int = 1
     fixed: object = "random"  # all-to-one: "random" fixed timepoint per iteration, or an index
     checkpoint_every: int = 1000
+    validate_every: int = 0  # held-out validation (data.validation / data.validation_split) every N iterations; 0 = off
     output_dir: str = "runs/groupmorph"
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -100,6 +101,8 @@ class TrainConfig(_Section):
         for name in ("iterations", "batch_size", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"train.{name}: expected an integer >= 1, got {getattr(self, name)!r}")
+        if int(self.validate_every) < 0:
+            raise InputError(f"train.validate_every: expected an integer >= 0, got {self.validate_every!r}")
         check_positive("train.lr", self.lr)
 
 
@@ -111,11 +114,22 @@ class DataConfig(_Section):
     split: str = "train"  # manifest rows used for training
     groups: list = field(default_factory=list)  # [[t0.nii.gz, t1.nii.gz, ...], ...]
     synthetic: dict = field(default_factory=dict)  # e.g. {num_groups: 4, shape: [64, 64, 64], amplitude: 4}
+    # held-out groups for train.validate_every: phantoms of other seeds, e.g. {num_groups: 8, seed: 10000, shape: [48, 48, 48]}
+    validation: dict = field(default_factory=dict)
+    validation_split: str = ""  # or a manifest split (its landmarks, when given, are scored too)
     percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
 
     def validate(self):
         if not self.groups and not self.synthetic and not self.manifest:
             raise InputError("data: expected 'manifest', 'groups' (lists of image paths) or 'synthetic', got none")
+        if self.validation_split and not self.manifest:
+            raise InputError(f"data.validation_split: {self.validation_split!r} needs data.manifest")
+        if self.validation and self.synthetic:
+            train_seed, n = int(self.synthetic.get("seed", 0)), int(self.synthetic.get("num_groups", 4))
+            val_seed, m = int(self.validation.get("seed", 10000)), int(self.validation.get("num_groups", 4))
+            if val_seed < train_seed + n and train_seed < val_seed + m:
+                raise InputError(f"data.validation: seeds {val_seed}..{val_seed + m - 1} overlap the training seeds "
+                                 f"{train_seed}..{train_seed + n - 1}: held-out groups must be other seeds")
 
 
 @dataclass

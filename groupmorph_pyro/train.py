@@ -1,8 +1,14 @@
 """SVI training of the amortised guide, checkpoints that rebuild the model, and resume.
 
 A checkpoint (``torch.save`` dict) holds ``config`` (the full :class:`Config` as a dict), ``guide``
-(state dict), ``optimizer``, ``scheduler``, ``iteration`` and RNG states, so
-:func:`load_checkpoint` rebuilds the guide from the file alone and :func:`train` resumes exactly.
+(state dict), ``optimizer``, ``scheduler``, ``iteration``, RNG states and ``validation`` (the held-out
+curve so far), so :func:`load_checkpoint` rebuilds the guide from the file alone and :func:`train`
+resumes exactly, continuing the curve.
+
+With ``train.validate_every: N`` the guide is scored every N iterations (and before the first) on
+held-out groups (``data.validation``: phantoms of other seeds; ``data.validation_split``: a manifest
+split): mean NMI after one amortised pass and, with landmarks, the mean landmark error; the progress
+bar shows them and ``<output_dir>/validation.csv`` holds the curve.
 
 Several processes (``torchrun``): call :func:`init_distributed` in each, then :func:`train`. The
 guide is wrapped in ``DistributedDataParallel`` (gradients averaged across processes);
@@ -15,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyro
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
@@ -24,17 +32,21 @@ from tqdm.auto import tqdm
 
 from .checks import InputError, resolve_device
 from .config import Config, RuntimeConfig
-from .data import split_entries
+from .data import entry_landmarks, split_entries
 from .files import atomic_write
 from .group import check_mode
 from .likelihoods import group_nmi
+from .metrics import landmark_distances
 from .model import GroupMorphGuide, build_guide, build_model
 from .preprocess import extract_patch, normalize_group, random_patch_corner
 from .synthetic import breathing_phantom
-from .volumes import load_group
+from .volumes import affine_spacing, load_group
 
 __all__ = ["load_training_groups", "save_checkpoint", "load_checkpoint", "train", "train_or_load",
-           "init_distributed", "distributed_rank", "svi_loss", "CHECKPOINT_NAME"]
+           "init_distributed", "distributed_rank", "svi_loss", "CHECKPOINT_NAME", "HeldOutGroup",
+           "load_validation_groups", "validate_guide", "write_validation", "VALIDATION_COLUMNS"]
+
+VALIDATION_COLUMNS = ["iteration", "val_nmi", "val_landmark_mm", "val_identity_mm"]
 
 CHECKPOINT_NAME = "last.pt"
 _FORMAT = 1
@@ -110,11 +122,68 @@ def load_training_groups(cfg: Config) -> list[torch.Tensor]:
     return [normalize_group(g, cfg.data.percentiles)[0] for g in raw]
 
 
+@dataclass
+class HeldOutGroup:
+    """A validation group: ``x`` ``(1, K, D, H, W)`` in [0, 1]; ``landmarks`` ``(K, L, 3)`` 0-based voxel
+    coordinates or None; ``spacing`` mm along the array axes."""
+
+    x: torch.Tensor
+    landmarks: np.ndarray | None
+    spacing: tuple
+
+
+def load_validation_groups(cfg: Config) -> list[HeldOutGroup]:
+    """Held-out groups for ``train.validate_every``: phantoms of ``data.validation`` (breathing_phantom
+    arguments plus ``num_groups`` (4) and ``seed`` (10000, the first of consecutive seeds), with their
+    landmarks) and the series of ``data.validation_split`` in the manifest. Empty when neither is set."""
+    k = cfg.model.num_timepoints
+    out = []
+    syn = dict(cfg.data.validation)
+    if syn:
+        n, seed = int(syn.pop("num_groups", 4)), int(syn.pop("seed", 10000))
+        for i in range(n):
+            g = breathing_phantom(num_timepoints=k, seed=seed + i, **syn)
+            out.append(HeldOutGroup(normalize_group(g.images, cfg.data.percentiles)[0][None], g.landmarks, g.spacing))
+    if cfg.data.validation_split:
+        for e in split_entries(cfg.data.manifest, cfg.data.validation_split, k):
+            images, affine, _ = load_group(e.images)
+            out.append(HeldOutGroup(normalize_group(images, cfg.data.percentiles)[0][None],
+                                    entry_landmarks(e, images.shape[1:]), affine_spacing(affine)))
+    return out
+
+
+def validate_guide(model, guide: GroupMorphGuide, groups: list[HeldOutGroup], bins: int = 32, device="cpu") -> dict:
+    """One amortised pass per held-out group (all-to-one: group j uses fixed timepoint j mod K, so every
+    fixed timepoint is scored); mean NMI of the warped group and, over the groups with landmarks, the
+    mean landmark distance (mm, all ordered pairs) after the pass and for the identity.
+
+    Returns:
+        ``{"val_nmi", "val_landmark_mm", "val_identity_mm"}`` (landmark entries None without landmarks).
+    """
+    nmis, after, before = [], [], []
+    with torch.no_grad(), pyro.poutine.block():
+        for j, g in enumerate(groups):
+            x = g.x.to(device)
+            fixed = j % x.shape[1] if model.mode == "all-to-one" else None
+            loc, _ = guide.distribution_params(x, fixed)
+            transform = model.transform(fixed)
+            disp, warped = transform(loc, x)  # (1, K, 3, D, H, W), (1, K, D, H, W)
+            nmis.append(float(group_nmi(warped, bins).mean()))
+            if g.landmarks is not None:
+                inv = transform.inverse_displacements(loc)
+                after.append(landmark_distances(g.landmarks, disp[0].double().cpu(), inv[0].double().cpu(), g.spacing).mean())
+                before.append(landmark_distances(g.landmarks, spacing=g.spacing).mean())
+    mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
+    return {"val_nmi": mean(nmis), "val_landmark_mm": mean(after), "val_identity_mm": mean(before)}
+
+
 def save_checkpoint(path, cfg: Config, guide: GroupMorphGuide, optimizer=None, scheduler=None, iteration: int = 0,
-                    sampler_state: torch.Tensor | None = None, rank_rng: list | None = None) -> None:
+                    sampler_state: torch.Tensor | None = None, rank_rng: list | None = None,
+                    validation: list | None = None) -> None:
     """Write a self-describing checkpoint atomically (see module docstring).
 
     ``rank_rng``: every process's torch RNG state in a distributed run (rank order).
+    ``validation``: the held-out curve so far (rows of :data:`VALIDATION_COLUMNS`), continued on resume.
     """
     state = {
         "format": _FORMAT,
@@ -126,6 +195,7 @@ def save_checkpoint(path, cfg: Config, guide: GroupMorphGuide, optimizer=None, s
         "torch_rng": torch.get_rng_state(),
         "sampler_rng": sampler_state,
         "rank_rng": rank_rng,
+        "validation": list(validation or []),
     }
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -221,12 +291,29 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
     out.mkdir(parents=True, exist_ok=True)
     new_log = not log_path.exists() or start == 0
     lead = rank == 0
+    held_out = load_validation_groups(cfg) if tcfg.validate_every and lead else []
+    if tcfg.validate_every and lead and not held_out:
+        raise InputError("train.validate_every: no held-out groups (set data.validation or data.validation_split)")
+    curve = list(state.get("validation") or []) if resume else []
+
+    def validate(iteration: int) -> None:
+        """Score the held-out groups, add a row to the curve and to validation.csv, show it on the bar."""
+        row = {"iteration": iteration, **validate_guide(model, guide, held_out, mcfg.bins, device)}
+        curve.append(row)
+        write_validation(out / "validation.csv", curve)
+        shown = {"val_nmi": f"{row['val_nmi']:.3f}"}
+        if row["val_landmark_mm"] is not None:
+            shown["val_mm"] = f"{row['val_landmark_mm']:.2f}"
+        bar.set_postfix(shown)
+
     with (open(log_path, "w" if new_log else "a", newline="") if lead else contextlib.nullcontext()) as fh:
         writer = csv.writer(fh) if lead else None
         if lead and new_log:
             writer.writerow(["iteration", "loss_per_voxel", "nmi", "lr"])
         bar = tqdm(range(start, tcfg.iterations), initial=start, total=tcfg.iterations, desc="train",
                    disable=not (progress and lead))
+        if held_out and not curve:
+            validate(start)  # the curve starts from the untrained network
         for it in bar:
             draws = []  # the global batch (same draws on every rank); this rank extracts only its slice
             for _ in range(tcfg.batch_size * world):
@@ -252,12 +339,14 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
                 bar.set_postfix(loss=f"{loss_vox:.4f}", nmi=f"{nmi:.3f}")
                 writer.writerow([it + 1, loss_vox, nmi, sched.get_last_lr()[0]])
                 fh.flush()
+            if held_out and ((it + 1) % tcfg.validate_every == 0 or it + 1 == tcfg.iterations):
+                validate(it + 1)
             stopping = stop_at is not None and it + 1 >= stop_at
             if (it + 1) % tcfg.checkpoint_every == 0 or it + 1 == tcfg.iterations or stopping:
                 rngs = _gather_rng(world)  # collective: every rank takes part
                 if lead:
                     save_checkpoint(ckpt_path, cfg, guide, optim, sched, it + 1, gen.get_state(),
-                                    rngs if world > 1 else None)
+                                    rngs if world > 1 else None, curve)
             if stopping:
                 break
     if world > 1:
@@ -265,6 +354,13 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
 
         dist.barrier()  # the checkpoint is on disk before any rank returns its path
     return ckpt_path
+
+
+def write_validation(path, curve: list) -> None:
+    """Write the held-out curve (rows of :data:`VALIDATION_COLUMNS`) as CSV, atomically."""
+    lines = [",".join(VALIDATION_COLUMNS)]
+    lines += [",".join("" if row.get(c) is None else str(row[c]) for c in VALIDATION_COLUMNS) for row in curve]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 
 def train_or_load(cfg: Config, checkpoint=None, progress: bool = True) -> tuple[Config, GroupMorphGuide]:
