@@ -308,16 +308,10 @@ def _evaluate(args) -> int:
         rows = evaluate_manifest(args.manifest, Path(args.out) / "registered", cfg, guide, args.split, args.fixed,
                                  args.finetune_steps, device, progress=not args.quiet)
     else:
-        landmarks = None
-        if args.landmarks:
-            import numpy as np
-
-            from .data import read_landmarks
-
-            if len(args.outputs) != 1:
-                raise InputError(f"--landmarks: give exactly one --outputs folder, got {len(args.outputs)}")
-            landmarks = np.stack([read_landmarks(p) for p in args.landmarks])
-        rows = [evaluate_output(d, landmarks=landmarks) for d in args.outputs]
+        if args.landmarks and len(args.outputs) != 1:
+            raise InputError(f"--landmarks: give exactly one --outputs folder, got {len(args.outputs)}")
+        # read on the images' grid: points outside it are refused, like register --landmarks
+        rows = [evaluate_output(d, landmark_files=args.landmarks) for d in args.outputs]
     json_path, csv_path = write_table(rows, args.out)
     for r in rows:
         lm = "" if r["landmark_mm_after"] is None else (

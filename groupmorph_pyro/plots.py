@@ -5,7 +5,7 @@ import numpy as np
 
 from .files import atomic_write
 
-__all__ = ["uncertainty_figure", "comparison_figure", "foreground_mask"]
+__all__ = ["uncertainty_figure", "comparison_figure", "learning_curve_figure", "foreground_mask"]
 
 
 def _middle_slice(vol: np.ndarray, axis: int = 2) -> np.ndarray:
@@ -80,6 +80,29 @@ def comparison_figure(path, results: dict, title: str = "") -> None:
     fig.colorbar(im2, ax=axes[1, :].tolist(), shrink=0.8)
     if title:
         fig.suptitle(title)
+    _save(fig, path, plt)
+
+
+def learning_curve_figure(path, iterations, values, references: dict | None = None, ylabel: str = "",
+                          title: str = "") -> None:
+    """A held-out curve against training iteration with horizontal reference lines
+    (``references``: ``{label: value}``, e.g. identity, per-case, Elastix). Written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
+    ax.plot(list(iterations), list(values), marker="o", markersize=3, label="amortised network (one pass)")
+    styles = ["--", ":", "-.", (0, (5, 1)), (0, (1, 3))]
+    for i, (label, value) in enumerate((references or {}).items()):
+        ax.axhline(value, color=f"C{i + 1}", linestyle=styles[i % len(styles)], label=f"{label} ({value:.2f})")
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
     _save(fig, path, plt)
 
 

@@ -41,3 +41,27 @@ def test_memory_benchmark_smoke(tmp_path, capsys):
         assert r["peak_over_input"] == pytest.approx(r["peak_gib"] / saved["input_gib"])
     assert "peak / inputs" in capsys.readouterr().out
     assert not list(tmp_path.glob("tmp*"))  # the phantom's temporary .npy is gone
+
+
+def test_learning_curve_smoke(tmp_path, capsys):
+    """Trains a tiny network with held-out validation, then the per-case and Elastix reference lines on
+    the same held-out phantoms; CSV, JSON and PNG agree with the checkpoint's curve."""
+    pytest.importorskip("itk")
+    from groupmorph_pyro.train import load_checkpoint
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {num_timepoints: 3, encoder: [4, 8], decoder: [8, 8, 4]}\n"
+                      "train: {iterations: 4, lr: 1.0e-3, patch_size: [16, 16, 16], checkpoint_every: 2, device: cpu}\n"
+                      "data: {synthetic: {num_groups: 2, shape: [20, 20, 20], amplitude: 3.0, num_landmarks: 5}}\n")
+    report = _load("learning_curve").main(["--config", str(config), "--out", str(tmp_path / "c"), "--validate-every", "2",
+                                           "--heldout", "1", "--heldout-seed", "500", "--quiet"])
+    curve = load_checkpoint(tmp_path / "c" / "train" / "last.pt")[2]["validation"]
+    rows = (tmp_path / "c" / "learning_curve.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [r["iteration"] for r in curve] == [0, 2, 4]
+    refs = json.loads((tmp_path / "c" / "references.json").read_text())["references"]
+    assert set(refs) == {"identity", "per-case", "elastix"}
+    assert refs["identity"]["landmark_mm"] == pytest.approx(curve[0]["val_identity_mm"])
+    assert refs["per-case"]["landmark_mm"] < refs["identity"]["landmark_mm"]  # the reference line registers
+    assert refs["per-case"]["seconds_per_group"] > 0 and report["final"] == curve[-1]
+    assert (tmp_path / "c" / "learning_curve.png").stat().st_size > 1000
+    assert "held-out landmark error after 4 iterations" in capsys.readouterr().out

@@ -345,3 +345,27 @@ def test_apply_on_a_register_output_agrees_with_evaluate_and_simpleitk(tmp_path)
                                                tx, sitk.sitkLinear, -1.0)).transpose(2, 1, 0)
     inside = out >= 0
     np.testing.assert_allclose(out[inside], load_volume(reg / "warped_2.nii.gz").data[inside], atol=1e-4)
+
+
+def test_cli_evaluate_outputs_with_landmark_files_uses_the_stored_maps(stored, tmp_path, capsys):
+    """`evaluate --outputs DIR --landmarks ...`: the landmark error equals the mean distance between the
+    points carried j -> i by `apply` and timepoint i's own points; points off the grid exit 2."""
+    rng = np.random.default_rng(3)
+    pts = [rng.uniform(2, np.array(SHAPE) - 3, (6, 3)) for _ in range(K)]
+    files = []
+    for k in range(K):
+        files.append(tmp_path / f"l{k}.txt")
+        write_landmarks(files[-1], pts[k])
+    pts = [read_landmarks(f) for f in files]  # as written (6 significant digits)
+    assert main(["evaluate", "--outputs", str(stored["reg"]), "--landmarks", *map(str, files), "--out", str(tmp_path / "e")]) == 0
+    row = json.loads((tmp_path / "e" / "evaluation.json").read_text())[0]
+    reg = load_registration(stored["reg"])
+    d = [np.linalg.norm((transfer_points(pts[j], reg, j, i) - pts[i]) * SPACING, axis=1)
+         for i in range(K) for j in range(K) if i != j]
+    assert row["landmark_mm_after"] == pytest.approx(np.mean(d), abs=1e-4)
+    (tmp_path / "far.txt").write_text("1 2 3\n99 2 3\n1 2 3\n1 2 3\n1 2 3\n1 2 3\n")
+    capsys.readouterr()
+    rc = main(["evaluate", "--outputs", str(stored["reg"]), "--landmarks", str(files[0]), str(tmp_path / "far.txt"),
+               str(files[2]), "--out", str(tmp_path / "e2")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "outside the image" in err and not (tmp_path / "e2").exists()
