@@ -5,7 +5,7 @@ Trains the config's network (resuming ``<out>/train/last.pt`` when it exists) wi
 (``breathing_phantom`` at the training data's shape and amplitude, the same kind), then registers the
 same held-out groups per-case (``groupmorph register`` defaults, no checkpoint) and with Elastix
 (when itk-elastix is installed), each group with the fixed timepoint the validation uses (group j:
-j mod K). Writes ``<out>/learning_curve.csv`` (iteration, held-out landmark error and NMI),
+j mod K). Writes ``<out>/learning_curve.csv`` (the training curve: ``train.VALIDATION_COLUMNS``),
 ``<out>/references.json`` (identity, per-case, Elastix: mean landmark error and seconds per group)
 and ``<out>/learning_curve.png``.
 
@@ -15,9 +15,6 @@ and ``<out>/learning_curve.png``.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,12 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from groupmorph_pyro.config import load_config
-from groupmorph_pyro.files import atomic_write_text, write_json
+from groupmorph_pyro.files import write_json
 from groupmorph_pyro.metrics import landmark_distances
 from groupmorph_pyro.plots import learning_curve_figure
 from groupmorph_pyro.registration import register
-from groupmorph_pyro.synthetic import breathing_phantom
-from groupmorph_pyro.train import CHECKPOINT_NAME, load_checkpoint, train
+from groupmorph_pyro.train import CHECKPOINT_NAME, load_checkpoint, train, validation_phantoms, write_validation
 
 
 def heldout_kwargs(cfg, num_groups: int, seed: int) -> dict:
@@ -43,16 +39,14 @@ def heldout_kwargs(cfg, num_groups: int, seed: int) -> dict:
     return {**kind, "num_groups": num_groups, "seed": seed, "num_landmarks": kind.get("num_landmarks", 30)}
 
 
-def references(cfg, val: dict, elastix: bool) -> dict:
+def references(cfg, elastix: bool) -> dict:
     """Identity, per-case and (optionally) Elastix on the held-out groups: mean landmark error (mm)
     over groups and mean seconds per group."""
     k = cfg.model.num_timepoints
-    kind = {key: v for key, v in val.items() if key not in ("num_groups", "seed")}
     rows = {"identity": [], "per-case": [], "elastix": []}
     seconds = {"per-case": [], "elastix": []}
-    for j in range(val["num_groups"]):
-        g = breathing_phantom(num_timepoints=k, seed=val["seed"] + j, **kind)
-        fixed = j % k if cfg.model.mode == "all-to-one" else None
+    for j, g in enumerate(validation_phantoms(cfg)):  # the groups training validates on
+        fixed = j % k if cfg.model.mode == "all-to-one" else None  # as train.validate_guide
         rows["identity"].append(landmark_distances(g.landmarks, spacing=g.spacing).mean())
         res = register(g.images, cfg.with_timepoints(k), fixed=fixed)
         rows["per-case"].append(landmark_distances(g.landmarks, res.displacement, res.inverse_displacement, g.spacing).mean())
@@ -101,13 +95,8 @@ def main(argv=None) -> dict:
         except ImportError:
             print("learning_curve.py: itk-elastix not installed; no Elastix line", file=sys.stderr)
             elastix = False
-    refs = references(cfg, cfg.data.validation, elastix)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["iteration", "val_landmark_mm", "val_nmi", "val_identity_mm"])
-    for row in curve:
-        writer.writerow([row["iteration"], row["val_landmark_mm"], row["val_nmi"], row["val_identity_mm"]])
-    atomic_write_text(out / "learning_curve.csv", buf.getvalue())
+    refs = references(cfg, elastix)
+    write_validation(out / "learning_curve.csv", curve)
     summary = {"config": args.config, "iterations": cfg.train.iterations, "train_seconds_this_run": train_seconds,
                "heldout": cfg.data.validation, "references": refs, "final": curve[-1]}
     write_json(out / "references.json", summary)

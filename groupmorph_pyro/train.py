@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .checks import InputError, resolve_device
 from .config import Config, RuntimeConfig
 from .data import entry_landmarks, split_entries
-from .files import atomic_write
+from .files import atomic_write, atomic_write_text
 from .group import check_mode
 from .likelihoods import group_nmi
 from .metrics import landmark_distances
@@ -44,7 +44,7 @@ from .volumes import affine_spacing, load_group
 
 __all__ = ["load_training_groups", "save_checkpoint", "load_checkpoint", "train", "train_or_load",
            "init_distributed", "distributed_rank", "svi_loss", "CHECKPOINT_NAME", "HeldOutGroup",
-           "load_validation_groups", "validate_guide", "write_validation", "VALIDATION_COLUMNS"]
+           "validation_phantoms", "load_validation_groups", "validate_guide", "write_validation", "VALIDATION_COLUMNS"]
 
 VALIDATION_COLUMNS = ["iteration", "val_nmi", "val_landmark_mm", "val_identity_mm"]
 
@@ -132,18 +132,24 @@ class HeldOutGroup:
     spacing: tuple
 
 
+def validation_phantoms(cfg: Config) -> list:
+    """The held-out phantoms of ``data.validation`` (``breathing_phantom`` arguments plus ``num_groups``
+    (4) and ``seed`` (10000, the first of consecutive seeds)), raw intensities with their landmarks:
+    :class:`~groupmorph_pyro.synthetic.SyntheticGroup` each; empty when ``data.validation`` is not set."""
+    syn = dict(cfg.data.validation)
+    if not syn:
+        return []
+    n, seed = int(syn.pop("num_groups", 4)), int(syn.pop("seed", 10000))
+    return [breathing_phantom(num_timepoints=cfg.model.num_timepoints, seed=seed + i, **syn) for i in range(n)]
+
+
 def load_validation_groups(cfg: Config) -> list[HeldOutGroup]:
     """Held-out groups for ``train.validate_every``: phantoms of ``data.validation`` (breathing_phantom
     arguments plus ``num_groups`` (4) and ``seed`` (10000, the first of consecutive seeds), with their
     landmarks) and the series of ``data.validation_split`` in the manifest. Empty when neither is set."""
     k = cfg.model.num_timepoints
-    out = []
-    syn = dict(cfg.data.validation)
-    if syn:
-        n, seed = int(syn.pop("num_groups", 4)), int(syn.pop("seed", 10000))
-        for i in range(n):
-            g = breathing_phantom(num_timepoints=k, seed=seed + i, **syn)
-            out.append(HeldOutGroup(normalize_group(g.images, cfg.data.percentiles)[0][None], g.landmarks, g.spacing))
+    out = [HeldOutGroup(normalize_group(g.images, cfg.data.percentiles)[0][None], g.landmarks, g.spacing)
+           for g in validation_phantoms(cfg)]
     if cfg.data.validation_split:
         for e in split_entries(cfg.data.manifest, cfg.data.validation_split, k):
             images, affine, _ = load_group(e.images)
@@ -360,7 +366,7 @@ def write_validation(path, curve: list) -> None:
     """Write the held-out curve (rows of :data:`VALIDATION_COLUMNS`) as CSV, atomically."""
     lines = [",".join(VALIDATION_COLUMNS)]
     lines += [",".join("" if row.get(c) is None else str(row[c]) for c in VALIDATION_COLUMNS) for row in curve]
-    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def train_or_load(cfg: Config, checkpoint=None, progress: bool = True) -> tuple[Config, GroupMorphGuide]:
