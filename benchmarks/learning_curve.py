@@ -2,12 +2,13 @@
 
 Trains the config's network (resuming ``<out>/train/last.pt`` when it exists) with validation every
 ``--validate-every`` iterations on ``--heldout`` phantoms of seeds never used in training
-(``breathing_phantom`` at the training data's shape and amplitude, the same kind), then registers the
-same held-out groups per-case (``groupmorph register`` defaults, no checkpoint) and with Elastix
-(when itk-elastix is installed), each group with the fixed timepoint the validation uses (group j:
-j mod K). Writes ``<out>/learning_curve.csv`` (the training curve: ``train.VALIDATION_COLUMNS``),
-``<out>/references.json`` (identity, per-case, Elastix: mean landmark error and seconds per group)
-and ``<out>/learning_curve.png``.
+(``breathing_phantom`` at the training data's shape and amplitude, the same kind). Then, on the same
+held-out groups, all in all-to-one mode with group j's fixed timepoint j mod K: per-case registration
+(``groupmorph register`` defaults, no checkpoint), Elastix (when itk-elastix is installed), the trained
+network's one pass (an all-moving network is served in the fixed frame: model.FixedFrameGuide) and the
+pass + ``--finetune-steps`` per-case steps. Writes ``<out>/learning_curve.csv`` (the training curve:
+``train.VALIDATION_COLUMNS``), ``<out>/references.json`` (each method's mean landmark error and seconds
+per group) and ``<out>/learning_curve.png``.
 
     python benchmarks/learning_curve.py --config configs/cpu_small.yaml --out runs/curve
     python benchmarks/learning_curve.py --config configs/smoke.yaml --iterations 20 --validate-every 10 --heldout 2 --out /tmp/c
@@ -15,6 +16,7 @@ and ``<out>/learning_curve.png``.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -39,27 +41,42 @@ def heldout_kwargs(cfg, num_groups: int, seed: int) -> dict:
     return {**kind, "num_groups": num_groups, "seed": seed, "num_landmarks": kind.get("num_landmarks", 30)}
 
 
-def references(cfg, elastix: bool) -> dict:
-    """Identity, per-case and (optionally) Elastix on the held-out groups: mean landmark error (mm)
-    over groups and mean seconds per group."""
+def all_to_one(cfg):
+    """A copy of ``cfg`` in all-to-one mode: how the held-out groups are registered (per-case, and the
+    network served for a fixed timepoint; an all-moving network through model.FixedFrameGuide)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.mode = "all-to-one"
+    return cfg
+
+
+def _score(rows: dict, seconds: dict, name: str, g, res) -> None:
+    rows.setdefault(name, []).append(landmark_distances(g.landmarks, res.displacement, res.inverse_displacement, g.spacing).mean())
+    seconds.setdefault(name, []).append(res.summary["seconds"])
+
+
+def references(cfg, elastix: bool, guide=None, finetune_steps=()) -> dict:
+    """Identity, per-case, (optionally) Elastix and, with ``guide``, the trained network's pass and pass +
+    ``finetune_steps`` per-case steps on the held-out groups, all in all-to-one mode with group j's fixed
+    timepoint j mod K (every timepoint is fixed for some group): mean landmark error (mm, all ordered
+    pairs) over groups and mean seconds per group."""
     k = cfg.model.num_timepoints
-    rows = {"identity": [], "per-case": [], "elastix": []}
-    seconds = {"per-case": [], "elastix": []}
+    serve = all_to_one(cfg).with_timepoints(k)
+    rows, seconds = {"identity": []}, {}
     for j, g in enumerate(validation_phantoms(cfg)):  # the groups training validates on
-        fixed = j % k if cfg.model.mode == "all-to-one" else None  # as train.validate_guide
+        fixed = j % k
         rows["identity"].append(landmark_distances(g.landmarks, spacing=g.spacing).mean())
-        res = register(g.images, cfg.with_timepoints(k), fixed=fixed)
-        rows["per-case"].append(landmark_distances(g.landmarks, res.displacement, res.inverse_displacement, g.spacing).mean())
-        seconds["per-case"].append(res.summary["seconds"])
+        _score(rows, seconds, "per-case", g, register(g.images, serve, fixed=fixed))
         if elastix:
             from groupmorph_pyro.baselines import elastix_all_to_one
 
-            res = elastix_all_to_one(g.images, g.spacing, fixed=fixed or 0)
-            rows["elastix"].append(landmark_distances(g.landmarks, res.displacement, res.inverse_displacement, g.spacing).mean())
-            seconds["elastix"].append(res.summary["seconds"])
-    out = {name: {"landmark_mm": float(np.mean(v)), "seconds_per_group": float(np.mean(seconds[name])) if name in seconds else 0.0}
-           for name, v in rows.items() if v}
-    return out
+            _score(rows, seconds, "elastix", g, elastix_all_to_one(g.images, g.spacing, fixed=fixed))
+        if guide is not None:
+            _score(rows, seconds, "amortised", g, register(g.images, serve, guide, fixed=fixed, finetune_steps=0))
+            for steps in finetune_steps:
+                _score(rows, seconds, f"amortised + {steps} steps", g,
+                       register(g.images, serve, guide, fixed=fixed, finetune_steps=steps))
+    return {name: {"landmark_mm": float(np.mean(v)), "seconds_per_group": float(np.mean(seconds.get(name, [0.0])))}
+            for name, v in rows.items() if v}
 
 
 def main(argv=None) -> dict:
@@ -71,6 +88,8 @@ def main(argv=None) -> dict:
     p.add_argument("--heldout", type=int, default=8, help="number of held-out groups")
     p.add_argument("--heldout-seed", type=int, default=10000, help="first held-out seed")
     p.add_argument("--no-elastix", action="store_true", help="skip the Elastix reference line")
+    p.add_argument("--finetune-steps", type=int, nargs="*", default=[20],
+                   help="also score the network's pass + this many per-case steps (goal 2 of issue 14)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
@@ -85,7 +104,7 @@ def main(argv=None) -> dict:
     cfg.train.validate()
     start = time.perf_counter()
     resume = (out / "train" / CHECKPOINT_NAME).is_file()
-    _, _, state = load_checkpoint(train(cfg, resume=resume, progress=not args.quiet))
+    _, guide, state = load_checkpoint(train(cfg, resume=resume, progress=not args.quiet))
     train_seconds = time.perf_counter() - start
     curve = state["validation"]
     elastix = not args.no_elastix
@@ -95,13 +114,14 @@ def main(argv=None) -> dict:
         except ImportError:
             print("learning_curve.py: itk-elastix not installed; no Elastix line", file=sys.stderr)
             elastix = False
-    refs = references(cfg, elastix)
+    refs = references(cfg, elastix, guide.eval(), args.finetune_steps)
     write_validation(out / "learning_curve.csv", curve)
     summary = {"config": args.config, "iterations": cfg.train.iterations, "train_seconds_this_run": train_seconds,
                "heldout": cfg.data.validation, "references": refs, "final": curve[-1]}
     write_json(out / "references.json", summary)
     learning_curve_figure(out / "learning_curve.png", [r["iteration"] for r in curve], [r["val_landmark_mm"] for r in curve],
-                          {name: r["landmark_mm"] for name, r in refs.items()}, ylabel="held-out landmark error (mm)",
+                          {name: r["landmark_mm"] for name, r in refs.items() if name != "amortised"},
+                          ylabel="held-out landmark error (mm)",
                           title=f"{Path(args.config).name}: {args.heldout} held-out groups (seeds {args.heldout_seed}+)")
     final = curve[-1]["val_landmark_mm"]
     print(f"held-out landmark error after {curve[-1]['iteration']} iterations: {final:.2f} mm; "

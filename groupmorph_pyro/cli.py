@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--checkpoint", help="trained model (amortised inference); without it: per-case SVI")
     r.add_argument("--config", help="YAML config for per-case SVI without a checkpoint (default: paper defaults)")
-    r.add_argument("--mode", choices=["all-to-one", "all-moving"], help="default: the checkpoint's / config's mode")
+    r.add_argument("--mode", choices=["all-to-one", "all-moving"],
+                   help="default: the checkpoint's / config's mode; an all-moving checkpoint also serves all-to-one (any --fixed)")
     r.add_argument("--fixed", type=int, help="fixed timepoint (0-based) in all-to-one mode (default 0)")
     r.add_argument("--finetune-steps", type=int, help="per-case SVI steps (after the amortised pass with --checkpoint)")
     r.add_argument("--no-diffeomorphic", action="store_true", help="displacement model instead of velocity + scaling and squaring")
@@ -145,8 +146,11 @@ def _config_and_guide(args, device):
     guide = None
     if args.checkpoint:
         cfg, guide, _ = load_checkpoint(args.checkpoint, device)
-        if getattr(args, "mode", None) and args.mode != cfg.model.mode:
-            raise InputError(f"--mode {args.mode}: {args.checkpoint} was trained in {cfg.model.mode} mode")
+        if getattr(args, "mode", None) == "all-to-one" and cfg.model.mode == "all-moving":
+            cfg.model.mode = "all-to-one"  # served by composition: model.FixedFrameGuide (register picks it)
+        elif getattr(args, "mode", None) and args.mode != cfg.model.mode:
+            raise InputError(f"--mode {args.mode}: {args.checkpoint} was trained in {cfg.model.mode} mode "
+                             f"(an all-moving network serves --mode all-to-one; an all-to-one network cannot serve all-moving)")
         if getattr(args, "no_diffeomorphic", False) and cfg.model.diffeomorphic:
             raise InputError(f"--no-diffeomorphic: {args.checkpoint} was trained as a diffeomorphic model")
     else:
@@ -157,7 +161,9 @@ def _config_and_guide(args, device):
             cfg.model.diffeomorphic = False
     _apply_runtime(cfg, args)
     if getattr(args, "fixed", None) is not None and cfg.model.mode == "all-moving":
-        raise InputError(f"--fixed {args.fixed}: all-moving mode has no fixed timepoint")
+        hint = " (add --mode all-to-one to serve the all-moving network in this timepoint's frame)" \
+            if guide is not None and hasattr(args, "mode") else ""
+        raise InputError(f"--fixed {args.fixed}: all-moving mode has no fixed timepoint{hint}")
     return cfg, guide
 
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from .checks import InputError
-from .spatial import integrate_velocity, invert_displacement, jacobian_determinant, warp
+from .spatial import directional_derivative, integrate_velocity, invert_displacement, jacobian_determinant, warp
 
-__all__ = ["MODES", "GroupTransform", "check_mode", "latent_indices", "assemble_fields", "displacements",
+__all__ = ["MODES", "GroupTransform", "check_mode", "latent_indices", "assemble_fields", "relative_to_fixed", "displacements",
            "inverse_displacements", "jacobians", "warp_group", "timepoints_per_batch"]
 
 MODES = ("all-to-one", "all-moving")
@@ -62,6 +62,45 @@ def assemble_fields(z: torch.Tensor, num_timepoints: int, mode: str, fixed: int 
     parts = list(z.unbind(1))
     parts.insert(check_mode(mode, num_timepoints, fixed), torch.zeros_like(parts[0]))
     return torch.stack(parts, dim=1)
+
+
+def relative_to_fixed(loc: torch.Tensor, scale: torch.Tensor, fixed: int,
+                      diffeomorphic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-moving latents re-expressed in the frame of timepoint ``fixed`` (an all-to-one posterior).
+
+    All-moving maps ``φ_k`` send the common frame to image k; in the frame of image p the maps are
+    ``φ_k ∘ φ_p⁻¹``. The mean is that composition's latent to second order:
+
+    - velocities (``φ = exp(v)``): the Baker–Campbell–Hausdorff series
+      ``log(exp(X) ∘ exp(Y)) ≈ X + Y + ½((DX)Y − (DY)X)`` with X = v_k, Y = −v_p, i.e.
+      ``v_k − v_p + ½((Dv_p)v_k − (Dv_k)v_p)`` (exact for commuting fields, e.g. translations);
+    - displacements (``φ = Id + u``): ``u_k − u_p + (Du_p)u_p − (Du_k)u_p``.
+
+    ``D`` is the Jacobian by central differences (:func:`~groupmorph_pyro.spatial.directional_derivative`);
+    the subtracted group mean of the all-moving model is applied first (it changes the brackets).
+    The guide's fields are independent Normals; the sd is that of the first-order difference,
+    ``sqrt(σ_k² + σ_p²)``.
+
+    Args:
+        loc, scale: ``(B, K, 3, D, H, W)`` all-moving guide mean and sd (voxels).
+        fixed: the timepoint p that stays fixed, in [0, K − 1]; diffeomorphic: as the model.
+    Returns:
+        ``(loc, scale)``, each ``(B, K − 1, 3, D, H, W)`` (timepoints k ≠ p in increasing order, voxels).
+    """
+    if loc.dim() != 6 or loc.shape[2] != 3 or scale.shape != loc.shape:
+        raise InputError(f"loc, scale: expected two (B, K, 3, D, H, W) tensors of one shape, got "
+                         f"{tuple(loc.shape)} and {tuple(scale.shape)}")
+    idx = latent_indices(loc.shape[1], "all-to-one", fixed)
+    v = assemble_fields(loc, loc.shape[1], "all-moving", None)  # the model's fields: zero mean over K
+    b, n = v.shape[0], len(idx)
+    vk = v[:, idx].reshape(b * n, *v.shape[2:])
+    vp = v[:, fixed:fixed + 1].expand(b, n, *v.shape[2:]).reshape(b * n, *v.shape[2:])
+    if diffeomorphic:
+        rel = vk - vp + 0.5 * (directional_derivative(vp, vk) - directional_derivative(vk, vp))
+    else:
+        rel = vk - vp + directional_derivative(vp, vp) - directional_derivative(vk, vp)
+    ref_scale = scale[:, fixed:fixed + 1]
+    return rel.reshape(b, n, *v.shape[2:]), (scale[:, idx].square() + ref_scale.square()).sqrt()
 
 
 def _per_timepoint(fn, *tensors: torch.Tensor, chunk: int | None = None) -> torch.Tensor:

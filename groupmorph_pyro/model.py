@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroParam
 
 from .checks import InputError, check_arity, check_positive, check_tensor
-from .group import GroupTransform, check_mode, latent_indices
+from .group import GroupTransform, check_mode, latent_indices, relative_to_fixed
 from .likelihoods import GroupNMI, GroupSimilarity, check_likelihood
 from .networks import UNet3D, check_compile, check_precision, network_autocast
 from .preprocess import crop_to_shape, pad_to_multiple
 from .priors import DCTGaussianField, LaplacianNormal, dct3, idct3, make_prior
 
-__all__ = ["LocalParamsModule", "GroupMorphModel", "GroupMorphGuide", "CaseGuide", "build_model", "build_guide",
+__all__ = ["LocalParamsModule", "GroupMorphModel", "GroupMorphGuide", "FixedFrameGuide", "serve_guide", "CaseGuide", "build_model", "build_guide",
            "build_likelihood"]
 
 
@@ -233,6 +233,66 @@ class GroupMorphGuide(LocalParamsModule):
         with pyro.plate("groups", images.shape[0], dim=-2):
             with pyro.plate("timepoints", loc.shape[1], dim=-1):
                 return pyro.sample("z", dist.Normal(loc, scale).to_event(4))
+
+
+class FixedFrameGuide(nn.Module):
+    """An all-moving :class:`GroupMorphGuide` served as an all-to-one guide for any fixed timepoint.
+
+    The network runs once in all-moving mode; :func:`~groupmorph_pyro.group.relative_to_fixed` turns
+    its K fields into the K − 1 fields of the chosen fixed timepoint's frame. Training all-moving is
+    one task for the network (all-to-one training with a random fixed timepoint is K tasks in one
+    network, which learns far slower; issue 14's notes), and this serves every fixed timepoint from
+    that one network. Parameters are the wrapped guide's (same state dict under ``moving.``).
+    The conversion is second order in the fields (exact for translations); for smooth fields of up to
+    2 voxels its error against the exact composition is measured in tests/test_serving.py.
+
+    Args:
+        moving: a GroupMorphGuide trained in all-moving mode; diffeomorphic: as the model (velocities
+            or displacements: the composition's second-order term differs).
+    """
+
+    mode = "all-to-one"
+
+    def __init__(self, moving: GroupMorphGuide, diffeomorphic: bool = True):
+        super().__init__()
+        self.diffeomorphic = bool(diffeomorphic)
+        if not isinstance(moving, GroupMorphGuide) or moving.mode != "all-moving":
+            raise InputError(f"FixedFrameGuide: expected a GroupMorphGuide in all-moving mode, got "
+                             f"{getattr(moving, 'mode', type(moving).__name__)!r}")
+        self.moving = moving
+        self.num_timepoints, self.alpha = moving.num_timepoints, moving.alpha
+
+    def set_runtime(self, **options) -> "FixedFrameGuide":
+        """:meth:`GroupMorphGuide.set_runtime` of the wrapped guide; returns self."""
+        self.moving.set_runtime(**options)
+        return self
+
+    def runtime(self) -> dict:
+        return self.moving.runtime()
+
+    def distribution_params(self, images: torch.Tensor, fixed: int | None = None):
+        """``(loc, scale)``, each ``(B, K − 1, 3, D, H, W)`` in voxels, in the frame of ``fixed``
+        (default 0); images ``(B, K, D, H, W)`` in [0, 1]."""
+        fixed = check_mode("all-to-one", self.num_timepoints, fixed)
+        return relative_to_fixed(*self.moving.distribution_params(images, None), fixed, self.diffeomorphic)
+
+    def forward(self, images: torch.Tensor, fixed: int | None = None) -> torch.Tensor:
+        loc, scale = self.distribution_params(images, fixed)
+        with pyro.plate("groups", images.shape[0], dim=-2):
+            with pyro.plate("timepoints", loc.shape[1], dim=-1):
+                return pyro.sample("z", dist.Normal(loc, scale).to_event(4))
+
+
+def serve_guide(guide, mode: str, diffeomorphic: bool = True):
+    """The amortised guide to use for a model in ``mode``: ``guide`` itself when the modes agree,
+    a :class:`FixedFrameGuide` for an all-moving guide asked to serve all-to-one; anything else
+    (an all-to-one guide for an all-moving model) is refused. ``None`` passes through."""
+    if guide is None or getattr(guide, "mode", None) == mode:
+        return guide
+    if mode == "all-to-one" and getattr(guide, "mode", None) == "all-moving":
+        return FixedFrameGuide(guide, diffeomorphic)
+    raise InputError(f"guide: trained in {getattr(guide, 'mode', None)!r} mode cannot serve a {mode!r} model "
+                     f"(an all-moving network serves any fixed timepoint; the converse has no common frame)")
 
 
 _MIN_EIGENVALUE = 0.01  # floor on the per-case guide's whitening spectrum (see CaseGuide)

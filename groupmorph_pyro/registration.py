@@ -26,7 +26,7 @@ from .config import Config, RegisterConfig
 from .group import GroupTransform
 from .likelihoods import group_nmi
 from .metrics import folding_percent, landmark_report
-from .model import CaseGuide, GroupMorphGuide, GroupMorphModel, build_model
+from .model import CaseGuide, GroupMorphGuide, GroupMorphModel, build_model, serve_guide
 from .priors import DCTGaussianField
 from .posterior import landmark_posterior, sample_posterior, to_inference_data, uncertainty_maps
 from .preprocess import normalize_group, sliding_window
@@ -417,7 +417,9 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
 
     Args:
         images: ``(K, D, H, W)`` raw intensities (numpy or tensor), same grid.
-        config: settings (model section must match the guide's); default: paper defaults with K from images.
+        config: settings (model section must match the guide's, except that an all-moving guide may serve
+            an all-to-one ``config.model.mode``: :class:`~groupmorph_pyro.model.FixedFrameGuide`); default:
+            paper defaults with K from images.
             ``config.runtime`` (precision, channels_last, compile) is applied to ``guide`` in place,
             ``config.register.window`` runs the network on overlapping tiles (full-resolution volumes).
         fixed: fixed timepoint in all-to-one mode (default 0); must be None in all-moving mode.
@@ -434,6 +436,8 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     """
     if int(samples) != samples or samples < 0:
         raise InputError(f"samples: expected an integer >= 0, got {samples!r}")
+    config = config or Config()
+    guide = serve_guide(guide, config.model.mode, config.model.diffeomorphic)  # an all-moving network serves all-to-one (FixedFrameGuide)
     group = prepare(images, config, guide, fixed, finetune_steps, device, likelihood, prior, landmarks, affine)
     say = _stage if progress else (lambda message: None)
     pyro.set_rng_seed(seed)

@@ -27,6 +27,7 @@ __all__ = [
     "sample",
     "warp",
     "compose",
+    "directional_derivative",
     "integrate_velocity",
     "invert_displacement",
     "jacobian_determinant",
@@ -187,6 +188,27 @@ def jacobian_determinant(disp: torch.Tensor, spacing: Sequence[float] = (1.0, 1.
         - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
         + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
     )
+
+
+def directional_derivative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(Da) b``: the derivative of the field ``a`` along the field ``b``, ``Σ_j ∂a_i/∂x_j · b_j``.
+
+    Derivatives are central differences in the interior and one-sided at the borders (as
+    :func:`jacobian_determinant`). With ``(Da)b − (Db)a`` it gives the Lie bracket of two velocity
+    fields (second-order term of the Baker–Campbell–Hausdorff series).
+
+    Args:
+        a, b: ``(B, 3, D, H, W)`` fields in voxels (channel order = array axes); every axis >= 2 voxels.
+    Returns:
+        ``(B, 3, D, H, W)`` in voxels.
+    """
+    _check_field("a", a)
+    _check_field("b", b)
+    if a.shape != b.shape or min(a.shape[2:]) < 2:
+        raise InputError(f"directional_derivative: a and b must have one shape with every axis >= 2 voxels, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    grads = torch.gradient(a, dim=(2, 3, 4), edge_order=1)  # grads[j][:, i] = ∂a_i / ∂x_j
+    return sum(g * b[:, j:j + 1] for j, g in enumerate(grads))
 
 
 def map_points(points: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:

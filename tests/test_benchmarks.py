@@ -59,7 +59,8 @@ def test_learning_curve_smoke(tmp_path, capsys):
     rows = (tmp_path / "c" / "learning_curve.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in rows[1:]] == [r["iteration"] for r in curve] == [0, 2, 4]
     refs = json.loads((tmp_path / "c" / "references.json").read_text())["references"]
-    assert set(refs) == {"identity", "per-case", "elastix"}
+    assert set(refs) == {"identity", "per-case", "elastix", "amortised", "amortised + 20 steps"}
+    assert refs["amortised + 20 steps"]["seconds_per_group"] > refs["amortised"]["seconds_per_group"] > 0
     assert refs["identity"]["landmark_mm"] == pytest.approx(curve[0]["val_identity_mm"])
     assert refs["per-case"]["landmark_mm"] < refs["identity"]["landmark_mm"]  # the reference line registers
     assert refs["per-case"]["seconds_per_group"] > 0 and report["final"] == curve[-1]

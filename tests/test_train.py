@@ -143,3 +143,36 @@ def test_validation_needs_held_out_groups_of_other_seeds(tmp_path):
     cfg.data.validation = {}
     with pytest.raises(InputError, match="train.validate_every: no held-out groups"):
         train(cfg, progress=False)
+
+
+def test_a_tiny_network_beats_identity_on_held_out_groups(tmp_path):
+    """60 iterations on 8 phantoms (20³, K = 3, all-moving, lr 3e-4): the held-out error (4 groups of
+    other seeds, whose motion the seed draws) falls well below identity (measured 1.10 -> 0.42 mm),
+    in one pass and served all-to-one for a fixed timepoint. With nothing learnt it stays at identity."""
+    import numpy as np
+
+    from groupmorph_pyro.metrics import landmark_distances
+    from groupmorph_pyro.registration import register
+    from groupmorph_pyro.train import validation_phantoms
+
+    cfg = Config()
+    cfg.model.num_timepoints, cfg.model.mode = 3, "all-moving"
+    cfg.model.encoder, cfg.model.decoder = [8, 16], [16, 16, 8]
+    cfg.train.iterations, cfg.train.lr, cfg.train.patch_size, cfg.train.device = 60, 3e-4, [20, 20, 20], "cpu"
+    cfg.train.checkpoint_every = cfg.train.validate_every = 60
+    cfg.train.output_dir = str(tmp_path / "run")
+    cfg.data.synthetic = {"num_groups": 8, "shape": [20, 20, 20], "amplitude": 3.0, "num_landmarks": 10, "seed": 0}
+    cfg.data.validation = {"num_groups": 4, "shape": [20, 20, 20], "amplitude": 3.0, "num_landmarks": 10, "seed": 500}
+    _, guide, state = load_checkpoint(train(cfg, progress=False))
+    first, last = state["validation"][0], state["validation"][-1]
+    assert first["val_landmark_mm"] == pytest.approx(first["val_identity_mm"], abs=1e-3)
+    assert last["val_landmark_mm"] < 0.6 * last["val_identity_mm"], state["validation"]
+    serve = Config.from_dict(cfg.to_dict())
+    serve.model.mode = "all-to-one"
+    errors, identity = [], []
+    for g in validation_phantoms(cfg):
+        res = register(g.images, serve, guide.eval(), fixed=1, finetune_steps=0)
+        errors.append(landmark_distances(g.landmarks, res.displacement, res.inverse_displacement, g.spacing).mean())
+        identity.append(landmark_distances(g.landmarks, spacing=g.spacing).mean())
+    assert np.mean(errors) < 0.6 * np.mean(identity)
+    assert np.mean(errors) == pytest.approx(last["val_landmark_mm"], rel=0.05)  # the frame does not change the error
