@@ -138,7 +138,8 @@ class RegisterConfig(_Section):
 
     steps: int = 60  # full-resolution per-case SVI steps (without a checkpoint: after the coarse pyramid levels)
     patience: int = 0  # early stopping: steps without improvement of the smoothed loss, after 2x this warm-up (0 = off)
-    lr: float = 1.0  # Adam step on the whitened guide mean (peak of the schedule)
+    lr: float = 1.0  # Adam step on the whitened guide mean (peak of the schedule), per-case from zero
+    finetune_lr: float = 0.1  # the same when refining a network's posterior (--checkpoint --finetune-steps)
     scale_lr: float | None = None  # Adam step on log σ (peak of the schedule); null = lr
     scale_reset: bool = True  # after the mean's fit, set σ to the prior's mean-field optimum 1/sqrt(diag Λ)
     scale_steps: int = 5  # then this many steps on log σ alone (mean fixed), at scale_phase_lr (0 = none)
@@ -157,6 +158,7 @@ class RegisterConfig(_Section):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"register.{name}: expected an integer >= 0, got {value!r}")
         check_positive("register.lr", self.lr)
+        check_positive("register.finetune_lr", self.finetune_lr)
         check_positive("register.scale_phase_lr", self.scale_phase_lr)
         if self.scale_lr is not None:
             check_positive("register.scale_lr", self.scale_lr)
