@@ -92,15 +92,17 @@ def relative_to_fixed(loc: torch.Tensor, scale: torch.Tensor, fixed: int,
                          f"{tuple(loc.shape)} and {tuple(scale.shape)}")
     idx = latent_indices(loc.shape[1], "all-to-one", fixed)
     v = assemble_fields(loc, loc.shape[1], "all-moving", None)  # the model's fields: zero mean over K
-    b, n = v.shape[0], len(idx)
-    vk = v[:, idx].reshape(b * n, *v.shape[2:])
-    vp = v[:, fixed:fixed + 1].expand(b, n, *v.shape[2:]).reshape(b * n, *v.shape[2:])
-    if diffeomorphic:
-        rel = vk - vp + 0.5 * (directional_derivative(vp, vk) - directional_derivative(vk, vp))
-    else:
-        rel = vk - vp + directional_derivative(vp, vp) - directional_derivative(vk, vp)
+    vp = v[:, fixed]  # (B, 3, D, H, W); one timepoint at a time below bounds the temporaries
+    shared = None if diffeomorphic else vp - directional_derivative(vp, vp)  # the same for every k
+    rel = []
+    for k in idx:
+        vk = v[:, k]
+        if diffeomorphic:
+            rel.append(vk - vp + 0.5 * (directional_derivative(vp, vk) - directional_derivative(vk, vp)))
+        else:
+            rel.append(vk - shared - directional_derivative(vk, vp))
     ref_scale = scale[:, fixed:fixed + 1]
-    return rel.reshape(b, n, *v.shape[2:]), (scale[:, idx].square() + ref_scale.square()).sqrt()
+    return torch.stack(rel, dim=1), (scale[:, idx].square() + ref_scale.square()).sqrt()
 
 
 def _per_timepoint(fn, *tensors: torch.Tensor, chunk: int | None = None) -> torch.Tensor:

@@ -61,7 +61,7 @@ def test_register_per_case_writes_all_outputs_with_input_affine(tmp_path, group_
     assert "registered K=3" in capsys.readouterr().out
 
 
-def test_register_with_checkpoint_and_finetune(tmp_path, group_files):
+def test_register_with_checkpoint_and_finetune(tmp_path, group_files, capsys):
     paths, _ = group_files
     cfg = Config()
     cfg.model.num_timepoints = K
@@ -80,6 +80,11 @@ def test_register_with_checkpoint_and_finetune(tmp_path, group_files):
     # K not matching the checkpoint
     rc = main(["register", *map(str, paths[:2]), "--out", str(tmp_path / "bad"), "--checkpoint", str(ckpt)])
     assert rc == 2 and not (tmp_path / "bad").exists()
+    # an all-to-one network cannot serve all-moving (the converse is served: tests/test_serving.py)
+    capsys.readouterr()
+    rc = main(["register", *map(str, paths), "--out", str(tmp_path / "bad"), "--checkpoint", str(ckpt), "--mode", "all-moving"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "trained in all-to-one mode" in err[0] and not (tmp_path / "bad").exists()
 
 
 def _save(path, data, affine=np.eye(4)):
