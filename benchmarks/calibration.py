@@ -8,9 +8,11 @@ map is the identity, so the truth for timepoint k is exp(−v_k).
 
     python benchmarks/calibration.py --betas 1 5 20 --samples 40                 # the per-case engine's defaults
     python benchmarks/calibration.py --betas 5 --engine legacy --out before.json  # the engine before 2026-11-25
+    python benchmarks/calibration.py --betas 5 --model prior=laplacian histogram=gaussian  # the paper's prior
 
 ``--engine legacy`` is the per-case engine as it was before the coarse-to-fine schedule: 100
-full-resolution Adam steps at a constant lr 0.2, no iterate averaging, no pyramid.
+full-resolution Adam steps at a constant lr 0.2, no iterate averaging, no pyramid, with the Laplacian
+prior and the Gaussian Parzen histogram (the defaults until 2026-12-01; then bending and B-spline).
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ def main(argv=None) -> list:
     p.add_argument("--seed", type=int, default=0, help="seeds Pyro's random streams before each β (reproducible rows)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="register settings on top of the engine's, e.g. scale_lr=0.1 lr=0.5")
+    p.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="model settings on top of the defaults, e.g. prior=laplacian histogram=gaussian")
     p.add_argument("--size", type=int, default=48)
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
@@ -67,7 +71,13 @@ def main(argv=None) -> list:
         for item in args.set:  # YAML values, then typed and checked like a config file's
             key, value = item.split("=", 1)
             register[key] = yaml.safe_load(value)
-        cfg = Config.from_dict({"model": {"num_timepoints": 4, "beta": beta}, "register": register}, "--set")
+        model = {"num_timepoints": 4, "beta": beta}
+        for item in args.model:
+            key, value = item.split("=", 1)
+            model[key] = yaml.safe_load(value)
+        if args.engine == "legacy":
+            model.update(prior="laplacian", histogram="gaussian")  # that engine's defaults (bending, bspline since 2026-12-01)
+        cfg = Config.from_dict({"model": model, "register": register}, "--set")
         pyro.set_rng_seed(args.seed)
         group = prepare(g.images, cfg, fixed=0)
         posterior, info = refine(group, infer(group))
@@ -79,7 +89,8 @@ def main(argv=None) -> list:
             transform = model.transform(0)
             d, inv = transform.displacements(mean_loc)[0], transform.inverse_displacements(mean_loc)[0]
         lm = summarize_distances(landmark_distances(g.landmarks, d, inv, g.spacing))
-        row = {"beta": beta, "engine": args.engine, "set": args.set, "coverage90_all": coverage(disp, truth.double(), everywhere),
+        row = {"beta": beta, "engine": args.engine, "set": args.set,
+               "model": {"prior": cfg.model.prior, "histogram": cfg.model.histogram}, "coverage90_all": coverage(disp, truth.double(), everywhere),
                "coverage90_moving": coverage(disp, truth.double(), moving),
                "mean_sd_voxels": float(disp.std(0).mean()), "landmark_mm": lm["mean_mm"],
                "elbo_loss_per_voxel": info["elbo_loss_after"]}

@@ -38,7 +38,8 @@ from groupmorph_pyro.synthetic import anatomy_group, breathing_phantom, dce_phan
 
 LEGACY_ENGINE = {"pyramid": [1], "lr": 0.2, "schedule": "constant", "average": 0.0, "steps": 300, "patience": 50,
                  "scale_steps": 0}
-"""``register`` settings of the per-case engine before the coarse-to-fine schedule (its defaults then)."""
+"""``register`` settings of the per-case engine before the coarse-to-fine schedule (its defaults then; with
+the Laplacian prior and the Gaussian histogram, the model defaults until 2026-12-01)."""
 TRAIN_SEED = 100  # training phantoms use seeds TRAIN_SEED.. ; the test phantoms use seeds 1 and 2
 
 
@@ -101,6 +102,8 @@ def trained_rows(name, images, groups, args) -> dict:
                                               ("voxelmorph-diff (K=2, trained)", "pairwise", 2, 1e-6, pairs)):
         cfg = Config()
         cfg.model.num_timepoints, cfg.model.prior_options = kk, {"lambda_v": lambda_v}
+        if kk == 2:  # VoxelMorph's diffusion regulariser (as baselines.pairwise_groupmorph)
+            cfg.model.prior = "laplacian"
         cfg.train.iterations, cfg.train.lr, cfg.train.patch_size = args.train_iterations, args.train_lr, patch
         cfg.train.checkpoint_every, cfg.train.device = 50, "cpu"
         cfg.train.output_dir = str(root / folder)
@@ -186,6 +189,9 @@ def main(argv=None) -> list:
         legacy = copy.deepcopy(cfg)  # the per-case engine before 2026-11-25 (as benchmarks/calibration.py --engine legacy)
         for key, value in LEGACY_ENGINE.items():
             setattr(legacy.register, key, value)
+        legacy.model.prior, legacy.model.histogram = "laplacian", "gaussian"  # the defaults then
+        previous = copy.deepcopy(cfg)  # today's engine with the model defaults before 2026-12-01
+        previous.model.prior, previous.model.histogram = "laplacian", "gaussian"
         methods = {
             "identity": lambda: identity(images),
             "elastix (B-spline, NMI)": lambda: elastix_all_to_one(images, spacing, 0, elx),
@@ -193,6 +199,8 @@ def main(argv=None) -> list:
             "ants (affine + SyN, Mattes MI)": lambda: ants_all_to_one(images, spacing, 0, ants_settings),
             "voxelmorph-diff (K=2, per-case)": lambda: pairwise_groupmorph(images, cfg, 0, steps),
             "groupmorph-diff all-to-one (per-case)": lambda: register(images, cfg, finetune_steps=steps),
+            "groupmorph-diff all-to-one (per-case, Laplacian prior + Gaussian histogram)":
+                lambda: register(images, previous, finetune_steps=steps),
             "groupmorph-diff all-to-one (per-case, legacy engine)": lambda: register(images, legacy, finetune_steps=steps),
         }
         if args.checkpoint:

@@ -228,8 +228,10 @@ def pairwise_groupmorph(images, config: Config | None = None, fixed: int = 0, st
                         lambda_v: float = 1e-6, guide=None) -> RegistrationResult:
     """VoxelMorph(-diff) baseline: K = 2 all-to-one model applied to each pair (fixed, k).
 
-    Without ``guide``: per-case SVI (``steps``). With ``guide``: a trained K = 2 network (train one
-    with ``model.num_timepoints: 2`` and ``model.prior_options: {lambda_v: 1e-6}``; pass its checkpoint's config),
+    Without ``guide``: per-case SVI (``steps``) under the Laplacian prior (VoxelMorph's diffusion
+    regulariser; λ_u from ``config`` when its prior is the Laplacian, else 1) with λ_v = ``lambda_v``.
+    With ``guide``: a trained K = 2 network (train one with ``model.num_timepoints: 2``,
+    ``model.prior: laplacian`` and ``model.prior_options: {lambda_v: 1e-6}``; pass its checkpoint's config),
     plus ``steps`` of fine-tuning if given. ``config.model.diffeomorphic`` selects VoxelMorph-diff
     (True) or VoxelMorph (False).
     """
@@ -240,8 +242,9 @@ def pairwise_groupmorph(images, config: Config | None = None, fixed: int = 0, st
     if guide is not None and (cfg.model.num_timepoints, cfg.model.mode) != (2, "all-to-one"):
         raise InputError(f"pairwise baseline: the network must be a K=2 all-to-one model, got K={cfg.model.num_timepoints} "
                          f"{cfg.model.mode}")
-    if guide is None:
-        cfg.model.prior_options = {**cfg.model.prior_options, "lambda_v": lambda_v}
+    if guide is None:  # VoxelMorph's diffusion regulariser: the Laplacian prior, whatever the package default
+        lambda_u = cfg.model.prior_options.get("lambda_u", 1.0) if cfg.model.prior == "laplacian" else 1.0
+        cfg.model.prior, cfg.model.prior_options = "laplacian", {"lambda_u": lambda_u, "lambda_v": lambda_v}
     cfg.model.num_timepoints, cfg.model.mode = 2, "all-to-one"
     disp = np.zeros((k, 3, *images.shape[1:]), np.float32)
     start = time.perf_counter()

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--split", default="test", help="with --manifest: which split to register")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--checkpoint", help="trained model (amortised inference); without it: per-case SVI")
-    r.add_argument("--config", help="YAML config for per-case SVI without a checkpoint (default: paper defaults)")
+    r.add_argument("--config", help="YAML config for per-case SVI without a checkpoint (default: the package defaults; configs/dirlab_4dct.yaml has the paper's)")
     r.add_argument("--mode", choices=["all-to-one", "all-moving"],
                    help="default: the checkpoint's / config's mode; an all-moving checkpoint also serves all-to-one (any --fixed)")
     r.add_argument("--fixed", type=int, help="fixed timepoint (0-based) in all-to-one mode (default 0)")

@@ -39,14 +39,14 @@ class ModelConfig(_Section):
     mode: str = "all-to-one"  # or "all-moving"; pairwise = all-to-one with num_timepoints 2
     diffeomorphic: bool = True
     integration_steps: int = 7
-    prior: str = "laplacian"  # "laplacian" (λ_v I + λ_u L), "diagonal" (λ_v I), "bending" (λ_v I + λ_b L²)
+    prior: str = "bending"  # "bending" (λ_v I + λ_b L², default), "laplacian" (λ_v I + λ_u L, the paper's), "diagonal" (λ_v I)
     prior_options: dict = field(default_factory=dict)  # the prior's weights, e.g. {lambda_u: 1.0, lambda_v: 0.01}
     likelihood: str = "nmi"  # "nmi", "mi", "lncc", "ssd" (see likelihoods.SIMILARITIES)
     reduction: str = "pairs"  # "pairs" (mean over i≠j, paper) or "template" (each vs the mean image)
     likelihood_options: dict = field(default_factory=dict)  # e.g. {window: 9} for lncc, {sigma: 0.1} for ssd
     beta: float = 5.0  # per-voxel likelihood weight (see likelihoods.GroupNMI; 5 measured best of 1/5/20, README)
     bins: int = 32
-    histogram: str = "gaussian"  # Parzen kernel of NMI/MI: "gaussian" (paper, dense) or "bspline" (memory-lean)
+    histogram: str = "bspline"  # Parzen kernel of NMI/MI: "bspline" (lean, faster) or "gaussian" (the paper's, dense)
     alpha: float = 15.0  # bound on |guide mean| in voxels
     encoder: list[int] = field(default_factory=lambda: [16, 32, 32, 32])
     decoder: list[int] = field(default_factory=lambda: [32, 32, 32, 32, 32, 16, 16])
@@ -64,6 +64,8 @@ class ModelConfig(_Section):
             make_prior(self.prior, **PRIORS.check_options(self.prior, self.prior_options, "model.prior_options"))
         except InputError as exc:
             msg = str(exc)
+            if self.prior == "bending" and "lambda_u" in self.prior_options:
+                msg += " (lambda_u is the 'laplacian' prior's; the default prior is 'bending' since 2026-12-01: set model.prior: laplacian)"
             raise InputError(msg if msg.startswith("model.") else f"model.prior_options.{msg}") from None
         if self.likelihood not in SIMILARITIES:
             raise InputError(f"model.likelihood: expected one of {list(SIMILARITIES)}, got {self.likelihood!r}")
@@ -149,11 +151,12 @@ class RegisterConfig(_Section):
     pyramid: list[int] = field(default_factory=lambda: [2, 1])  # per-case from zero: shrink factors, coarse to fine, ending in 1
     coarse_steps: int = 150  # SVI steps at each coarse pyramid level (the full-resolution level runs `steps`)
     init_scale: float = 0.05  # initial posterior sd (voxels) when starting from zero
+    likelihood_voxels: int = 0  # SVI steps estimate NMI/MI/SSD on this many random voxels per step (0 = all)
     window: list[int] = field(default_factory=list)  # amortised pass on tiles of this size (d, h, w); [] = whole volume
     overlap: float = 0.25  # tile overlap fraction for `window`
 
     def validate(self):
-        for name in ("steps", "patience", "coarse_steps", "scale_steps"):
+        for name in ("steps", "patience", "coarse_steps", "scale_steps", "likelihood_voxels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"register.{name}: expected an integer >= 0, got {value!r}")
@@ -315,11 +318,12 @@ def _migrate_prior_weights(model: dict, source: str) -> dict:
             raise InputError(f"{source}: model.{key}={value!r} does not apply to prior {name!r} "
                              f"(its options: {sorted(takes)}); set model.prior_options instead")
     model["prior_options"] = options
+    model["prior"] = name  # such files predate the bending default: their prior was the Laplacian
     return model
 
 
 def load_config(path) -> Config:
-    """Read a YAML config; missing keys take the paper defaults."""
+    """Read a YAML config; missing keys take the package defaults (:class:`Config`)."""
     path = Path(path)
     try:
         text = path.read_text()

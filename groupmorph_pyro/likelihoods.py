@@ -40,6 +40,7 @@ __all__ = [
     "parzen_weights", "bspline_weights", "joint_histograms", "nmi", "mutual_information", "lncc", "ssd", "group_nmi",
     "HISTOGRAMS",
     "SIMILARITIES", "REDUCTIONS", "GroupSimilarity", "GroupNMI", "check_likelihood",
+    "ORDER_FREE", "SubsampledLikelihood", "subsample_likelihood",
 ]
 
 _EPS = 1e-10
@@ -262,6 +263,9 @@ images (larger = more similar). The function's keyword parameters are its option
 for _name, _fn in (("nmi", nmi), ("mi", mutual_information), ("lncc", lncc), ("ssd", ssd)):
     SIMILARITIES.register(_name)(_fn)
 REDUCTIONS = ("pairs", "template")
+ORDER_FREE = ("nmi", "mi", "ssd")
+"""Built-in similarities that depend on the voxels' intensity pairs only, not on where the voxels
+are (histograms, means): a random subset of voxels estimates them. Not ``"lncc"`` (local windows)."""
 
 
 class GroupSimilarity:
@@ -285,9 +289,11 @@ class GroupSimilarity:
             if similarity not in SIMILARITIES:
                 raise InputError(f"likelihood: expected one of {sorted(SIMILARITIES)} or a function, got {similarity!r}")
             self.name, fn = similarity, SIMILARITIES.get(similarity)
+            self.order_free = similarity in ORDER_FREE  # a random subset of voxels estimates it
             SIMILARITIES.check_options(similarity, options, "likelihood_options")
         elif callable(similarity):
             self.name, fn = getattr(similarity, "__name__", "custom"), similarity
+            self.order_free = False  # unknown: a user's similarity may use neighbourhoods
             check_arity("similarity", fn, 2, "sim(a: (B, D, H, W), b: (B, D, H, W)) -> (B,)")
         else:
             raise InputError(f"likelihood: expected a name or a function sim(a, b), got {type(similarity).__name__}")
@@ -323,6 +329,51 @@ class GroupNMI(GroupSimilarity):
 
     def similarity(self, warped: torch.Tensor) -> torch.Tensor:
         return group_nmi(warped, **self.options)  # shares Parzen weights across pairs
+
+
+class SubsampledLikelihood:
+    """Stochastic estimate of a group likelihood from ``voxels`` voxels drawn at random (uniformly,
+    with replacement; a new draw per call from torch's global generator, so Pyro's seed fixes it).
+
+    ``log p ≈ β · N_vox · sim(warped at the drawn voxels)``: the same scale as the full likelihood
+    (``N_vox`` is the whole grid's voxel count). For the histogram similarities the estimate is
+    consistent but biased: the entropies of an ``M``-sample Parzen histogram sit slightly below the
+    full-volume ones (tests/test_likelihoods.py pins the size of that bias). Per-case SVI steps
+    use it (``register.likelihood_voxels``); ELBO comparisons and summaries use the full likelihood.
+
+    Args:
+        likelihood: a :class:`GroupSimilarity` whose similarity is a built-in in :data:`ORDER_FREE`.
+        voxels: voxels per draw, ``M >= 1``; a grid with ``N_vox <= M`` voxels is used whole.
+    """
+
+    def __init__(self, likelihood: GroupSimilarity, voxels: int):
+        if not getattr(likelihood, "order_free", False):
+            name = getattr(likelihood, "name", type(likelihood).__name__)
+            raise InputError(f"subsampled likelihood: expected a GroupSimilarity with a similarity in {ORDER_FREE} "
+                             f"(they ignore where voxels are), got {name!r}")
+        if isinstance(voxels, bool) or int(voxels) != voxels or voxels < 1:
+            raise InputError(f"voxels: expected an integer >= 1, got {voxels!r}")
+        self.likelihood, self.voxels = likelihood, int(voxels)
+
+    def __call__(self, warped: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` log-likelihood estimate of ``warped`` ``(B, K, D, H, W)``."""
+        check_tensor("warped", warped, ndim=5, layout="(B, K, D, H, W)")
+        b, k = warped.shape[:2]
+        n = warped.shape[2:].numel()
+        if n <= self.voxels:
+            return self.likelihood(warped)
+        index = torch.randint(n, (self.voxels,), device=warped.device)
+        drawn = warped.reshape(b, k, n).index_select(-1, index).reshape(b, k, 1, 1, self.voxels)
+        return self.likelihood.beta * n * self.likelihood.similarity(drawn)
+
+
+def subsample_likelihood(likelihood, voxels: int):
+    """``likelihood`` estimated on ``voxels`` random voxels per call (:class:`SubsampledLikelihood`)
+    when it allows it; returned unchanged when ``voxels`` is 0 or the likelihood is not a
+    :class:`GroupSimilarity` in :data:`ORDER_FREE` (custom callables, LNCC)."""
+    if not voxels or not getattr(likelihood, "order_free", False):
+        return likelihood
+    return SubsampledLikelihood(likelihood, voxels)
 
 
 def check_likelihood(likelihood) -> None:

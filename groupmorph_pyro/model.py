@@ -5,6 +5,7 @@ Site names: ``"z"`` (latent fields, batch ``(B, K_lat)``, event ``(3, D, H, W)``
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import warnings
@@ -121,6 +122,14 @@ class GroupMorphModel(PyroModule):
             jac = transform.jacobians(disp)
             pyro.deterministic("jacobian", jac, event_dim=jac.dim())
         return disp
+
+    def with_likelihood(self, likelihood: Callable) -> "GroupMorphModel":
+        """A copy of this model (same prior, mode, variant) whose likelihood is ``likelihood``
+        (e.g. :class:`~groupmorph_pyro.likelihoods.SubsampledLikelihood` of this one); ``self`` is unchanged."""
+        check_likelihood(likelihood)
+        other = copy.copy(self)
+        other.likelihood = likelihood
+        return other
 
     def transform(self, fixed: int | None = None, chunk=None) -> GroupTransform:
         """The group's transformation (latents -> maps, warped group) for fixed timepoint ``fixed``

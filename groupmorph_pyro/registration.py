@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .checks import InputError
 from .config import Config, RegisterConfig
 from .group import GroupTransform
-from .likelihoods import group_nmi
+from .likelihoods import group_nmi, subsample_likelihood
 from .metrics import folding_percent, landmark_report
 from .model import CaseGuide, GroupMorphGuide, GroupMorphModel, build_model, serve_guide
 from .priors import DCTGaussianField
@@ -114,15 +114,21 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     Returns:
         (guide, info) with info keys ``losses`` (per step, per voxel), ``steps_run``,
         ``elbo_loss_before`` / ``elbo_loss_after`` (negative ELBO per voxel), ``kept`` ("refined"/"initial"),
-        ``diverged`` (a non-finite loss stopped the run).
+        ``diverged`` (a non-finite loss stopped the run), ``seconds`` (the whole call) and
+        ``guard_seconds`` (of which the two ELBO evaluations).
     """
     settings = settings or RegisterConfig()
     steps = settings.steps if steps is None else steps
     if int(steps) != steps or steps < 0:
         raise InputError(f"steps: expected an integer >= 0, got {steps!r}")
+    clock = time.perf_counter()
     guide = CaseGuide(loc, scale, model.prior_distribution(loc.shape[3:], loc.device))
     initial = copy.deepcopy(guide.state_dict())
     before = elbo_loss(model, guide, images, fixed, eval_particles)
+    guard_seconds = time.perf_counter() - clock
+    step_model = model  # the SVI steps' model: its likelihood on random voxels with register.likelihood_voxels
+    if settings.likelihood_voxels and subsample_likelihood(model.likelihood, 1) is not model.likelihood:
+        step_model = model.with_likelihood(subsample_likelihood(model.likelihood, settings.likelihood_voxels))
     loss_fn = (TraceMeanField_ELBO() if elbo == "meanfield" else Trace_ELBO()).differentiable_loss
     scale_lr = settings.lr if settings.scale_lr is None else settings.scale_lr
     groups = [{"params": [guide.whitened], "lr": settings.lr}] if fit_mean else []
@@ -142,7 +148,7 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
         optim.zero_grad()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Encountered NaN")  # handled: reported as `diverged`
-            loss = loss_fn(model, guide, images, fixed)
+            loss = loss_fn(step_model, guide, images, fixed)
         if not torch.isfinite(loss):  # diverged: stop, the guard below restores the initial posterior
             diverged = True
             break
@@ -166,9 +172,11 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
             for p, a in zip(guide.parameters(), averaged):
                 p.copy_(a)
     if losses or diverged:
+        guard_clock = time.perf_counter()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Encountered NaN")
             after = elbo_loss(model, guide, images, fixed, eval_particles)
+        guard_seconds += time.perf_counter() - guard_clock
     else:  # no step taken (steps=0): the guide is the initial one, whose ELBO is already known
         after = before
     kept = "refined"
@@ -176,7 +184,7 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
         guide.load_state_dict(initial)
         after, kept = before, "initial"
     info = {"losses": losses, "steps_run": len(losses), "elbo_loss_before": before, "elbo_loss_after": after,
-            "kept": kept, "diverged": diverged}
+            "kept": kept, "diverged": diverged, "seconds": time.perf_counter() - clock, "guard_seconds": guard_seconds}
     return guide, info
 
 
@@ -270,7 +278,7 @@ def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGui
     fit leave σ far below its ELBO optimum; this restores it at the cost of a few steps.
 
     Returns:
-        (guide, ``{"steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "reset"}``).
+        (guide, ``{"steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "seconds", "guard_seconds", "reset"}``).
     """
     with torch.no_grad():
         loc, scale = case.distribution_params()
@@ -281,7 +289,8 @@ def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGui
     phase = dataclasses.replace(settings, scale_lr=settings.scale_phase_lr, schedule="constant", average=0.0)
     guide, info = fit_case(model, images, fixed, loc, scale, phase, settings.scale_steps, elbo, progress,
                            desc="per-case SVI, σ only", fit_mean=False)
-    report = {key: info[key] for key in ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept")}
+    report = {key: info[key] for key in ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "seconds",
+                                         "guard_seconds")}
     return guide, {**report, "reset": reset}
 
 
@@ -304,7 +313,7 @@ def fit_pyramid(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.
         images: ``(1, K, D, H, W)`` in [0, 1]; loc: ``(1, K_lat, 3, D, H, W)`` starting mean (voxels).
     Returns:
         (the mean on the full grid, ``(1, K_lat, 3, D, H, W)`` voxels; per-level reports
-        ``{"factor", "shape", "steps_run", "kept"}``).
+        ``{"factor", "shape", "steps_run", "kept", "seconds", "guard_seconds"}``).
     """
     full = tuple(images.shape[2:])
     reports = []
@@ -318,7 +327,8 @@ def fit_pyramid(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.
                               settings.coarse_steps, elbo, progress, desc=f"per-case SVI, level 1/{factor}")
         with torch.no_grad():
             loc = case.distribution_params()[0]
-        reports.append({"factor": int(factor), "shape": list(shape), "steps_run": info["steps_run"], "kept": info["kept"]})
+        reports.append({"factor": int(factor), "shape": list(shape), "steps_run": info["steps_run"], "kept": info["kept"],
+                        "seconds": info["seconds"], "guard_seconds": info["guard_seconds"]})
     with torch.no_grad():
         return _resize_latents(loc, full), reports
 
@@ -375,9 +385,11 @@ def summarise(group: PreparedGroup, posterior: Posterior, disp: torch.Tensor, se
 
 def _finetune_report(group: PreparedGroup, start: Posterior, finetune: dict, nmi, summary: dict) -> dict:
     """What per-case refinement changed against the posterior it started from (NMI, landmarks)."""
-    report = {key: finetune[key] for key in ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "diverged")}
-    if "levels" in finetune:
-        report["levels"] = finetune["levels"]
+    report = {key: finetune[key] for key in ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "diverged",
+                                             "seconds", "guard_seconds")}
+    for key in ("levels", "scale_phase"):  # coarse levels and the σ steps, each with its seconds
+        if key in finetune:
+            report[key] = finetune[key]
     with torch.no_grad():
         disp0 = group.transform.displacements(start.loc)
         nmi0 = nmi(disp0)
@@ -426,7 +438,7 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
         images: ``(K, D, H, W)`` raw intensities (numpy or tensor), same grid.
         config: settings (model section must match the guide's, except that an all-moving guide may serve
             an all-to-one ``config.model.mode``: :class:`~groupmorph_pyro.model.FixedFrameGuide`); default:
-            paper defaults with K from images.
+            the package defaults (:class:`Config`) with K from images.
             ``config.runtime`` (precision, channels_last, compile) is applied to ``guide`` in place,
             ``config.register.window`` runs the network on overlapping tiles (full-resolution volumes).
         fixed: fixed timepoint in all-to-one mode (default 0); must be None in all-moving mode.

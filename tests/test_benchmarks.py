@@ -66,3 +66,18 @@ def test_learning_curve_smoke(tmp_path, capsys):
     assert refs["per-case"]["seconds_per_group"] > 0 and report["final"] == curve[-1]
     assert (tmp_path / "c" / "learning_curve.png").stat().st_size > 1000
     assert "held-out landmark error after 4 iterations" in capsys.readouterr().out
+
+
+def test_calibration_runs_with_model_settings_and_records_them(tmp_path):
+    """benchmarks/calibration.py on a 32³ phantom (2 + 3 steps, 3 samples): coverages are fractions, and
+    the JSON names the prior and histogram it ran (the default, or those given by --model)."""
+    calibration = _load("calibration")
+    base = ["--betas", "5", "--size", "32", "--samples", "3", "--steps", "3", "--set", "coarse_steps=2"]
+    paper = calibration.main(base + ["--model", "prior=laplacian", "histogram=gaussian", "--out", str(tmp_path / "c.json")])
+    default = calibration.main(base)
+    assert paper[0]["model"] == {"prior": "laplacian", "histogram": "gaussian"}
+    assert default[0]["model"] == {"prior": "bending", "histogram": "bspline"}
+    assert json.loads((tmp_path / "c.json").read_text())[0]["model"]["prior"] == "laplacian"
+    for row in paper + default:
+        assert 0 <= row["coverage90_all"] <= 1 and 0 <= row["coverage90_moving"] <= 1 and row["mean_sd_voxels"] > 0
+

@@ -19,17 +19,25 @@ def test_shipped_configs_load_and_round_trip(path):
 
 def test_paper_defaults():
     cfg = Config()
-    assert (cfg.model.prior, cfg.model.integration_steps, cfg.model.alpha) == ("laplacian", 7, 15.0)
+    # package defaults (issue 13, measured per-case): bending prior, B-spline histogram; the paper's in its configs
+    assert (cfg.model.prior, cfg.model.integration_steps, cfg.model.alpha) == ("bending", 7, 15.0)
     assert PRIORS.options("laplacian") == {"lambda_u": 1.0, "lambda_v": 0.01}  # the paper's weights by default
+    for name in ("dirlab_4dct.yaml", "breast_mr.yaml"):
+        paper = load_config(next(p for p in CONFIGS if p.name == name)).model
+        assert (paper.prior, paper.prior_options, paper.histogram) == ("laplacian", {"lambda_u": 1.0, "lambda_v": 0.01},
+                                                                       "gaussian")
     assert (cfg.train.lr, cfg.train.iterations, cfg.train.patch_size) == (1e-5, 100000, [96, 96, 96])
     assert load_config(next(p for p in CONFIGS if p.name == "dirlab_4dct.yaml")).train.lr == 1e-5
+    for name in ("dirlab_4dct.yaml", "breast_mr.yaml"):  # the paper's Gaussian Parzen window, pinned
+        assert load_config(next(p for p in CONFIGS if p.name == name)).model.histogram == "gaussian"
 
 
 @pytest.mark.parametrize(
     "content, match",
     [
         ({"model": {"lamda_u": 1.0}}, r"unknown key\(s\) \['lamda_u'\] in 'model'"),
-        ({"model": {"prior_options": {"lamda_u": 1.0}}}, r"prior 'laplacian' has no option\(s\) \['lamda_u'\]"),
+        ({"model": {"prior": "laplacian", "prior_options": {"lamda_u": 1.0}}}, r"prior 'laplacian' has no option\(s\) \['lamda_u'\]"),
+        ({"model": {"prior_options": {"lambda_u": 2.0}}}, r"prior 'bending' has no option.*set model.prior: laplacian"),
         ({"model": {"prior": "bending", "prior_options": {"lambda_u": 1.0}}}, r"prior 'bending' has no option"),
         ({"model": {"prior": "bending", "lambda_u": 3.0}}, r"model.lambda_u=3.0 does not apply to prior 'bending'"),
         ({"model": {"likelihood": "lncc", "likelihood_options": {"bins": 8}}}, r"similarity 'lncc' has no option"),
@@ -38,6 +46,8 @@ def test_paper_defaults():
         ({"train": {"elbo": "renyi"}}, r"train.elbo"),
         ({"model": {"lambda_v": 0}}, r"model.prior_options.lambda_v: expected a finite number > 0, got 0"),
         ({"model": {"histogram": "box"}}, r"model.histogram: expected one of \('gaussian', 'bspline'\), got 'box'"),
+        ({"register": {"likelihood_voxels": -5}}, r"register.likelihood_voxels: expected an integer >= 0, got -5"),
+        ({"register": {"likelihood_voxels": 0.5}}, r"register.likelihood_voxels: expected an integer, got 0.5"),
         ([1, 2], r"must hold a mapping"),
     ],
 )
@@ -46,6 +56,15 @@ def test_bad_config_is_a_clear_error(tmp_path, content, match):
     path.write_text(yaml.safe_dump(content))
     with pytest.raises(InputError, match=match):
         load_config(path)
+
+
+def test_a_config_from_before_prior_options_keeps_its_laplacian_prior(tmp_path):
+    """Files that kept the weights as model.lambda_u/lambda_v predate the bending default: their prior
+    was the Laplacian, and it stays so."""
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"model": {"lambda_u": 2.0, "lambda_v": 0.02, "lambda_b": 1.0}}))
+    model = load_config(path).model
+    assert (model.prior, model.prior_options) == ("laplacian", {"lambda_u": 2.0, "lambda_v": 0.02})
 
 
 def test_missing_config_file(tmp_path):
@@ -57,6 +76,8 @@ def test_histogram_setting_reaches_the_likelihood():
     from groupmorph_pyro.model import build_likelihood
 
     cfg = Config()
+    assert build_likelihood(cfg.model).options["histogram"] == "bspline"  # the default since issue 13 (faster)
+    cfg.model.histogram = "gaussian"
     assert build_likelihood(cfg.model).options["histogram"] == "gaussian"
     cfg.model.histogram = "bspline"
     assert build_likelihood(cfg.model).options["histogram"] == "bspline"
@@ -77,9 +98,9 @@ def test_pairwise_baseline_uses_its_tiny_lambda_v():
 
     seen = []
     real = baselines.register
-    baselines.register = lambda images, cfg, *a, **k: seen.append(cfg.model.prior_options) or real(images, cfg, *a, **k)
+    baselines.register = lambda images, cfg, *a, **k: seen.append((cfg.model.prior, cfg.model.prior_options)) or real(images, cfg, *a, **k)
     try:
         baselines.pairwise_groupmorph(np.random.default_rng(0).random((2, 8, 8, 8)).astype("float32"), steps=1)
     finally:
         baselines.register = real
-    assert seen and seen[0]["lambda_v"] == 1e-6
+    assert seen and seen[0] == ("laplacian", {"lambda_u": 1.0, "lambda_v": 1e-6})  # VoxelMorph's diffusion regulariser

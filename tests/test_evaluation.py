@@ -46,6 +46,7 @@ def test_evaluate_output_folder_matches_in_memory_result(tmp_path, group):
     cfg = Config()
     cfg.model.num_timepoints = 3
     cfg.register.lr = 0.2  # sub-voxel motion on a 20^3 grid: the default peak step (1.0) overshoots in 20 steps
+    cfg.model.histogram = "gaussian"  # evaluate's NMI column uses the Gaussian kernel for every method
     res = register(group.images, cfg, finetune_steps=20)
     write_registration(res, tmp_path / "reg", group.affine, paths)
     row = evaluate_output(tmp_path / "reg", landmarks=group.landmarks)

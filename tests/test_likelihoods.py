@@ -3,7 +3,8 @@ import torch
 
 from conftest import smooth_image
 from groupmorph_pyro.checks import InputError
-from groupmorph_pyro.likelihoods import GroupNMI, bspline_weights, group_nmi, joint_histograms, nmi
+from groupmorph_pyro.likelihoods import (GroupNMI, GroupSimilarity, SubsampledLikelihood, bspline_weights, group_nmi,
+                                         joint_histograms, nmi, subsample_likelihood)
 
 SHAPE = (16, 16, 16)
 
@@ -123,9 +124,47 @@ def test_group_likelihood_scale_and_gradient(x):
     assert torch.isfinite(imgs.grad).all() and imgs.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("histogram", ["gaussian", "bspline"])
+def test_subsampled_nmi_is_close_to_the_full_one_and_says_how_biased(histogram):
+    """Bias of the M-voxel estimate on a 32³ group of 3 smooth images (a misaligned and a
+    contrast-changed copy; full NMI 0.25 Gaussian, 0.23 B-spline). Measured over 40 draws: the
+    estimate sits above the full value by 0.0039 / 0.0028 with 4096 voxels (sd 0.002) and by
+    0.0010 / 0.0007 with 16384: the bias falls like 1/M. Asserted: |bias| < 0.008 and every draw
+    within 0.015 at 4096; at 16384 under 0.4× the 4096 bias."""
+    from conftest import smooth_image
+
+    base = smooth_image((32, 32, 32), seed=3)[0, 0]
+    group = torch.stack([base, torch.roll(base, 2, -1), base.clamp(0, 1) ** 2])[None]
+    lik = GroupNMI(beta=1.0, histogram=histogram)
+    full = float(lik.similarity(group))
+    n = group.shape[2:].numel()
+    torch.manual_seed(0)
+    draws = {m: torch.tensor([float(SubsampledLikelihood(lik, m)(group)) / n for _ in range(40)]) for m in (4096, 16384)}
+    bias = {m: float(d.mean()) - full for m, d in draws.items()}
+    assert abs(bias[4096]) < 0.008 and float((draws[4096] - full).abs().max()) < 0.015
+    assert abs(bias[16384]) < 0.4 * abs(bias[4096])
+
+
+def test_subsampling_leaves_what_it_cannot_estimate_alone():
+    """Whole grids at or below M voxels, voxels = 0, LNCC (local windows) and user similarities
+    (which may use neighbourhoods) get the full likelihood."""
+    x = torch.rand(1, 2, 4, 4, 4)
+    nmi_lik = GroupNMI()
+    assert torch.equal(SubsampledLikelihood(nmi_lik, 64)(x), nmi_lik(x))
+    assert subsample_likelihood(nmi_lik, 0) is nmi_lik
+    lncc_lik = GroupSimilarity("lncc", window=3)
+    assert subsample_likelihood(lncc_lik, 10) is lncc_lik
+    custom = GroupSimilarity(lambda a, b: -(a - b).abs().mean((1, 2, 3)))
+    assert subsample_likelihood(custom, 10) is custom
+    assert isinstance(subsample_likelihood(GroupSimilarity("mi"), 10), SubsampledLikelihood)
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
+        (lambda: SubsampledLikelihood(GroupSimilarity("lncc"), 10), r"expected a GroupSimilarity .*got 'lncc'"),
+        (lambda: SubsampledLikelihood(GroupNMI(), 0), r"voxels: expected an integer >= 1, got 0"),
+        (lambda: SubsampledLikelihood(GroupNMI(), 10)(torch.rand(2, 4, 4, 4)), r"warped"),
         (lambda: group_nmi(torch.rand(1, 1, 4, 4, 4)), r"K >= 2"),
         (lambda: nmi(torch.rand(1, 4, 4, 4), torch.rand(1, 4, 4, 5)), r"equal shape"),
         (lambda: nmi(torch.rand(1, 8), torch.rand(1, 8), bins=1), r"bins"),

@@ -102,6 +102,24 @@ def test_finetuning_never_makes_the_elbo_worse(group, lr):
         assert info["kept"] == "refined" and info["elbo_loss_after"] < info["elbo_loss_before"] - 0.5, info
 
 
+def test_subsampled_steps_learn_and_the_guard_judges_with_the_full_likelihood(group, monkeypatch):
+    """register.likelihood_voxels: every SVI step calls the likelihood on that many voxels (20³ = 8000
+    here, 500 drawn), the fit still improves the ELBO by a margin, and the reported ELBOs are the
+    full likelihood's (the returned guide's full-likelihood ELBO equals ``elbo_loss_after``)."""
+    from groupmorph_pyro import likelihoods
+
+    model = GroupMorphModel(3)
+    x = normalize_group(group.images)
+    loc, scale = torch.zeros(1, 2, 3, *x.shape[2:]), torch.full((1, 2, 3, *x.shape[2:]), 0.05)
+    sizes, call = [], likelihoods.GroupNMI.similarity
+    monkeypatch.setattr(likelihoods.GroupNMI, "similarity", lambda self, w: sizes.append(w.shape[2:].numel()) or call(self, w))
+    guide, info = fit_case(model, x, 0, loc, scale, RegisterConfig(lr=0.2, likelihood_voxels=500), steps=8)
+    assert sizes.count(500) == 8 and set(sizes) == {500, 8000}  # steps drawn, guard whole
+    assert info["kept"] == "refined" and info["elbo_loss_after"] < info["elbo_loss_before"] - 0.5, info
+    assert elbo_loss(model, guide, x, 0) == pytest.approx(info["elbo_loss_after"], rel=1e-5)
+    assert model.likelihood.__class__ is likelihoods.GroupNMI  # the caller's model is left as it was
+
+
 def test_finetuning_an_amortised_posterior_improves_its_elbo(group):
     """Fine-tuning from a (random, near-identity) network's posterior must improve the ELBO by a margin."""
     cfg = Config()
@@ -187,7 +205,7 @@ def test_coarse_to_fine_reaches_the_full_resolution_result_in_fewer_full_steps()
     results = {}
     for name, pyramid, steps in (("full", [1], 120), ("pyramid", [2, 1], 30)):
         cfg = Config()
-        cfg.model.num_timepoints = 3
+        cfg.model.num_timepoints, cfg.model.prior = 3, "laplacian"  # bending: pyramid 0.33, full only 0.60 mm
         cfg.register.pyramid, cfg.register.coarse_steps = pyramid, 100
         res = register(g.images, cfg, finetune_steps=steps, landmarks=g.landmarks, affine=g.affine, seed=0)
         results[name] = res.summary["landmarks"]

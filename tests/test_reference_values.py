@@ -9,7 +9,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from groupmorph_pyro.likelihoods import bspline_weights, group_nmi, joint_histograms, mutual_information, nmi
+from groupmorph_pyro.likelihoods import (GroupNMI, GroupSimilarity, SubsampledLikelihood, bspline_weights, group_nmi,
+                                         joint_histograms, mutual_information, nmi)
 from groupmorph_pyro.metrics import landmark_distances
 from groupmorph_pyro.preprocess import sliding_window
 from groupmorph_pyro.spatial import integrate_velocity, jacobian_determinant, map_points
@@ -116,6 +117,33 @@ def test_independent_random_images_have_near_zero_mutual_information():
     a, b = torch.rand(1, 40, 40, 40, generator=g), torch.rand(1, 40, 40, 40, generator=g)
     assert float(mutual_information(a, b, bins=8)) < 2e-3
     assert float(nmi(a, b, bins=8)) < 2e-3
+
+
+def test_subsampled_nmi_likelihood_equals_a_float64_reference_on_the_drawn_voxels():
+    """β · N_vox · mean pairwise NMI of the voxels drawn by torch.randint (uniform, with
+    replacement; every image at the same voxels), against the loop reference on those voxels."""
+    a, b = _images(seed=2)
+    c = (0.3 + 0.6 * a**3).clip(0, 1)
+    group = torch.from_numpy(np.stack([a, b, c])).float()[None]  # (1, 3, 6, 7, 5): 210 voxels
+    torch.manual_seed(5)
+    got = float(SubsampledLikelihood(GroupNMI(beta=2.0, bins=8), 60)(group))
+    torch.manual_seed(5)
+    index = torch.randint(210, (60,)).numpy()
+    flat = [v.ravel()[index] for v in (a, b, c)]
+    w = [_gaussian_weights_np(v, 8, 0.5) for v in flat]
+    want = np.mean([_nmi_mi_np(w[i], w[j])[0] for i, j in ((0, 1), (0, 2), (1, 2))]) * 2.0 * 210
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_subsampled_ssd_of_a_constant_difference_is_exact():
+    """SSD of b = a + 0.05 is −0.05² / (2σ²) per voxel at every voxel, so any draw gives the full
+    value β · N_vox · that (scaled by all voxels, not by the drawn ones)."""
+    a, _ = _images()
+    group = torch.from_numpy(np.stack([a, a + 0.05])).float()[None]
+    lik = GroupSimilarity("ssd", beta=3.0, sigma=0.1)
+    torch.manual_seed(0)
+    got = float(SubsampledLikelihood(lik, 17)(group))
+    assert got == pytest.approx(3.0 * a.size * -(0.05**2) / (2 * 0.1**2), rel=1e-4)
 
 
 # ---------------------------------------------------------------- geometry

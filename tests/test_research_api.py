@@ -34,6 +34,8 @@ def test_bending_prior_log_prob_and_kl_equal_dense():
     z = torch.randn(4, 3, *TINY, dtype=torch.float64)
     assert torch.allclose(p.log_prob(z), mvn.log_prob(z.reshape(4, 3, n)).sum(-1), rtol=1e-10)
     assert torch.allclose(apply_laplacian(z[0, 0]).reshape(-1), lap @ z[0, 0].reshape(-1))
+    # diag Λ: the per-case σ reset's 1/sqrt(diag Λ) (bending is the default prior)
+    assert torch.allclose(p.precision_diagonal(dtype=torch.float64).reshape(-1), torch.diagonal(prec), rtol=1e-12)
     loc, scale = torch.randn(3, *TINY, dtype=torch.float64), 0.2 + torch.rand(3, *TINY, dtype=torch.float64)
     kl = kl_divergence(dist.Normal(loc, scale).to_event(4), p)
     dense = sum(kl_divergence(MultivariateNormal(loc[c].reshape(-1), scale_tril=torch.diag(scale[c].reshape(-1))), mvn)

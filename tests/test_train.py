@@ -67,7 +67,7 @@ def test_refuses_to_clobber_or_resume_mismatch(tmp_path):
     train(cfg, progress=False)
     with pytest.raises(InputError, match="exists: pass --resume"):
         train(cfg, progress=False)
-    cfg.model.prior_options = {"lambda_u": 2.0}
+    cfg.model.prior_options = {"lambda_v": 0.02}
     with pytest.raises(InputError, match="different model config"):
         train(cfg, resume=True, progress=False)
     with pytest.raises(InputError, match="no checkpoint"):
