@@ -44,6 +44,11 @@ def coverage(samples: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor, lev
     return float(inside[..., mask].double().mean())
 
 
+def _key_values(items) -> dict:
+    """``["key=value", ...]`` -> ``{key: YAML value}``, then typed and checked like a config file's."""
+    return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}
+
+
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--betas", type=float, nargs="+", default=[1.0, 5.0, 20.0])
@@ -68,13 +73,8 @@ def main(argv=None) -> list:
         register = dict(LEGACY) if args.engine == "legacy" else {}
         if args.steps is not None:
             register["steps"] = args.steps
-        for item in args.set:  # YAML values, then typed and checked like a config file's
-            key, value = item.split("=", 1)
-            register[key] = yaml.safe_load(value)
-        model = {"num_timepoints": 4, "beta": beta}
-        for item in args.model:
-            key, value = item.split("=", 1)
-            model[key] = yaml.safe_load(value)
+        register.update(_key_values(args.set))
+        model = {"num_timepoints": 4, "beta": beta, **_key_values(args.model)}
         if args.engine == "legacy":
             model.update(prior="laplacian", histogram="gaussian")  # that engine's defaults (bending, bspline since 2026-12-01)
         cfg = Config.from_dict({"model": model, "register": register}, "--set")

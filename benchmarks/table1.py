@@ -186,12 +186,11 @@ def main(argv=None) -> list:
     for name, images, spacing, landmarks in datasets(args):
         cfg = Config()
         cfg.model.num_timepoints = images.shape[0]
-        legacy = copy.deepcopy(cfg)  # the per-case engine before 2026-11-25 (as benchmarks/calibration.py --engine legacy)
-        for key, value in LEGACY_ENGINE.items():
-            setattr(legacy.register, key, value)
-        legacy.model.prior, legacy.model.histogram = "laplacian", "gaussian"  # the defaults then
         previous = copy.deepcopy(cfg)  # today's engine with the model defaults before 2026-12-01
         previous.model.prior, previous.model.histogram = "laplacian", "gaussian"
+        legacy = copy.deepcopy(previous)  # the per-case engine before 2026-11-25 (as benchmarks/calibration.py --engine legacy)
+        for key, value in LEGACY_ENGINE.items():
+            setattr(legacy.register, key, value)
         methods = {
             "identity": lambda: identity(images),
             "elastix (B-spline, NMI)": lambda: elastix_all_to_one(images, spacing, 0, elx),

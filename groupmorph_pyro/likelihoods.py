@@ -337,8 +337,8 @@ class SubsampledLikelihood:
 
     ``log p ≈ β · N_vox · sim(warped at the drawn voxels)``: the same scale as the full likelihood
     (``N_vox`` is the whole grid's voxel count). For the histogram similarities the estimate is
-    consistent but biased: the entropies of an ``M``-sample Parzen histogram sit slightly below the
-    full-volume ones (tests/test_likelihoods.py pins the size of that bias). Per-case SVI steps
+    consistent but biased: an ``M``-sample Parzen histogram's NMI sits slightly above the full
+    volume's, by about 1/M (tests/test_likelihoods.py pins the size of that bias). Per-case SVI steps
     use it (``register.likelihood_voxels``); ELBO comparisons and summaries use the full likelihood.
 
     Args:

@@ -126,9 +126,8 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     initial = copy.deepcopy(guide.state_dict())
     before = elbo_loss(model, guide, images, fixed, eval_particles)
     guard_seconds = time.perf_counter() - clock
-    step_model = model  # the SVI steps' model: its likelihood on random voxels with register.likelihood_voxels
-    if settings.likelihood_voxels and subsample_likelihood(model.likelihood, 1) is not model.likelihood:
-        step_model = model.with_likelihood(subsample_likelihood(model.likelihood, settings.likelihood_voxels))
+    step_likelihood = subsample_likelihood(model.likelihood, settings.likelihood_voxels)  # the SVI steps' (random voxels)
+    step_model = model if step_likelihood is model.likelihood else model.with_likelihood(step_likelihood)
     loss_fn = (TraceMeanField_ELBO() if elbo == "meanfield" else Trace_ELBO()).differentiable_loss
     scale_lr = settings.lr if settings.scale_lr is None else settings.scale_lr
     groups = [{"params": [guide.whitened], "lr": settings.lr}] if fit_mean else []
