@@ -33,7 +33,8 @@ from groupmorph_pyro.spatial import integrate_velocity
 from groupmorph_pyro.synthetic import breathing_phantom
 
 
-LEGACY = {"pyramid": [1], "lr": 0.2, "schedule": "constant", "average": 0.0, "steps": 100, "patience": 0, "scale_steps": 0}
+LEGACY = {"pyramid": [1], "lr": 0.2, "schedule": "constant", "average": 0.0, "steps": 100, "patience": 0, "scale_steps": 0,
+          "covariance": "diagonal"}
 
 
 def coverage(samples: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor, level: float = 0.9) -> float:
@@ -93,7 +94,8 @@ def main(argv=None) -> list:
                "model": {"prior": cfg.model.prior, "histogram": cfg.model.histogram}, "coverage90_all": coverage(disp, truth.double(), everywhere),
                "coverage90_moving": coverage(disp, truth.double(), moving),
                "mean_sd_voxels": float(disp.std(0).mean()), "landmark_mm": lm["mean_mm"],
-               "elbo_loss_per_voxel": info["elbo_loss_after"]}
+               "elbo_loss_per_voxel": info["elbo_loss_after"],
+               "covariance": info.get("scale_phase", {}).get("covariance", "diagonal")}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print("\n| β | coverage of 90% interval (all voxels) | (moving voxels) | mean posterior sd (voxels) | landmark mm |")

@@ -37,7 +37,7 @@ from groupmorph_pyro.registration import register
 from groupmorph_pyro.synthetic import anatomy_group, breathing_phantom, dce_phantom
 
 LEGACY_ENGINE = {"pyramid": [1], "lr": 0.2, "schedule": "constant", "average": 0.0, "steps": 300, "patience": 50,
-                 "scale_steps": 0}
+                 "scale_steps": 0, "covariance": "diagonal"}
 """``register`` settings of the per-case engine before the coarse-to-fine schedule (its defaults then; with
 the Laplacian prior and the Gaussian histogram, the model defaults until 2026-12-01)."""
 TRAIN_SEED = 100  # training phantoms use seeds TRAIN_SEED.. ; the test phantoms use seeds 1 and 2
@@ -186,7 +186,9 @@ def main(argv=None) -> list:
     for name, images, spacing, landmarks in datasets(args):
         cfg = Config()
         cfg.model.num_timepoints = images.shape[0]
-        previous = copy.deepcopy(cfg)  # today's engine with the model defaults before 2026-12-01
+        before = copy.deepcopy(cfg)  # the defaults before integration_downsize and the correlated σ (2026-12-01, 19:00)
+        before.model.integration_downsize, before.register.covariance = 1, "diagonal"
+        previous = copy.deepcopy(before)  # today's engine with the model defaults before 2026-12-01
         previous.model.prior, previous.model.histogram = "laplacian", "gaussian"
         legacy = copy.deepcopy(previous)  # the per-case engine before 2026-11-25 (as benchmarks/calibration.py --engine legacy)
         for key, value in LEGACY_ENGINE.items():
@@ -198,6 +200,8 @@ def main(argv=None) -> list:
             "ants (affine + SyN, Mattes MI)": lambda: ants_all_to_one(images, spacing, 0, ants_settings),
             "voxelmorph-diff (K=2, per-case)": lambda: pairwise_groupmorph(images, cfg, 0, steps),
             "groupmorph-diff all-to-one (per-case)": lambda: register(images, cfg, finetune_steps=steps),
+            "groupmorph-diff all-to-one (per-case, before: full-grid integration, diagonal σ)":
+                lambda: register(images, before, finetune_steps=steps),
             "groupmorph-diff all-to-one (per-case, Laplacian prior + Gaussian histogram)":
                 lambda: register(images, previous, finetune_steps=steps),
             "groupmorph-diff all-to-one (per-case, legacy engine)": lambda: register(images, legacy, finetune_steps=steps),

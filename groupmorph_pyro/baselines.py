@@ -246,6 +246,7 @@ def pairwise_groupmorph(images, config: Config | None = None, fixed: int = 0, st
         lambda_u = cfg.model.prior_options.get("lambda_u", 1.0) if cfg.model.prior == "laplacian" else 1.0
         cfg.model.prior, cfg.model.prior_options = "laplacian", {"lambda_u": lambda_u, "lambda_v": lambda_v}
     cfg.model.num_timepoints, cfg.model.mode = 2, "all-to-one"
+    cfg.register.covariance = "diagonal"  # VoxelMorph's posterior is a diagonal Normal
     disp = np.zeros((k, 3, *images.shape[1:]), np.float32)
     start = time.perf_counter()
     for i in range(k):

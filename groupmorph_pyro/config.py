@@ -39,6 +39,7 @@ class ModelConfig(_Section):
     mode: str = "all-to-one"  # or "all-moving"; pairwise = all-to-one with num_timepoints 2
     diffeomorphic: bool = True
     integration_steps: int = 7
+    integration_downsize: int = 3  # the squarings run on a grid this many times coarser (1 = full grid, the paper's)
     prior: str = "bending"  # "bending" (λ_v I + λ_b L², default), "laplacian" (λ_v I + λ_u L, the paper's), "diagonal" (λ_v I)
     prior_options: dict = field(default_factory=dict)  # the prior's weights, e.g. {lambda_u: 1.0, lambda_v: 0.01}
     likelihood: str = "nmi"  # "nmi", "mi", "lncc", "ssd" (see likelihoods.SIMILARITIES)
@@ -58,6 +59,9 @@ class ModelConfig(_Section):
             raise InputError(f"model.num_timepoints: expected an integer >= 2, got {self.num_timepoints!r}")
         for name in ("beta", "alpha"):
             check_positive(f"model.{name}", getattr(self, name))
+        if isinstance(self.integration_downsize, bool) or int(self.integration_downsize) != self.integration_downsize \
+                or self.integration_downsize < 1:
+            raise InputError(f"model.integration_downsize: expected an integer >= 1, got {self.integration_downsize!r}")
         if self.prior not in PRIORS:
             raise InputError(f"model.prior: expected one of {list(PRIORS)}, got {self.prior!r}")
         try:
@@ -146,25 +150,31 @@ class RegisterConfig(_Section):
     scale_reset: bool = True  # after the mean's fit, set σ to the prior's mean-field optimum 1/sqrt(diag Λ)
     scale_steps: int = 5  # then this many steps on log σ alone (mean fixed), at scale_phase_lr (0 = none)
     scale_phase_lr: float = 0.1  # Adam step on log σ in those steps (constant)
+    covariance: str = "dct"  # posterior family after the σ phase: "diagonal", or "dct" (also tried: kept if its ELBO is better)
     schedule: str = "cosine"  # learning-rate schedule over each level's steps: "constant" or "cosine" (to 0)
     average: float = 0.3  # average the guide's parameters over this final fraction of each level's steps (0 = off)
     pyramid: list[int] = field(default_factory=lambda: [2, 1])  # per-case from zero: shrink factors, coarse to fine, ending in 1
     coarse_steps: int = 150  # SVI steps at each coarse pyramid level (the full-resolution level runs `steps`)
     init_scale: float = 0.05  # initial posterior sd (voxels) when starting from zero
     likelihood_voxels: int = 0  # SVI steps estimate NMI/MI/SSD on this many random voxels per step (0 = all)
+    guard_particles: int = 4  # particles of the ELBO estimates that decide whether a fit is kept
     window: list[int] = field(default_factory=list)  # amortised pass on tiles of this size (d, h, w); [] = whole volume
     overlap: float = 0.25  # tile overlap fraction for `window`
 
     def validate(self):
-        for name in ("steps", "patience", "coarse_steps", "scale_steps", "likelihood_voxels"):
+        for name in ("steps", "patience", "coarse_steps", "scale_steps", "likelihood_voxels", "guard_particles"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"register.{name}: expected an integer >= 0, got {value!r}")
+        if self.guard_particles < 1:
+            raise InputError(f"register.guard_particles: expected an integer >= 1, got {self.guard_particles!r}")
         check_positive("register.lr", self.lr)
         check_positive("register.finetune_lr", self.finetune_lr)
         check_positive("register.scale_phase_lr", self.scale_phase_lr)
         if self.scale_lr is not None:
             check_positive("register.scale_lr", self.scale_lr)
+        if self.covariance not in ("diagonal", "dct"):
+            raise InputError(f"register.covariance: expected 'diagonal' or 'dct', got {self.covariance!r}")
         if self.schedule not in ("constant", "cosine"):
             raise InputError(f"register.schedule: expected 'constant' or 'cosine', got {self.schedule!r}")
         if not 0 <= self.average < 1:
@@ -319,6 +329,7 @@ def _migrate_prior_weights(model: dict, source: str) -> dict:
                              f"(its options: {sorted(takes)}); set model.prior_options instead")
     model["prior_options"] = options
     model["prior"] = name  # such files predate the bending default: their prior was the Laplacian
+    model.setdefault("integration_downsize", 1)  # and integration on the full grid
     return model
 
 

@@ -127,19 +127,20 @@ def _per_timepoint(fn, *tensors: torch.Tensor, chunk: int | None = None) -> torc
 
 
 def displacements(fields: torch.Tensor, diffeomorphic: bool = True, steps: int = 7,
-                  chunk: int | None = None) -> torch.Tensor:
+                  chunk: int | None = None, downsize: int = 1) -> torch.Tensor:
     """``φ_k − Id`` in voxels, ``(B, K, 3, D, H, W)`` from fields ``v`` of the same shape
-    (``chunk``: timepoints integrated at a time, see :func:`_per_timepoint`)."""
+    (``chunk``: timepoints integrated at a time, see :func:`_per_timepoint`; ``downsize``: squarings
+    on a grid that many times coarser, see :func:`~groupmorph_pyro.spatial.integrate_velocity`)."""
     if not diffeomorphic:
         return fields
-    return _per_timepoint(lambda v: integrate_velocity(v, steps), fields, chunk=chunk)
+    return _per_timepoint(lambda v: integrate_velocity(v, steps, downsize), fields, chunk=chunk)
 
 
 def inverse_displacements(fields: torch.Tensor, diffeomorphic: bool = True, steps: int = 7,
-                          chunk: int | None = None) -> torch.Tensor:
+                          chunk: int | None = None, downsize: int = 1) -> torch.Tensor:
     """``φ_k⁻¹ − Id`` in voxels, ``(B, K, 3, D, H, W)``: ``exp(−v)``, or a fixed-point inverse."""
     if diffeomorphic:
-        return _per_timepoint(lambda v: integrate_velocity(-v, steps), fields, chunk=chunk)
+        return _per_timepoint(lambda v: integrate_velocity(-v, steps, downsize), fields, chunk=chunk)
     return _per_timepoint(invert_displacement, fields, chunk=chunk)
 
 
@@ -185,22 +186,28 @@ class GroupTransform:
         diffeomorphic: fields are velocities integrated by scaling and squaring (True) or
             displacements (False).
         integration_steps: scaling-and-squaring steps T.
+        integration_downsize: the squarings run on a grid this many times coarser (1: full grid).
         chunk: maps computed at a time: None (all in one batch, e.g. under autograd), an integer, or
             ``"auto"`` (:func:`timepoints_per_batch` of the grid; for inference under ``no_grad``).
     """
 
     def __init__(self, num_timepoints: int, mode: str = "all-to-one", fixed: int | None = None,
-                 diffeomorphic: bool = True, integration_steps: int = 7, chunk=None):
+                 diffeomorphic: bool = True, integration_steps: int = 7, chunk=None, integration_downsize: int = 1):
         self.fixed = check_mode(mode, num_timepoints, fixed)
         self.num_timepoints, self.mode = int(num_timepoints), mode
         self.diffeomorphic, self.integration_steps = bool(diffeomorphic), int(integration_steps)
+        if isinstance(integration_downsize, bool) or int(integration_downsize) != integration_downsize \
+                or integration_downsize < 1:
+            raise InputError(f"integration_downsize: expected an integer >= 1, got {integration_downsize!r}")
+        self.integration_downsize = int(integration_downsize)
         if not (chunk is None or chunk == "auto" or (isinstance(chunk, int) and chunk >= 1)):
             raise InputError(f"chunk: expected None, 'auto' or an integer >= 1, got {chunk!r}")
         self.chunk = chunk
 
     def __repr__(self) -> str:
         return (f"GroupTransform(K={self.num_timepoints}, mode={self.mode!r}, fixed={self.fixed}, "
-                f"diffeomorphic={self.diffeomorphic}, integration_steps={self.integration_steps})")
+                f"diffeomorphic={self.diffeomorphic}, integration_steps={self.integration_steps}, "
+                f"integration_downsize={self.integration_downsize})")
 
     @property
     def latent_indices(self) -> list[int]:
@@ -221,12 +228,13 @@ class GroupTransform:
     def displacements(self, z: torch.Tensor) -> torch.Tensor:
         """``φ_k − Id`` in voxels, ``(B, K, 3, D, H, W)``, from latents ``z``."""
         v = self.fields(z)
-        return displacements(v, self.diffeomorphic, self.integration_steps, chunk=self._chunk(v))
+        return displacements(v, self.diffeomorphic, self.integration_steps, self._chunk(v), self.integration_downsize)
 
     def inverse_displacements(self, z: torch.Tensor) -> torch.Tensor:
         """``φ_k⁻¹ − Id`` in voxels, ``(B, K, 3, D, H, W)``: ``exp(−v_k)``, or a fixed-point inverse."""
         v = self.fields(z)
-        return inverse_displacements(v, self.diffeomorphic, self.integration_steps, chunk=self._chunk(v))
+        return inverse_displacements(v, self.diffeomorphic, self.integration_steps, self._chunk(v),
+                                     self.integration_downsize)
 
     def jacobians(self, disp: torch.Tensor) -> torch.Tensor:
         """``det Jφ_k``, ``(B, K, D, H, W)``, from displacements ``(B, K, 3, D, H, W)`` (voxels)."""

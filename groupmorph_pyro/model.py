@@ -22,7 +22,7 @@ from .group import GroupTransform, check_mode, latent_indices, relative_to_fixed
 from .likelihoods import GroupNMI, GroupSimilarity, check_likelihood
 from .networks import UNet3D, check_compile, check_precision, network_autocast
 from .preprocess import crop_to_shape, pad_to_multiple
-from .priors import DCTGaussianField, LaplacianNormal, dct3, idct3, make_prior
+from .priors import CorrelatedNormal, DCTGaussianField, LaplacianNormal, dct3, idct3, make_prior
 
 __all__ = ["LocalParamsModule", "GroupMorphModel", "GroupMorphGuide", "FixedFrameGuide", "serve_guide", "CaseGuide", "build_model", "build_guide",
            "build_likelihood"]
@@ -70,6 +70,8 @@ class GroupMorphModel(PyroModule):
         mode: ``"all-to-one"`` or ``"all-moving"`` (pairwise = all-to-one with K=2).
         diffeomorphic: z is a velocity (True) or a displacement (False).
         integration_steps: scaling-and-squaring steps T.
+        integration_downsize: the squarings run on a grid this many times coarser and the maps are
+            resampled back (1, the default: the full grid; see :func:`~groupmorph_pyro.spatial.integrate_velocity`).
         prior: callable ``prior(spatial_shape: tuple, device) -> distribution`` with event shape
             ``(3, D, H, W)`` (e.g. ``priors.make_prior("bending", lambda_b=2.0)``, a lambda around
             :class:`~groupmorph_pyro.priors.BendingNormal`, or your own Pyro distribution); default
@@ -83,13 +85,16 @@ class GroupMorphModel(PyroModule):
     """
 
     def __init__(self, num_timepoints: int, mode: str = "all-to-one", diffeomorphic: bool = True,
-                 integration_steps: int = 7, prior: Callable | None = None, likelihood: Callable | None = None):
+                 integration_steps: int = 7, prior: Callable | None = None, likelihood: Callable | None = None,
+                 integration_downsize: int = 1):
         super().__init__()
         check_mode(mode, num_timepoints, None if mode == "all-moving" else 0)
         self.num_timepoints = int(num_timepoints)
         self.mode = mode
         self.diffeomorphic = bool(diffeomorphic)
         self.integration_steps = int(integration_steps)
+        self.integration_downsize = GroupTransform(self.num_timepoints, mode, None if mode == "all-moving" else 0,
+                                                   integration_downsize=integration_downsize).integration_downsize
         if prior is not None:
             check_arity("prior", prior, 2, "prior(spatial_shape: tuple, device) -> distribution with event (3, D, H, W)")
         if likelihood is not None:
@@ -134,7 +139,8 @@ class GroupMorphModel(PyroModule):
     def transform(self, fixed: int | None = None, chunk=None) -> GroupTransform:
         """The group's transformation (latents -> maps, warped group) for fixed timepoint ``fixed``
         (all-to-one; None = 0) under this model's mode and variant; ``chunk`` as in GroupTransform."""
-        return GroupTransform(self.num_timepoints, self.mode, fixed, self.diffeomorphic, self.integration_steps, chunk)
+        return GroupTransform(self.num_timepoints, self.mode, fixed, self.diffeomorphic, self.integration_steps, chunk,
+                              self.integration_downsize)
 
     def prior_distribution(self, spatial_shape, device=None):
         """The prior of one latent field on a ``(D, H, W)`` grid (event shape ``(3, D, H, W)``), checked."""
@@ -322,9 +328,13 @@ class CaseGuide(LocalParamsModule):
         prior: the model's prior on this grid (a :class:`~groupmorph_pyro.priors.DCTGaussianField`,
             whose spectrum whitens the mean); None or another distribution: the paper's Laplacian
             prior's spectrum (λ_u = 1, λ_v = 0.01).
+        spectrum: None (the default) for the diagonal Normal ``N(μ, σ²)``; or a per-frequency
+            colouring ``s > 0`` broadcastable to loc, for the correlated family
+            :class:`~groupmorph_pyro.priors.CorrelatedNormal` ``z = μ + σ ⊙ IDCT(s ⊙ ε)`` (then σ is
+            the per-voxel modulation, and :meth:`distribution_params` returns the marginal sd).
     """
 
-    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, prior=None):
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, prior=None, spectrum: torch.Tensor | None = None):
         super().__init__()
         check_tensor("loc", loc, ndim=6, layout="(B, K_lat, 3, D, H, W)")
         if not isinstance(prior, DCTGaussianField):
@@ -336,22 +346,43 @@ class CaseGuide(LocalParamsModule):
         self.register_buffer("_eig", eig.to(loc.dtype), persistent=False)
         self.whitened = PyroParam(dct3(loc.detach()) * self._sqrt_eig(loc))
         self.log_scale = PyroParam(torch.broadcast_to(scale.detach(), loc.shape).log().clone())
+        if spectrum is not None:
+            if not torch.isfinite(spectrum).all() or (spectrum <= 0).any():
+                raise InputError("CaseGuide: expected a finite spectrum > 0, got min "
+                                 f"{float(spectrum.min()) if spectrum.numel() else 'empty'}")
+            self.log_spectrum = PyroParam(torch.broadcast_to(spectrum.detach().to(loc.dtype), loc.shape).log().clone())
+        else:
+            self.log_spectrum = None
 
     def _sqrt_eig(self, ref: torch.Tensor) -> torch.Tensor:
         return self._eig.to(ref.device, ref.dtype).sqrt()
 
-    def distribution_params(self):
-        """``(loc, scale)``, each ``(B, K_lat, 3, D, H, W)`` in voxels."""
+    @property
+    def correlated(self) -> bool:
+        """True for the :class:`~groupmorph_pyro.priors.CorrelatedNormal` family (a spectrum is set)."""
+        return self.log_spectrum is not None
+
+    def distribution(self) -> dist.TorchDistribution:
+        """q(z): ``Normal(μ, σ).to_event(4)`` or ``CorrelatedNormal(μ, σ, s)``, batch ``(B, K_lat)``."""
         w = self.whitened
-        return idct3(w / self._sqrt_eig(w)), self.log_scale.exp()
+        loc = idct3(w / self._sqrt_eig(w))
+        if self.correlated:
+            return CorrelatedNormal(loc, self.log_scale.exp(), self.log_spectrum.exp())
+        return dist.Normal(loc, self.log_scale.exp()).to_event(4)
+
+    def distribution_params(self):
+        """``(loc, scale)``, each ``(B, K_lat, 3, D, H, W)`` in voxels; scale is the marginal sd."""
+        q = self.distribution()
+        return (q.mean, q.variance.sqrt()) if self.correlated else (q.mean, self.log_scale.exp())
 
     def forward(self, images: torch.Tensor, fixed: int | None = None) -> torch.Tensor:
-        loc, scale = self.distribution_params()
-        if images.shape[0] != loc.shape[0] or images.shape[2:] != loc.shape[3:]:
-            raise InputError(f"CaseGuide: parameters {tuple(loc.shape)} do not fit images {tuple(images.shape)}")
-        with pyro.plate("groups", loc.shape[0], dim=-2):
-            with pyro.plate("timepoints", loc.shape[1], dim=-1):
-                return pyro.sample("z", dist.Normal(loc, scale).to_event(4))
+        q = self.distribution()
+        if images.shape[0] != q.batch_shape[0] or images.shape[2:] != q.event_shape[1:]:
+            raise InputError(f"CaseGuide: parameters {tuple(q.batch_shape + q.event_shape)} do not fit images "
+                             f"{tuple(images.shape)}")
+        with pyro.plate("groups", q.batch_shape[0], dim=-2):
+            with pyro.plate("timepoints", q.batch_shape[1], dim=-1):
+                return pyro.sample("z", q)
 
 
 def build_likelihood(cfg) -> GroupSimilarity:
@@ -370,7 +401,7 @@ def build_model(cfg, likelihood: Callable | None = None, prior: Callable | None 
     return GroupMorphModel(
         cfg.num_timepoints, cfg.mode, cfg.diffeomorphic, cfg.integration_steps,
         prior=prior or make_prior(cfg.prior, **cfg.prior_options),
-        likelihood=likelihood or build_likelihood(cfg),
+        likelihood=likelihood or build_likelihood(cfg), integration_downsize=cfg.integration_downsize,
     )
 
 

@@ -23,7 +23,7 @@ from torch.distributions import Independent, Normal, register_kl
 from .checks import InputError, Registry, check_positive, check_spatial_shape
 
 __all__ = [
-    "DCTGaussianField", "LaplacianNormal", "BendingNormal", "PRIORS", "make_prior",
+    "DCTGaussianField", "LaplacianNormal", "BendingNormal", "PRIORS", "make_prior", "CorrelatedNormal",
     "dct_matrix", "dct3", "idct3", "laplacian_eigenvalues", "laplacian_quadratic_form", "apply_laplacian",
 ]
 
@@ -171,10 +171,7 @@ class DCTGaussianField(TorchDistribution):
 
     @property
     def variance(self):
-        inv = 1.0 / self.precision_eigenvalues(self.device, torch.float64)
-        d, h, w = self.spatial_shape
-        cd, ch, cw = (dct_matrix(n, self.device, torch.float64).pow(2) for n in (d, h, w))
-        var = torch.einsum("ad,bh,cw,abc->dhw", cd, ch, cw, inv).float()
+        var = dct_marginal_variance(1.0 / self.precision_eigenvalues(self.device, torch.float64)).float()
         return var.expand(self.batch_shape + self.event_shape)
 
     def rsample(self, sample_shape=torch.Size()):
@@ -196,6 +193,82 @@ class DCTGaussianField(TorchDistribution):
         n = self.event_shape.numel()
         h = 0.5 * n * (1.0 + math.log(2 * math.pi)) - 0.5 * self.log_det_precision(self.device)
         return h.expand(self.batch_shape)
+
+
+def dct_marginal_variance(spectrum_sq: torch.Tensor) -> torch.Tensor:
+    """Per-voxel variance of ``IDCT(s ⊙ ε)``, ε white: ``Σ_k s_k² C_k(i)²`` with ``C`` the 3D DCT.
+
+    ``(..., D, H, W)`` of ``s²`` on the DCT grid -> ``(..., D, H, W)`` per voxel (same units²).
+    """
+    d, h, w = spectrum_sq.shape[-3:]
+    cd, ch, cw = (dct_matrix(n, spectrum_sq.device, spectrum_sq.dtype).pow(2) for n in (d, h, w))
+    return torch.einsum("ad,bh,cw,...abc->...dhw", cd, ch, cw, spectrum_sq)
+
+
+class CorrelatedNormal(TorchDistribution):
+    """Gaussian field ``z = loc + a ⊙ IDCT(s ⊙ ε)``, ε ~ N(0, I): a per-voxel sd ``a`` times a
+    stationary field coloured by a per-frequency ``s`` (the variational family of the per-case
+    guide's ``register.covariance: dct``).
+
+    Covariance ``S = A Cᵀ diag(s²) C A`` (``A = diag a``, ``C`` the orthonormal 3D DCT). ``s ≡ 1``
+    is ``N(loc, diag a²)``; ``a ≡ 1``, ``s² = 1 / (λ(k) + h)`` is exactly ``(Λ + h I)⁻¹`` for a DCT
+    prior with eigenvalues ``λ(k)``, the posterior of that prior under a likelihood of constant
+    curvature ``h``, whose spatial correlations a diagonal Normal cannot hold.
+
+    Args:
+        loc: ``(..., 3, D, H, W)`` mean (voxels); scale ``a`` and spectrum ``s``: > 0, broadcastable
+            to it (``a`` in voxels, ``s`` dimensionless). Batch shape ``loc.shape[:-4]``, event ``(3, D, H, W)``.
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive, "spectrum": constraints.positive}
+    support = constraints.independent(constraints.real, 4)
+    has_rsample = True
+
+    def __init__(self, loc, scale, spectrum, validate_args=None):
+        if loc.dim() < 4:
+            raise InputError(f"CorrelatedNormal: expected loc (..., 3, D, H, W), got shape {tuple(loc.shape)}")
+        try:
+            shape = torch.broadcast_shapes(loc.shape, scale.shape, spectrum.shape)
+        except RuntimeError:
+            shape = None
+        if shape != loc.shape:
+            raise InputError(f"CorrelatedNormal: scale {tuple(scale.shape)} and spectrum {tuple(spectrum.shape)} "
+                             f"must broadcast to loc {tuple(loc.shape)}")
+        self.loc, self.scale, self.spectrum = loc, scale.expand(shape), spectrum.expand(shape)
+        super().__init__(shape[:-4], shape[-4:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        shape = torch.Size(batch_shape) + self.event_shape
+        return CorrelatedNormal(self.loc.expand(shape), self.scale.expand(shape), self.spectrum.expand(shape),
+                                validate_args=False)
+
+    @property
+    def mean(self):
+        return self.loc
+
+    @property
+    def variance(self):
+        """Marginal variance per voxel and component, ``a_i² Σ_k s_k² C_k(i)²`` (voxels²)."""
+        return self.scale.pow(2) * dct_marginal_variance(self.spectrum.pow(2))
+
+    def rsample(self, sample_shape=torch.Size()):
+        eps = torch.randn(torch.Size(sample_shape) + self.loc.shape, device=self.loc.device, dtype=self.loc.dtype)
+        return self.loc + self.scale * idct3(self.spectrum * eps)
+
+    def log_prob(self, value):
+        if value.shape[-4:] != self.event_shape:
+            raise InputError(f"CorrelatedNormal.log_prob: expected trailing shape {tuple(self.event_shape)} "
+                             f"(3, D, H, W), got {tuple(value.shape)}")
+        eps = dct3((value - self.loc) / self.scale) / self.spectrum
+        return -0.5 * eps.pow(2).sum(dim=(-4, -3, -2, -1)) - self._log_det_sqrt() \
+            - 0.5 * self.event_shape.numel() * math.log(2 * math.pi)
+
+    def _log_det_sqrt(self) -> torch.Tensor:
+        """``½ log|S| = Σ log a + Σ log s`` over the event, shape = batch shape."""
+        return (self.scale.log() + self.spectrum.log()).sum(dim=(-4, -3, -2, -1))
+
+    def entropy(self):
+        return 0.5 * self.event_shape.numel() * (1.0 + math.log(2 * math.pi)) + self._log_det_sqrt()
 
 
 class LaplacianNormal(DCTGaussianField):

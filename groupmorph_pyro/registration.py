@@ -90,8 +90,8 @@ def elbo_loss(model, guide, images: torch.Tensor, fixed, particles: int = 8, see
 
 def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Tensor, scale: torch.Tensor,
              settings: RegisterConfig | None = None, steps: int | None = None, elbo: str = "trace",
-             progress: bool = False, eval_particles: int = 8, desc: str = "per-case SVI",
-             fit_mean: bool = True) -> tuple[CaseGuide, dict]:
+             progress: bool = False, eval_particles: int | None = None, desc: str = "per-case SVI",
+             fit_mean: bool = True, spectrum: torch.Tensor | None = None) -> tuple[CaseGuide, dict]:
     """Per-case SVI: refine a :class:`CaseGuide` initialised at (loc, scale) on this group alone.
 
     The guide's mean is whitened with the model's prior spectrum (see CaseGuide). Adam's step follows
@@ -110,7 +110,10 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
             ``schedule``, ``average``, ``patience``, ``steps`` (default
             :class:`RegisterConfig`);
         steps: maximum SVI steps (default ``settings.steps``); elbo: ``"trace"`` or ``"meanfield"``;
-        desc: the progress bar's label; fit_mean: False optimises log σ alone (the mean stays).
+        eval_particles: particles of the guard's two ELBO estimates (default ``settings.guard_particles``);
+        desc: the progress bar's label; fit_mean: False optimises log σ alone (the mean stays);
+        spectrum: None for the diagonal Normal, or the initial per-frequency colouring of the correlated
+            family (:class:`CaseGuide`), optimised together with log σ.
     Returns:
         (guide, info) with info keys ``losses`` (per step, per voxel), ``steps_run``,
         ``elbo_loss_before`` / ``elbo_loss_after`` (negative ELBO per voxel), ``kept`` ("refined"/"initial"),
@@ -119,10 +122,11 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     """
     settings = settings or RegisterConfig()
     steps = settings.steps if steps is None else steps
+    eval_particles = settings.guard_particles if eval_particles is None else eval_particles
     if int(steps) != steps or steps < 0:
         raise InputError(f"steps: expected an integer >= 0, got {steps!r}")
     clock = time.perf_counter()
-    guide = CaseGuide(loc, scale, model.prior_distribution(loc.shape[3:], loc.device))
+    guide = CaseGuide(loc, scale, model.prior_distribution(loc.shape[3:], loc.device), spectrum)
     initial = copy.deepcopy(guide.state_dict())
     before = elbo_loss(model, guide, images, fixed, eval_particles)
     guard_seconds = time.perf_counter() - clock
@@ -131,7 +135,8 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     loss_fn = (TraceMeanField_ELBO() if elbo == "meanfield" else Trace_ELBO()).differentiable_loss
     scale_lr = settings.lr if settings.scale_lr is None else settings.scale_lr
     groups = [{"params": [guide.whitened], "lr": settings.lr}] if fit_mean else []
-    optim = torch.optim.Adam(groups + [{"params": [guide.log_scale], "lr": scale_lr}])
+    spread = [guide.log_scale] + ([guide.log_spectrum] if guide.correlated else [])
+    optim = torch.optim.Adam(groups + [{"params": spread, "lr": scale_lr}])
     peaks = [group["lr"] for group in optim.param_groups]
     cosine = settings.schedule == "cosine"
     average_from = int(steps) - int(round(settings.average * int(steps))) if settings.average else None
@@ -276,8 +281,16 @@ def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGui
     ``fit_mean=False``), which add the likelihood's pull. Large steps on log σ during the mean's
     fit leave σ far below its ELBO optimum; this restores it at the cost of a few steps.
 
+    With ``settings.covariance == "dct"`` (and a DCT prior) the correlated family is then started from
+    this diagonal fit (:func:`correlated_start`, no steps) and replaces it when its ELBO estimate
+    (common random numbers) is better: a diagonal Normal's marginal sd is far below the posterior's
+    when the prior correlates neighbours (measured: 90 % intervals held the truth at 47 % of moving
+    voxels with the diagonal family under the bending prior, 97 % with the correlated one).
+
     Returns:
-        (guide, ``{"steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "seconds", "guard_seconds", "reset"}``).
+        (guide, ``{"steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "seconds", "guard_seconds",
+        "reset", "covariance"}``; ``covariance`` is the family kept, ``"diagonal"`` or ``"dct"``; with
+        ``"dct"`` tried, ``"correlated": {"elbo_loss", "seconds", "curvature_median"}``).
     """
     with torch.no_grad():
         loc, scale = case.distribution_params()
@@ -288,9 +301,54 @@ def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGui
     phase = dataclasses.replace(settings, scale_lr=settings.scale_phase_lr, schedule="constant", average=0.0)
     guide, info = fit_case(model, images, fixed, loc, scale, phase, settings.scale_steps, elbo, progress,
                            desc="per-case SVI, σ only", fit_mean=False)
-    report = {key: info[key] for key in ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "seconds",
-                                         "guard_seconds")}
-    return guide, {**report, "reset": reset}
+    keys = ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "seconds", "guard_seconds")
+    report = {key: info[key] for key in keys}
+    report.update(reset=reset, covariance="diagonal")
+    if settings.covariance == "dct" and isinstance(prior, DCTGaussianField):
+        with torch.no_grad():
+            loc, sigma = guide.distribution_params()
+            modulation, spectrum, curvature = correlated_start(prior, sigma)
+        # no steps: on the calibration phantom 5 more σ-phase steps changed neither its ELBO nor its coverage
+        corr, cinfo = fit_case(model, images, fixed, loc, modulation, phase, 0, elbo, progress,
+                               desc="per-case SVI, correlated σ", fit_mean=False, spectrum=spectrum)
+        report["correlated"] = {"elbo_loss": cinfo["elbo_loss_after"], "seconds": cinfo["seconds"],
+                                "curvature_median": float(curvature.median())}
+        report["seconds"] += cinfo["seconds"]
+        report["guard_seconds"] += cinfo["guard_seconds"]  # its one ELBO estimate
+        if cinfo["elbo_loss_after"] <= info["elbo_loss_after"]:  # the ELBO decides between the two families
+            guide = corr
+            report.update(covariance="dct", elbo_loss_after=cinfo["elbo_loss_after"])
+    return guide, report
+
+
+def correlated_start(prior: DCTGaussianField, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Start of the correlated posterior family from a fitted diagonal one (:func:`fit_scale`).
+
+    A diagonal Normal's ELBO optimum for a Gaussian posterior of precision ``P`` is
+    ``σ_i² = 1 / P_ii``; with ``P = Λ + diag(h)`` this gives the likelihood's curvature per voxel,
+    ``h_i = 1/σ_i² − Λ_ii``. With its median ``h`` per latent and component (clamped at 0), the
+    correlated family :class:`~groupmorph_pyro.priors.CorrelatedNormal` starts at spectrum
+    ``s(k) = 1 / sqrt(λ(k) + h)`` and modulation ``a_i = σ_i sqrt(Λ_ii + h)``: exactly
+    ``(Λ + h I)⁻¹`` where the curvature is constant, the diagonal fit's spread elsewhere.
+
+    Args:
+        prior: the model's DCT prior on this grid; sigma: ``(B, K_lat, 3, D, H, W)`` fitted sd (voxels), > 0.
+    Returns:
+        (modulation ``a`` like sigma, spectrum ``s`` like sigma, curvature ``h`` ``(B, K_lat, 3)``).
+    """
+    if tuple(sigma.shape[-3:]) != tuple(prior.spatial_shape) or sigma.dim() != 6:
+        raise InputError(f"correlated_start: expected sigma (B, K_lat, 3, {', '.join(map(str, prior.spatial_shape))}), "
+                         f"got {tuple(sigma.shape)}")
+    if not torch.isfinite(sigma).all() or (sigma <= 0).any():
+        raise InputError("correlated_start: expected a finite sigma > 0")
+    diag = prior.precision_diagonal(sigma.device, torch.float64)  # (D, H, W)
+    eig = prior.precision_eigenvalues(sigma.device, torch.float64)  # (D, H, W)
+    excess = (sigma.double().pow(-2) - diag).flatten(3)  # (B, K_lat, 3, N)
+    h = excess.median(dim=-1).values.clamp_min(0.0)  # (B, K_lat, 3)
+    hb = h[..., None, None, None]
+    spectrum = (eig + hb).rsqrt()
+    modulation = sigma.double() * (diag + hb).sqrt()
+    return modulation.to(sigma.dtype), spectrum.to(sigma.dtype), h.to(sigma.dtype)
 
 
 MIN_LEVEL_SIZE = 12  # voxels: coarser pyramid levels are skipped

@@ -125,20 +125,29 @@ def compose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return b + _warp(a, b)
 
 
-def integrate_velocity(v: torch.Tensor, steps: int = 7) -> torch.Tensor:
+def integrate_velocity(v: torch.Tensor, steps: int = 7, downsize: int = 1) -> torch.Tensor:
     """Exponentiate a stationary velocity field by scaling and squaring.
 
     ``u ← v / 2**steps``, then ``steps`` times ``u ← compose(u, u)``; ``Id + u ≈ exp(v)``.
+    With ``downsize`` f > 1 the squarings run on the grid f times coarser (:func:`level_shape`,
+    VoxelMorph's ``int_downsize``): ``v`` is resampled there (:func:`resize_displacement`,
+    trilinear, no blur), integrated, and the displacement resampled back to the full grid.
 
     Args:
         v: ``(B, 3, D, H, W)`` velocity in voxels.
-        steps: number of squarings T (>= 0; 0 returns ``v``).
+        steps: number of squarings T (>= 0; 0 returns ``v``, whatever ``downsize``).
+        downsize: integer f >= 1 (1: integrate on v's own grid).
     Returns:
-        ``(B, 3, D, H, W)`` displacement of ``exp(v)`` in voxels.
+        ``(B, 3, D, H, W)`` displacement of ``exp(v)`` in voxels of v's grid.
     """
     _check_field("v", v)
     if int(steps) != steps or steps < 0:
         raise InputError(f"steps: expected an integer >= 0, got {steps!r}")
+    if isinstance(downsize, bool) or int(downsize) != downsize or downsize < 1:
+        raise InputError(f"downsize: expected an integer >= 1, got {downsize!r}")
+    coarse = level_shape(v.shape[2:], int(downsize)) if steps else tuple(v.shape[2:])
+    if coarse != tuple(v.shape[2:]):
+        return resize_displacement(integrate_velocity(resize_displacement(v, coarse), steps), v.shape[2:])
     u = v / (2 ** int(steps))
     for _ in range(int(steps)):
         u = u + _warp(u, u)

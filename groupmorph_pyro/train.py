@@ -216,7 +216,10 @@ def load_checkpoint(path, device="cpu") -> tuple[Config, GroupMorphGuide, dict]:
         raise InputError(f"{path}: no such checkpoint file")
     try:
         state = torch.load(path, map_location=device, weights_only=False)
-        cfg = Config.from_dict(state["config"], source=str(path))
+        saved = dict(state["config"])
+        if "integration_downsize" not in (saved.get("model") or {}):  # written before the option (2026-12-01):
+            saved["model"] = {**saved.get("model", {}), "integration_downsize": 1}  # its network integrated on the full grid
+        cfg = Config.from_dict(saved, source=str(path))
         cfg.runtime = RuntimeConfig()
         guide = build_guide(cfg.model)
         guide.load_state_dict(state["guide"])

@@ -182,6 +182,7 @@ BAD_CONFIGS = {  # YAML text -> expected message (key, expected type, value)
     "average: 1.5": ("register:\n  average: 1.5\n", r"register.average: expected a fraction in \[0, 1\), got 1.5"),
     "scale_lr: fast": ("register:\n  scale_lr: fast\n", r"register.scale_lr: expected a number, got 'fast'"),
     "scale_phase_lr: 0": ("register:\n  scale_phase_lr: 0\n", r"register.scale_phase_lr"),
+    "covariance: full": ("register:\n  covariance: full\n", r"register.covariance: expected 'diagonal' or 'dct', got 'full'"),
     "likelihood_voxels: -1": ("register:\n  likelihood_voxels: -1\n", r"register.likelihood_voxels: expected an integer >= 0, got -1"),
     "lambda_u under the bending default": ("model:\n  prior_options: {lambda_u: 2}\n", r"set model.prior: laplacian"),
     "prior option typo": ("model:\n  prior: laplacian\n  prior_options: {lamda_u: 2}\n", r"prior 'laplacian' has no option\(s\) \[.lamda_u.\]"),

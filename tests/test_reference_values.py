@@ -9,9 +9,11 @@ import pytest
 import scipy.linalg
 import torch
 
+from groupmorph_pyro.config import Config
 from groupmorph_pyro.likelihoods import (GroupNMI, GroupSimilarity, SubsampledLikelihood, bspline_weights, group_nmi,
                                          joint_histograms, mutual_information, nmi)
 from groupmorph_pyro.metrics import landmark_distances
+from groupmorph_pyro.model import build_model
 from groupmorph_pyro.preprocess import sliding_window
 from groupmorph_pyro.spatial import integrate_velocity, jacobian_determinant, map_points
 
@@ -176,16 +178,44 @@ def test_jacobian_determinant_of_a_smooth_field_equals_numpy_gradients():
     assert np.allclose(jac, np.linalg.det(m), atol=1e-10)
 
 
-def test_exp_of_a_linear_velocity_is_the_matrix_exponential():
+@pytest.mark.parametrize("downsize, shape, centre", [(1, (21, 21, 21), (10.0, 10.0, 10.0)),
+                                                     (2, (21, 17, 25), (10.0, 8.0, 12.0)),
+                                                     (3, (21, 17, 25), (10.0, 8.0, 12.0))])
+def test_exp_of_a_linear_velocity_is_the_matrix_exponential(downsize, shape, centre):
     """v(p) = A (p − c): exp(v)(p) = c + expm(A)(p − c); trilinear interpolation is exact for linear
-    fields, so scaling and squaring matches away from the border to (A/2^T)² accuracy."""
-    shape, centre = (21, 21, 21), np.array([10.0, 10.0, 10.0])
+    fields, so scaling and squaring matches away from the border to (A/2^T)² accuracy, also when the
+    squarings run on a coarser grid (``downsize``; an anisotropic grid, so each axis is rescaled
+    differently on the way down and back)."""
+    centre = np.array(centre)
     v = _affine_field(A, -A @ centre, shape)
-    u = integrate_velocity(v, 7)[0].numpy()
+    u = integrate_velocity(v, 7, downsize)[0].numpy()
+    want = np.einsum("ij,j...->i...", scipy.linalg.expm(A) - np.eye(3), _coords(shape) - centre[:, None, None, None])
+    inner = (slice(None), *(slice(int(c) - 4, int(c) + 5) for c in centre))
+    assert np.abs(u[inner] - want[inner]).max() < 2e-4
+    assert np.abs(want[inner]).max() > 0.3  # the check is not trivially small
+
+
+def test_integration_downsize_sees_the_velocity_only_at_the_coarse_grid_points():
+    """With downsize 2 on 21 voxels the coarse grid's points sit on the even voxels (i · 20/10): a
+    velocity that lives on odd voxels only integrates to the identity, and one that is linear on the
+    even voxels (zig-zag in between) integrates to the linear field's expm."""
+    shape, centre = (21, 21, 21), np.array([10.0, 10.0, 10.0])
+    odd = np.zeros(shape, dtype=bool)
+    odd[1::2, :, :] = True
+    rng = np.random.default_rng(0)
+    v = torch.from_numpy(np.where(odd, rng.normal(size=(3, *shape)), 0.0))[None]
+    assert integrate_velocity(v, 7, 2).abs().max() < 1e-12 and integrate_velocity(v, 7, 1).abs().max() > 0.1
+    # the package default, downsize 3: on 22 voxels the coarse points sit on every third voxel (i · 21/7)
+    transform = build_model(Config().with_timepoints(2).model).transform(0)
+    off = (np.arange(22) % 3 != 0)[:, None, None] & np.ones((22, 22, 22), dtype=bool)
+    z = torch.from_numpy(np.where(off, rng.normal(size=(3, 22, 22, 22)), 0.0)).float()[None, None]  # (1, K_lat, 3, D, H, W)
+    assert transform.displacements(z).abs().max() < 1e-5 and transform.inverse_displacements(z).abs().max() < 1e-5
+    assert integrate_velocity(z[0], 7, 1).abs().max() > 0.1
+    linear = _affine_field(A, -A @ centre, shape)
+    u = integrate_velocity(linear + v, 7, 2)[0].numpy()
     want = np.einsum("ij,j...->i...", scipy.linalg.expm(A) - np.eye(3), _coords(shape) - centre[:, None, None, None])
     inner = (slice(None), slice(6, 15), slice(6, 15), slice(6, 15))
     assert np.abs(u[inner] - want[inner]).max() < 2e-4
-    assert np.abs(want[inner]).max() > 0.3  # the check is not trivially small
 
 
 def test_map_points_samples_an_affine_field_at_the_right_axes_on_an_anisotropic_grid():

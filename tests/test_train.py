@@ -74,6 +74,16 @@ def test_refuses_to_clobber_or_resume_mismatch(tmp_path):
         train(tiny_config(tmp_path / "empty", 2), resume=True, progress=False)
 
 
+def test_a_checkpoint_from_before_integration_downsize_keeps_full_grid_integration(tmp_path):
+    path = train(tiny_config(tmp_path, 1), progress=False)
+    state = torch.load(path, weights_only=False)
+    assert state["config"]["model"]["integration_downsize"] == 3  # the default is written into new files
+    del state["config"]["model"]["integration_downsize"]
+    torch.save(state, tmp_path / "old.pt")
+    cfg, _, _ = load_checkpoint(tmp_path / "old.pt")
+    assert cfg.model.integration_downsize == 1 and build_model(cfg.model).transform().integration_downsize == 1
+
+
 def test_not_a_checkpoint(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -125,7 +135,9 @@ def test_validate_guide_scores_the_true_motion_as_zero_error():
             return self.loc, torch.ones_like(self.loc)
 
     truth = -torch.from_numpy(g.velocities[1:])[None]  # (1, K-1, 3, D, H, W)
-    model = build_model(Config().with_timepoints(3).model)
+    cfg = Config().with_timepoints(3)
+    cfg.model.integration_downsize = 1  # the phantom's motion is exp(v) on the full grid
+    model = build_model(cfg.model)
     good = validate_guide(model, Stand(truth), held)
     zero = validate_guide(model, Stand(torch.zeros_like(truth)), held)
     identity = landmark_distances(g.landmarks, spacing=g.spacing).mean()
