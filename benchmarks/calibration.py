@@ -34,7 +34,7 @@ from groupmorph_pyro.synthetic import breathing_phantom
 
 
 LEGACY = {"pyramid": [1], "lr": 0.2, "schedule": "constant", "average": 0.0, "steps": 100, "patience": 0, "scale_steps": 0,
-          "covariance": "diagonal"}
+          "covariance": "diagonal", "guard_particles": 8}
 
 
 def coverage(samples: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor, level: float = 0.9) -> float:
@@ -77,7 +77,7 @@ def main(argv=None) -> list:
         register.update(_key_values(args.set))
         model = {"num_timepoints": 4, "beta": beta, **_key_values(args.model)}
         if args.engine == "legacy":
-            model.update(prior="laplacian", histogram="gaussian")  # that engine's defaults (bending, bspline since 2026-12-01)
+            model.update(prior="laplacian", histogram="gaussian", integration_downsize=1)  # that engine's model
         cfg = Config.from_dict({"model": model, "register": register}, "--set")
         pyro.set_rng_seed(args.seed)
         group = prepare(g.images, cfg, fixed=0)

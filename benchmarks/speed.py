@@ -120,11 +120,14 @@ def _saved_bytes(fn) -> int:
     return out, sum(storages.values())
 
 
-def training(args, device, histogram: str, runtime: dict | None = None) -> dict:
+def training(args, device, histogram: str, runtime: dict | None = None, downsize: int | None = None) -> dict:
     """SVI steps per second; with the fp32 eager network also the bytes autograd saves (the hooks are
-    not used with other runtimes: torch.compile does not trace through them)."""
+    not used with other runtimes: torch.compile does not trace through them). ``downsize``:
+    ``model.integration_downsize`` (None: the package default)."""
     cfg = Config()
     cfg.model.num_timepoints, cfg.model.histogram = args.timepoints, histogram
+    if downsize is not None:
+        cfg.model.integration_downsize = downsize
     pyro.set_rng_seed(0)
     model, guide = build_model(cfg.model), build_guide(cfg.model).to(device).set_runtime(**(runtime or {}))
     optim = torch.optim.Adam(guide.parameters(), lr=1e-5)
@@ -155,7 +158,8 @@ def training(args, device, histogram: str, runtime: dict | None = None) -> dict:
     s = statistics.median(times)
     return {"seconds_per_step": s, "steps_per_second": 1.0 / s,
             "autograd_saved_gib": None if saved is None else saved / 2**30, "peak_gpu_gib": _peak_gib(device),
-            "histogram": histogram, "runtime": dict(runtime or {})}
+            "histogram": histogram, "runtime": dict(runtime or {}),
+            "integration_downsize": cfg.model.integration_downsize}
 
 
 def main(argv=None) -> dict:
@@ -177,6 +181,7 @@ def main(argv=None) -> dict:
     p.add_argument("--train-variants", nargs="+", choices=list(VARIANTS),
                    help="also time B-spline training steps with these runtimes (default on a GPU: channels_last, "
                         "bf16+channels_last, bf16+channels_last+compile; on the CPU none)")
+    p.add_argument("--train-only", action="store_true", help="time the training steps only (no inference, no Elastix)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
@@ -193,14 +198,16 @@ def main(argv=None) -> dict:
     variants = args.variants or (list(VARIANTS) if device.type == "cuda" else [v for v in VARIANTS if "bf16" not in v])
     if "fp32" not in variants:
         variants = ["fp32", *variants]
-    report["runtime"] = {name: inference(args, device, group, VARIANTS[name]) for name in variants}
-    report["groupmorph"] = report["runtime"]["fp32"]
-    for r in report["runtime"].values():
-        r["speedup_vs_fp32"] = report["groupmorph"]["seconds"] / r["seconds"]
-    if not args.no_elastix:
+    if not args.train_only:
+        report["runtime"] = {name: inference(args, device, group, VARIANTS[name]) for name in variants}
+        report["groupmorph"] = report["runtime"]["fp32"]
+        for r in report["runtime"].values():
+            r["speedup_vs_fp32"] = report["groupmorph"]["seconds"] / r["seconds"]
+    if not args.no_elastix and not args.train_only:
         report["elastix"] = elastix(args, group)
         report["elastix_over_groupmorph"] = report["elastix"]["seconds"] / report["groupmorph"]["seconds"]
     report["train"] = {h: training(args, device, h) for h in ("gaussian", "bspline")}
+    report["train"]["bspline, full-grid integration"] = training(args, device, "bspline", downsize=1)
     train_variants = args.train_variants or (["channels_last", "bf16+channels_last", "bf16+channels_last+compile"]
                                              if device.type == "cuda" else [])
     for name in train_variants:
@@ -209,13 +216,30 @@ def main(argv=None) -> dict:
     g, b = report["train"]["gaussian"], report["train"]["bspline"]
     report["bspline_speedup"] = g["seconds_per_step"] / b["seconds_per_step"]
     report["bspline_saved_memory_ratio"] = b["autograd_saved_gib"] / g["autograd_saved_gib"]
+    report["downsize_speedup"] = report["train"]["bspline, full-grid integration"]["seconds_per_step"] / b["seconds_per_step"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from groupmorph_pyro.files import write_json
 
     write_json(out / "speed.json", report)
-    gm = report["groupmorph"]
     print(f"device: {report['device']} ({report['threads']} threads), torch {report['torch']}")
+    if not args.train_only:
+        _print_inference(args, report)
+    print(f"\n| training step, patch {args.train_patch}³ | s/step | steps/s | autograd saved (GiB) | peak GPU (GiB) |")
+    print("| --- | --- | --- | --- | --- |")
+    for h, r in report["train"].items():
+        peak = "–" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.2f}"
+        saved = "–" if r["autograd_saved_gib"] is None else f"{r['autograd_saved_gib']:.3f}"
+        print(f"| {h} | {r['seconds_per_step']:.3f} | {r['steps_per_second']:.2f} | {saved} | {peak} |")
+    print(f"\nB-spline vs Gaussian: {report['bspline_speedup']:.2f}x faster per step, "
+          f"{report['bspline_saved_memory_ratio']:.2f}x the saved activations")
+    print(f"Squarings on the grid {b['integration_downsize']}x coarser vs the full grid (B-spline): "
+          f"{report['downsize_speedup']:.2f}x faster per step")
+    return report
+
+
+def _print_inference(args, report) -> None:
+    gm = report["groupmorph"]
     print(f"\n| K={args.timepoints}, {'x'.join(map(str, args.shape))} | seconds | landmarks (mm) |\n| --- | --- | --- |")
     lm = f"{gm['landmark_mm_after']:.2f}" if "landmark_mm_after" in gm else "(untrained)"
     print(f"| GroupMorph amortised (fields) | {gm['seconds']:.2f} | {lm} |")
@@ -228,15 +252,6 @@ def main(argv=None) -> dict:
     for name, r in report["runtime"].items():
         peak = "–" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.2f}"
         print(f"| {name} | {r['seconds']:.3f} | {r['speedup_vs_fp32']:.2f}x | {r['first_call_seconds']:.1f} | {peak} |")
-    print(f"\n| training step, patch {args.train_patch}³ | s/step | steps/s | autograd saved (GiB) | peak GPU (GiB) |")
-    print("| --- | --- | --- | --- | --- |")
-    for h, r in report["train"].items():
-        peak = "–" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.2f}"
-        saved = "–" if r["autograd_saved_gib"] is None else f"{r['autograd_saved_gib']:.3f}"
-        print(f"| {h} | {r['seconds_per_step']:.3f} | {r['steps_per_second']:.2f} | {saved} | {peak} |")
-    print(f"\nB-spline vs Gaussian: {report['bspline_speedup']:.2f}x faster per step, "
-          f"{report['bspline_saved_memory_ratio']:.2f}x the saved activations")
-    return report
 
 
 if __name__ == "__main__":

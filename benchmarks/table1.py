@@ -37,7 +37,7 @@ from groupmorph_pyro.registration import register
 from groupmorph_pyro.synthetic import anatomy_group, breathing_phantom, dce_phantom
 
 LEGACY_ENGINE = {"pyramid": [1], "lr": 0.2, "schedule": "constant", "average": 0.0, "steps": 300, "patience": 50,
-                 "scale_steps": 0, "covariance": "diagonal"}
+                 "scale_steps": 0, "covariance": "diagonal", "guard_particles": 8}
 """``register`` settings of the per-case engine before the coarse-to-fine schedule (its defaults then; with
 the Laplacian prior and the Gaussian histogram, the model defaults until 2026-12-01)."""
 TRAIN_SEED = 100  # training phantoms use seeds TRAIN_SEED.. ; the test phantoms use seeds 1 and 2

@@ -21,7 +21,11 @@ def test_speed_benchmark_smoke(tmp_path, capsys):
     assert saved["groupmorph"]["seconds"] > 0 and saved["elastix"]["seconds"] > 0
     assert saved["elastix_over_groupmorph"] == pytest.approx(saved["elastix"]["seconds"] / saved["groupmorph"]["seconds"])
     train = report["train"]
-    assert set(train) == {"gaussian", "bspline"} and all(r["seconds_per_step"] > 0 for r in train.values())
+    assert set(train) == {"gaussian", "bspline", "bspline, full-grid integration"}
+    assert all(r["seconds_per_step"] > 0 for r in train.values())
+    assert (train["bspline"]["integration_downsize"], train["bspline, full-grid integration"]["integration_downsize"]) == (3, 1)
+    assert saved["downsize_speedup"] == pytest.approx(train["bspline, full-grid integration"]["seconds_per_step"]
+                                                      / train["bspline"]["seconds_per_step"])
     # the lean histogram saves fewer bytes for backward than the dense one, at the same patch
     assert train["bspline"]["autograd_saved_gib"] < train["gaussian"]["autograd_saved_gib"]
     runtime = saved["runtime"]
@@ -29,6 +33,13 @@ def test_speed_benchmark_smoke(tmp_path, capsys):
     assert runtime["channels_last"]["speedup_vs_fp32"] == pytest.approx(
         runtime["fp32"]["seconds"] / runtime["channels_last"]["seconds"])
     assert "Elastix / GroupMorph time" in capsys.readouterr().out
+
+
+def test_speed_benchmark_times_training_alone(tmp_path, capsys):
+    report = _load("speed").main(["--smoke", "--train-only", "--out", str(tmp_path)])
+    assert "runtime" not in report and "elastix" not in report and report["downsize_speedup"] > 0
+    out = capsys.readouterr().out
+    assert "Squarings on the grid 3x coarser" in out and "Elastix" not in out
 
 
 def test_memory_benchmark_smoke(tmp_path, capsys):
