@@ -34,7 +34,7 @@ from .results import RegistrationResult
 from .spatial import level_shape, resample_grid, resize_displacement
 from .volumes import affine_spacing
 
-__all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "fit_case", "fit_pyramid", "fit_scale", "prepare",
+__all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "fit_case", "fit_pyramid", "fit_scale", "correlated_start", "prepare",
            "infer", "refine", "summarise", "add_posterior_samples", "register"]
 
 
