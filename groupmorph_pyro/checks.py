@@ -64,6 +64,13 @@ def check_positive(name: str, value, allow_zero: bool = False) -> float:
     return v
 
 
+def check_integer(name: str, value, minimum: int = 0) -> int:
+    """Check a count is a whole number >= ``minimum`` (not a bool); returns it as an int."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < minimum:
+        raise InputError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_spatial_shape(shape: Sequence[int], name: str = "spatial_shape", minimum: int = 1) -> tuple[int, int, int]:
     """Check a 3D grid size (D, H, W): three integers >= ``minimum``."""
     try:

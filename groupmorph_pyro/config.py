@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .checks import InputError, check_positive
+from .checks import InputError, check_integer, check_positive
 from .group import MODES
 from .likelihoods import HISTOGRAMS, REDUCTIONS, SIMILARITIES
 from .networks import check_compile, check_precision
@@ -59,9 +59,7 @@ class ModelConfig(_Section):
             raise InputError(f"model.num_timepoints: expected an integer >= 2, got {self.num_timepoints!r}")
         for name in ("beta", "alpha"):
             check_positive(f"model.{name}", getattr(self, name))
-        if isinstance(self.integration_downsize, bool) or int(self.integration_downsize) != self.integration_downsize \
-                or self.integration_downsize < 1:
-            raise InputError(f"model.integration_downsize: expected an integer >= 1, got {self.integration_downsize!r}")
+        check_integer("model.integration_downsize", self.integration_downsize, 1)
         if self.prior not in PRIORS:
             raise InputError(f"model.prior: expected one of {list(PRIORS)}, got {self.prior!r}")
         try:
@@ -166,8 +164,7 @@ class RegisterConfig(_Section):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"register.{name}: expected an integer >= 0, got {value!r}")
-        if self.guard_particles < 1:
-            raise InputError(f"register.guard_particles: expected an integer >= 1, got {self.guard_particles!r}")
+        check_integer("register.guard_particles", self.guard_particles, 1)
         check_positive("register.lr", self.lr)
         check_positive("register.finetune_lr", self.finetune_lr)
         check_positive("register.scale_phase_lr", self.scale_phase_lr)

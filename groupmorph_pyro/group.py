@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import InputError
+from .checks import InputError, check_integer
 from .spatial import directional_derivative, integrate_velocity, invert_displacement, jacobian_determinant, warp
 
 __all__ = ["MODES", "GroupTransform", "check_mode", "latent_indices", "assemble_fields", "relative_to_fixed", "displacements",
@@ -196,10 +196,7 @@ class GroupTransform:
         self.fixed = check_mode(mode, num_timepoints, fixed)
         self.num_timepoints, self.mode = int(num_timepoints), mode
         self.diffeomorphic, self.integration_steps = bool(diffeomorphic), int(integration_steps)
-        if isinstance(integration_downsize, bool) or int(integration_downsize) != integration_downsize \
-                or integration_downsize < 1:
-            raise InputError(f"integration_downsize: expected an integer >= 1, got {integration_downsize!r}")
-        self.integration_downsize = int(integration_downsize)
+        self.integration_downsize = check_integer("integration_downsize", integration_downsize, 1)
         if not (chunk is None or chunk == "auto" or (isinstance(chunk, int) and chunk >= 1)):
             raise InputError(f"chunk: expected None, 'auto' or an integer >= 1, got {chunk!r}")
         self.chunk = chunk

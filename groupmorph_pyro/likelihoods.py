@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .checks import InputError, Registry, check_arity, check_positive, check_tensor
+from .checks import InputError, Registry, check_arity, check_integer, check_positive, check_tensor
 
 __all__ = [
     "parzen_weights", "bspline_weights", "joint_histograms", "nmi", "mutual_information", "lncc", "ssd", "group_nmi",
@@ -351,9 +351,7 @@ class SubsampledLikelihood:
             name = getattr(likelihood, "name", type(likelihood).__name__)
             raise InputError(f"subsampled likelihood: expected a GroupSimilarity with a similarity in {ORDER_FREE} "
                              f"(they ignore where voxels are), got {name!r}")
-        if isinstance(voxels, bool) or int(voxels) != voxels or voxels < 1:
-            raise InputError(f"voxels: expected an integer >= 1, got {voxels!r}")
-        self.likelihood, self.voxels = likelihood, int(voxels)
+        self.likelihood, self.voxels = likelihood, check_integer("voxels", voxels, 1)
 
     def __call__(self, warped: torch.Tensor) -> torch.Tensor:
         """``(B,)`` log-likelihood estimate of ``warped`` ``(B, K, D, H, W)``."""

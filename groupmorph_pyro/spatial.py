@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .checks import InputError, check_spacing, check_tensor
+from .checks import InputError, check_integer, check_spacing, check_tensor
 
 __all__ = [
     "identity_grid",
@@ -143,9 +143,7 @@ def integrate_velocity(v: torch.Tensor, steps: int = 7, downsize: int = 1) -> to
     _check_field("v", v)
     if int(steps) != steps or steps < 0:
         raise InputError(f"steps: expected an integer >= 0, got {steps!r}")
-    if isinstance(downsize, bool) or int(downsize) != downsize or downsize < 1:
-        raise InputError(f"downsize: expected an integer >= 1, got {downsize!r}")
-    coarse = level_shape(v.shape[2:], int(downsize)) if steps else tuple(v.shape[2:])
+    coarse = level_shape(v.shape[2:], check_integer("downsize", downsize, 1)) if steps else tuple(v.shape[2:])
     if coarse != tuple(v.shape[2:]):
         return resize_displacement(integrate_velocity(resize_displacement(v, coarse), steps), v.shape[2:])
     u = v / (2 ** int(steps))

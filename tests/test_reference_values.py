@@ -9,11 +9,12 @@ import pytest
 import scipy.linalg
 import torch
 
+from groupmorph_pyro.checks import InputError
 from groupmorph_pyro.config import Config
 from groupmorph_pyro.likelihoods import (GroupNMI, GroupSimilarity, SubsampledLikelihood, bspline_weights, group_nmi,
                                          joint_histograms, mutual_information, nmi)
 from groupmorph_pyro.metrics import landmark_distances
-from groupmorph_pyro.model import build_model
+from groupmorph_pyro.model import GroupMorphModel, build_model
 from groupmorph_pyro.preprocess import sliding_window
 from groupmorph_pyro.spatial import integrate_velocity, jacobian_determinant, map_points
 
@@ -211,6 +212,10 @@ def test_integration_downsize_sees_the_velocity_only_at_the_coarse_grid_points()
     z = torch.from_numpy(np.where(off, rng.normal(size=(3, 22, 22, 22)), 0.0)).float()[None, None]  # (1, K_lat, 3, D, H, W)
     assert transform.displacements(z).abs().max() < 1e-5 and transform.inverse_displacements(z).abs().max() < 1e-5
     assert integrate_velocity(z[0], 7, 1).abs().max() > 0.1
+    with pytest.raises(InputError, match=r"downsize: expected an integer >= 1, got 0"):
+        integrate_velocity(v, 7, 0)
+    with pytest.raises(InputError, match=r"integration_downsize: expected an integer >= 1, got 1.5"):
+        GroupMorphModel(2, integration_downsize=1.5)
     linear = _affine_field(A, -A @ centre, shape)
     u = integrate_velocity(linear + v, 7, 2)[0].numpy()
     want = np.einsum("ij,j...->i...", scipy.linalg.expm(A) - np.eye(3), _coords(shape) - centre[:, None, None, None])
