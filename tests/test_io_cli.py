@@ -183,6 +183,8 @@ BAD_CONFIGS = {  # YAML text -> expected message (key, expected type, value)
     "scale_lr: fast": ("register:\n  scale_lr: fast\n", r"register.scale_lr: expected a number, got 'fast'"),
     "scale_phase_lr: 0": ("register:\n  scale_phase_lr: 0\n", r"register.scale_phase_lr"),
     "covariance: full": ("register:\n  covariance: full\n", r"register.covariance: expected 'diagonal' or 'dct', got 'full'"),
+    "guard_particles: 0": ("register:\n  guard_particles: 0\n", r"register.guard_particles: expected an integer >= 1, got 0"),
+    "integration_downsize: 0": ("model:\n  integration_downsize: 0\n", r"model.integration_downsize: expected an integer >= 1, got 0"),
     "likelihood_voxels: -1": ("register:\n  likelihood_voxels: -1\n", r"register.likelihood_voxels: expected an integer >= 0, got -1"),
     "lambda_u under the bending default": ("model:\n  prior_options: {lambda_u: 2}\n", r"set model.prior: laplacian"),
     "prior option typo": ("model:\n  prior: laplacian\n  prior_options: {lamda_u: 2}\n", r"prior 'laplacian' has no option\(s\) \[.lamda_u.\]"),
