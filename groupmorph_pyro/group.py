@@ -222,16 +222,26 @@ class GroupTransform:
         """Per-timepoint fields ``(B, K, 3, D, H, W)`` (voxels) from latents ``(B, K_lat, 3, D, H, W)``."""
         return assemble_fields(z, self.num_timepoints, self.mode, self.fixed)
 
+    def _maps(self, z: torch.Tensor, fn) -> torch.Tensor:
+        """``fn`` (forward or inverse maps of fields ``(B, n, 3, D, H, W)``) per timepoint. All-to-one:
+        only the latent timepoints' maps are computed and the fixed one's, the identity, is inserted
+        as zeros (``exp(0) = Id`` and the inverse of ``Id`` is ``Id``, exactly): K − 1 integrations, not K."""
+        if self.mode == "all-to-one":
+            assemble_fields(z, self.num_timepoints, self.mode, self.fixed)  # validates z's shape only
+            return assemble_fields(fn(z), self.num_timepoints, self.mode, self.fixed)
+        return fn(self.fields(z))
+
+    def _forward(self, v: torch.Tensor) -> torch.Tensor:
+        return displacements(v, self.diffeomorphic, self.integration_steps, self._chunk(v), self.integration_downsize)
+
     def displacements(self, z: torch.Tensor) -> torch.Tensor:
         """``φ_k − Id`` in voxels, ``(B, K, 3, D, H, W)``, from latents ``z``."""
-        v = self.fields(z)
-        return displacements(v, self.diffeomorphic, self.integration_steps, self._chunk(v), self.integration_downsize)
+        return self._maps(z, self._forward)
 
     def inverse_displacements(self, z: torch.Tensor) -> torch.Tensor:
         """``φ_k⁻¹ − Id`` in voxels, ``(B, K, 3, D, H, W)``: ``exp(−v_k)``, or a fixed-point inverse."""
-        v = self.fields(z)
-        return inverse_displacements(v, self.diffeomorphic, self.integration_steps, self._chunk(v),
-                                     self.integration_downsize)
+        return self._maps(z, lambda v: inverse_displacements(v, self.diffeomorphic, self.integration_steps,
+                                                             self._chunk(v), self.integration_downsize))
 
     def jacobians(self, disp: torch.Tensor) -> torch.Tensor:
         """``det Jφ_k``, ``(B, K, D, H, W)``, from displacements ``(B, K, 3, D, H, W)`` (voxels)."""
@@ -244,6 +254,16 @@ class GroupTransform:
 
     def __call__(self, z: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(displacements (B, K, 3, D, H, W), warped group (B, K, D, H, W))`` for latents ``z`` and
-        images ``(B, K, D, H, W)``: what the likelihood sees."""
-        disp = self.displacements(z)
-        return disp, self.warp(images, disp)
+        images ``(B, K, D, H, W)``: what the likelihood sees. All-to-one: the fixed image is passed
+        through as it is (``φ_p = Id``), only the K − 1 others are warped."""
+        if self.mode != "all-to-one":
+            disp = self.displacements(z)
+            return disp, self.warp(images, disp)
+        assemble_fields(z, self.num_timepoints, self.mode, self.fixed)  # validates z's shape
+        moving = self._forward(z)  # (B, K − 1, 3, D, H, W): the moving timepoints' maps
+        disp = assemble_fields(moving, self.num_timepoints, self.mode, self.fixed)
+        if images.shape[:2] != disp.shape[:2] or images.shape[2:] != disp.shape[3:]:
+            raise InputError(f"images {tuple(images.shape)} do not match the displacements {tuple(disp.shape)}")
+        warped = list(self.warp(images[:, self.latent_indices], moving).unbind(1))
+        warped.insert(self.fixed, images[:, self.fixed])
+        return disp, torch.stack(warped, dim=1)

@@ -79,6 +79,30 @@ def _check_histogram(histogram) -> str:
 _CHUNK = 1 << 18  # voxels per chunk of histogram accumulation (bounds temporaries; all chunks' graphs are kept)
 
 
+def _bspline_taps(x: torch.Tensor, bins: int, derivative: bool = False):
+    """Cubic B-spline Parzen taps in structure-of-arrays layout (the histogram kernel's form of
+    :func:`bspline_weights`).
+
+    Args:
+        x: ``(..., N)`` intensities (clamped to [0, 1]); bins: number of bins.
+    Returns:
+        ``(first, weight[, dweight])``: ``first`` ``(..., N)`` int64, the bin of each voxel's first
+        tap, *unclamped* (in ``[−2, bins − 2]``; the taps are ``first + 0..3``), and ``weight``
+        (and ``d weight / d x``) ``(..., 4, N)``, the taps on the second-to-last axis.
+    """
+    s = x.clamp(0.0, 1.0) * bins - 0.5  # position in bin units; centre of bin b at s = b
+    f = s.floor()
+    u = s - f
+    u2, u3 = u * u, u * u * u
+    w = torch.stack([(1 - u) ** 3, 3 * u3 - 6 * u2 + 4, -3 * u3 + 3 * u2 + 3 * u + 1, u3], -2) / 6.0
+    first = f.long() - 1
+    if not derivative:
+        return first, w
+    inside = ((x >= 0) & (x <= 1)).to(x.dtype).unsqueeze(-2) * bins  # du/dx (0 where clamped)
+    dw = torch.stack([-0.5 * (1 - u) ** 2, 1.5 * u2 - 2 * u, -1.5 * u2 + u + 0.5, 0.5 * u2], -2) * inside
+    return first, w, dw
+
+
 def bspline_weights(x: torch.Tensor, bins: int = 32, derivative: bool = False):
     """Cubic B-spline Parzen weights: 4 bins per voxel.
 
@@ -90,54 +114,81 @@ def bspline_weights(x: torch.Tensor, bins: int = 32, derivative: bool = False):
         ``[0, bins)``, so mass beyond the edge bins folds into them) and weights summing to 1 per voxel.
     """
     bins = _check_bins(bins)
-    s = x.clamp(0.0, 1.0) * bins - 0.5  # position in bin units; centre of bin b at s = b
-    f = s.floor()
-    u = (s - f)[..., None]
-    index = (f.long()[..., None] + torch.arange(-1, 3, device=x.device)).clamp_(0, bins - 1)
-    u2, u3 = u * u, u * u * u
-    w = torch.cat([(1 - u) ** 3, 3 * u3 - 6 * u2 + 4, -3 * u3 + 3 * u2 + 3 * u + 1, u3], -1) / 6.0
-    if not derivative:
-        return index, w
-    inside = ((x >= 0) & (x <= 1)).to(x.dtype)[..., None] * bins  # du/dx (0 where clamped)
-    dw = torch.cat([-0.5 * (1 - u) ** 2, 1.5 * u2 - 2 * u, -1.5 * u2 + u + 0.5, 0.5 * u2], -1) * inside
-    return index, w, dw
+    first, *weights = _bspline_taps(x, bins, derivative)
+    index = (first[..., None] + torch.arange(4, device=x.device)).clamp_(0, bins - 1)
+    return (index, *(w.transpose(-1, -2) for w in weights))
 
 
 def _pairs(k: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(i + 1, k)]
 
 
+_PAD = 2  # the taps of intensities in [0, 1] reach 2 bins beyond either edge
+
+
+def _fold(bins: int, like: torch.Tensor) -> torch.Tensor:
+    """``(bins, bins + 2·_PAD)`` 0/1 matrix: padded bin ``p`` -> bin ``clamp(p − _PAD, 0, bins − 1)``
+    (the mass of the taps beyond the edges folds into the edge bins)."""
+    target = (torch.arange(bins + 2 * _PAD, device=like.device) - _PAD).clamp(0, bins - 1)
+    return (target[None] == torch.arange(bins, device=like.device)[:, None]).to(like.dtype)
+
+
+def _pair_base(first: torch.Tensor, i: int, j: int, padded: int) -> torch.Tensor:
+    """Flat index ``(B, N)`` of each voxel's first tap pair (0, 0) in the ``padded × padded`` joint
+    histogram of pair (i, j) (``first``: ``(B, K, N)``); tap pair (a, b) sits ``_TAP_OFFSETS[4a + b]``
+    further, so each of the 16 is one scatter/gather on a shifted view, with no ``16·N`` index tensor."""
+    return (first[:, i] + _PAD) * padded + (first[:, j] + _PAD)
+
+
+def _tap_offsets(padded: int) -> list[int]:
+    return [a * padded + b for a in range(4) for b in range(4)]
+
+
 class _BSplineJoint(torch.autograd.Function):
-    """Joint histograms ``(B, P, bins, bins)`` (counts / N) of all pairs i < j of ``x: (B, K, N)``."""
+    """Joint histograms ``(B, P, bins, bins)`` (counts / N) of all pairs i < j of ``x: (B, K, N)``.
+
+    Each pair's 16 tap products per voxel are scattered into a histogram padded by ``_PAD`` bins on
+    every side (so the tap indices need no clamping), which is then folded onto the edge bins;
+    taps are laid out ``(4, N)`` so that every elementwise operation runs on contiguous voxels.
+    """
 
     @staticmethod
     def forward(ctx, x, bins):
         b, k, n = x.shape
-        out = x.new_zeros(b, len(_pairs(k)), bins * bins)
+        padded = bins + 2 * _PAD
+        out = x.new_zeros(b, len(_pairs(k)), padded * padded)
         for start in range(0, n, _CHUNK):
-            index, w = bspline_weights(x[:, :, start:start + _CHUNK], bins)  # (B, K, c, 4)
+            first, w = _bspline_taps(x[:, :, start:start + _CHUNK], bins)  # (B, K, c), (B, K, 4, c)
             for p, (i, j) in enumerate(_pairs(k)):
-                flat = (index[:, i, :, :, None] * bins + index[:, j, :, None, :]).reshape(b, -1)
-                out[:, p].scatter_add_(1, flat, (w[:, i, :, :, None] * w[:, j, :, None, :]).reshape(b, -1))
+                base = _pair_base(first, i, j, padded)
+                for tap, offset in enumerate(_tap_offsets(padded)):
+                    out[:, p, offset:].scatter_add_(1, base, w[:, i, tap // 4] * w[:, j, tap % 4])
+        fold = _fold(bins, x)
         ctx.save_for_backward(x)
         ctx.bins = bins
-        return out.view(b, -1, bins, bins) / n
+        return fold @ out.view(b, -1, padded, padded) @ fold.T / n
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         bins = ctx.bins
         b, k, n = x.shape
-        g = grad.reshape(b, -1, bins * bins) / n
+        padded = bins + 2 * _PAD
+        fold = _fold(bins, x)
+        g = (fold.T @ grad @ fold / n).reshape(b, -1, padded * padded)  # dL/d padded histogram
         gx = torch.zeros_like(x)
         for start in range(0, n, _CHUNK):
             sl = slice(start, min(n, start + _CHUNK))
-            index, w, dw = bspline_weights(x[:, :, sl], bins, derivative=True)  # (B, K, c, 4)
+            first, w, dw = _bspline_taps(x[:, :, sl], bins, derivative=True)  # (B, K, c), (B, K, 4, c)
+            c = first.shape[-1]
             for p, (i, j) in enumerate(_pairs(k)):
-                flat = (index[:, i, :, :, None] * bins + index[:, j, :, None, :]).reshape(b, -1)
-                t = g[:, p].gather(1, flat).view(b, -1, 4, 4)  # dL/d joint at the 16 (bin_i, bin_j) per voxel
-                gx[:, i, sl] += torch.einsum("bcm,bcl,bcml->bc", dw[:, i], w[:, j], t)
-                gx[:, j, sl] += torch.einsum("bcm,bcl,bcml->bc", w[:, i], dw[:, j], t)
+                base = _pair_base(first, i, j, padded)
+                t = [g[:, p, offset:].gather(1, base) for offset in _tap_offsets(padded)]  # dL/d tap product (a, b)
+                wi, wj, dwi, dwj = w[:, i], w[:, j], dw[:, i], dw[:, j]  # (B, 4, c)
+                rows = [sum(wj[:, q] * t[4 * a + q] for q in range(4)) for a in range(4)]  # Σ_b w_j[b] t[a, b]
+                cols = [sum(wi[:, a] * t[4 * a + q] for a in range(4)) for q in range(4)]  # Σ_a w_i[a] t[a, b]
+                gx[:, i, sl] += sum(dwi[:, a] * rows[a] for a in range(4))
+                gx[:, j, sl] += sum(dwj[:, q] * cols[q] for q in range(4))
         return gx, None
 
 

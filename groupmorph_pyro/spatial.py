@@ -262,7 +262,8 @@ def _gaussian_blur(volume: torch.Tensor, sigmas: Sequence[float]) -> torch.Tenso
 
 def resample_grid(volume: torch.Tensor, spatial_shape: Sequence[int], antialias: bool = True) -> torch.Tensor:
     """Resample ``(B, C, D, H, W)`` onto a grid of ``spatial_shape`` covering the same extent:
-    new voxel ``i`` sits at old voxel ``i · (n_old − 1) / (n_new − 1)`` along each axis (trilinear).
+    new voxel ``i`` sits at old voxel ``i · (n_old − 1) / (n_new − 1)`` along each axis (trilinear,
+    ``F.interpolate`` on the regular lattice; :func:`sample` is for arbitrary positions).
 
     Args:
         antialias: when coarsening, blur first with a Gaussian of sd ``0.5 · ratio`` old voxels
@@ -280,9 +281,11 @@ def resample_grid(volume: torch.Tensor, spatial_shape: Sequence[int], antialias:
     ratios = [(o - 1) / (n - 1) if n > 1 else 0.0 for o, n in zip(old, new)]
     if antialias:
         volume = _gaussian_blur(volume, [0.5 * r if r > 1 else 0.0 for r in ratios])
-    scale = torch.tensor(ratios, device=volume.device, dtype=volume.dtype).view(3, 1, 1, 1)
-    coords = (identity_grid(new, volume.device, volume.dtype) * scale)[None].expand(volume.shape[0], 3, *new)
-    return sample(volume, coords)
+    # trilinear on a regular lattice: F.interpolate with align_corners=True puts new voxel i at old
+    # i·(n_old − 1)/(n_new − 1), the same positions as sample() at these coordinates would, and its
+    # backward is a cheap scatter onto the lattice instead of grid_sample's general one (4.4× faster
+    # forward + backward when the squarings' displacement is moved back to the full grid, issue 13)
+    return F.interpolate(volume, size=new, mode="trilinear", align_corners=True)
 
 
 def resize_displacement(disp: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:

@@ -63,6 +63,30 @@ def test_fixed_timepoint_has_identity_map_for_any_p():
         assert (disp[:, others].abs().amax(dim=(2, 3, 4, 5)) > 0).all()
 
 
+@pytest.mark.parametrize("diffeomorphic, downsize", [(True, 1), (True, 2), (False, 1)])
+def test_all_to_one_transform_computes_only_the_moving_maps_and_equals_the_whole_group_path(diffeomorphic, downsize):
+    """GroupTransform integrates and warps only the K − 1 moving timepoints in all-to-one mode: the
+    maps, inverse maps and warped group equal the pure functions run on all K assembled fields
+    (zero at the fixed p), the fixed image passes through unchanged and its maps are exactly 0."""
+    from groupmorph_pyro.group import GroupTransform, displacements, inverse_displacements, warp_group
+    k, p = 4, 2
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(0, 1, n) for n in SHAPE], indexing="ij"))
+    z = torch.stack([torch.stack([(c + 1) * (0.3 * i + 0.2) * torch.sin(3.0 * grid[c] + grid[(c + 1) % 3] + i)
+                                  for c in range(3)]) for i in range(k - 1)])[None]  # (1, 3, 3, *SHAPE), varies in space
+    images = torch.rand(1, k, *SHAPE)
+    t = GroupTransform(k, "all-to-one", p, diffeomorphic, integration_downsize=downsize)
+    v = assemble_fields(z, k, "all-to-one", p)
+    want = displacements(v, diffeomorphic, 7, downsize=downsize)
+    disp, warped = t(z, images)
+    assert torch.allclose(disp, want, atol=1e-6) and torch.equal(disp[:, p], torch.zeros_like(disp[:, p]))
+    assert torch.allclose(warped, warp_group(images, want), atol=1e-6) and torch.equal(warped[:, p], images[:, p])
+    assert torch.allclose(t.displacements(z), want, atol=1e-6)
+    inverse = t.inverse_displacements(z)
+    assert torch.allclose(inverse, inverse_displacements(v, diffeomorphic, 7, downsize=downsize), atol=1e-6)
+    assert torch.equal(inverse[:, p], torch.zeros_like(inverse[:, p]))
+    assert (disp[:, [0, 1, 3]].abs().amax(dim=(2, 3, 4, 5)) > 0.3).all()
+
+
 def test_guide_rotation_tells_the_network_which_image_is_fixed():
     guide = GroupMorphGuide(3, **SMALL)
     torch.nn.init.normal_(guide.mean_head.weight, std=0.1)

@@ -262,3 +262,36 @@ def test_sliding_window_with_a_pointwise_function_equals_the_untiled_result(wind
     tiled = sliding_window(fn, x, window, overlap)
     for got, want in zip(tiled, fn(x)):
         assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 18])
+def test_bspline_joint_histograms_of_a_batch_equal_the_loop_reference_edges_chunks_and_gradient(monkeypatch, chunk):
+    """The lean kernel (padded 4×4 taps folded onto the edge bins, accumulated chunk by chunk) on
+    B = 2 groups of K = 3 with intensities at and beyond 0 and 1 (1–99 % clipping puts many voxels
+    there): every pair's joint histogram equals the float64 loop reference, and its gradient equals
+    central differences of that reference."""
+    import groupmorph_pyro.likelihoods as lik
+    monkeypatch.setattr(lik, "_CHUNK", chunk)  # 7: 40 voxels span 6 chunks, one partial
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0.0, 1.0, size=(2, 3, 40))
+    x[:, :, :6] = [0.0, 1.0, -0.1, 1.2, 0.0, 1.0]  # edges and clamped values
+    bins = 6
+
+    def reference(v):  # (B, K, N) -> (B, pairs, bins, bins)
+        return np.stack([np.stack([_bspline_weights_np(g[i], bins).T @ _bspline_weights_np(g[j], bins) / g.shape[-1]
+                                   for i, j in ((0, 1), (0, 2), (1, 2))]) for g in v])
+
+    t = torch.from_numpy(x).reshape(2, 3, 2, 4, 5).requires_grad_(True)
+    joint = joint_histograms(t, bins, histogram="bspline")
+    assert np.allclose(joint.detach().numpy(), reference(x), atol=1e-12)
+    weights = rng.normal(size=joint.shape)
+    (joint * torch.from_numpy(weights)).sum().backward()
+    grad = t.grad.reshape(2, 3, 40).numpy()
+    h = 1e-6
+    for b, k, n in [(0, 0, 10), (1, 2, 25), (1, 1, 39), (0, 2, 6)]:  # interior voxels (away from 0, 1 and knots)
+        up, down = x.copy(), x.copy()
+        up[b, k, n] += h
+        down[b, k, n] -= h
+        numeric = ((reference(up) - reference(down)) * weights).sum() / (2 * h)
+        assert grad[b, k, n] == pytest.approx(numeric, rel=1e-5, abs=1e-8)
+    assert np.all(grad[:, :, 2:4] == 0)  # clamped intensities do not move the histogram
