@@ -45,7 +45,7 @@ def test_speed_benchmark_times_training_alone(tmp_path, capsys):
 def test_memory_benchmark_smoke(tmp_path, capsys):
     report = _load("memory").main(["--smoke", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "memory.json").read_text())
-    assert set(saved["variants"]) == {"tiles 16³", "whole volume"}
+    assert set(saved["variants"]) == {"tiles 16³", "whole volume", "per-case"} and saved["per_case_steps"] == 2
     for r in report["variants"].values():
         assert "failed" not in r, r
         assert r["peak_gib"] > 0 and r["fields_seconds"] > 0
