@@ -10,8 +10,8 @@ memory does not depend on the weights; posterior-mean fields, inverse maps, warp
 NMI before/after) in a fresh child process, so peaks do not mix. The ``per-case`` variant runs
 ``register`` without a network instead (per-case SVI from zero, the package's default settings)
 with ``--per-case-steps`` steps at each pyramid level and in the σ phase: every step of a level
-needs the same memory, so a few steps give the peak of the full fit in a fraction of its time. The breathing phantom is made
-once by the parent and read by each child from a ``.npy`` file.
+needs the same memory, so a few steps give the peak of the full fit in a fraction of its time.
+The breathing phantom is made once by the parent and read by each child from a ``.npy`` file.
 
 Reported per variant: the peak, and its ratio to the K input volumes in float32 (the peer that
 scales with the problem). GPU: ``torch.cuda.max_memory_allocated`` (tensors only; the CUDA

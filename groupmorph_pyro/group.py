@@ -46,6 +46,13 @@ def latent_indices(num_timepoints: int, mode: str, fixed: int | None) -> list[in
     return [k for k in range(num_timepoints) if k != fixed]
 
 
+def _check_latents(z: torch.Tensor, num_timepoints: int, mode: str, fixed: int | None) -> None:
+    """Latents ``z`` must be ``(B, K_lat, 3, D, H, W)`` for (K, mode, fixed)."""
+    idx = latent_indices(num_timepoints, mode, fixed)
+    if z.dim() != 6 or z.shape[1] != len(idx) or z.shape[2] != 3:
+        raise InputError(f"z: expected (B, {len(idx)}, 3, D, H, W) for K={num_timepoints} in {mode}, got {tuple(z.shape)}")
+
+
 def assemble_fields(z: torch.Tensor, num_timepoints: int, mode: str, fixed: int | None) -> torch.Tensor:
     """Per-timepoint fields ``v`` from latents.
 
@@ -54,9 +61,7 @@ def assemble_fields(z: torch.Tensor, num_timepoints: int, mode: str, fixed: int 
     Returns:
         ``(B, K, 3, D, H, W)``: zero at the fixed timepoint (all-to-one), zero-mean over K (all-moving).
     """
-    idx = latent_indices(num_timepoints, mode, fixed)
-    if z.dim() != 6 or z.shape[1] != len(idx) or z.shape[2] != 3:
-        raise InputError(f"z: expected (B, {len(idx)}, 3, D, H, W) for K={num_timepoints} in {mode}, got {tuple(z.shape)}")
+    _check_latents(z, num_timepoints, mode, fixed)
     if mode == "all-moving":
         return z - z.mean(dim=1, keepdim=True)
     parts = list(z.unbind(1))
@@ -227,7 +232,7 @@ class GroupTransform:
         only the latent timepoints' maps are computed and the fixed one's, the identity, is inserted
         as zeros (``exp(0) = Id`` and the inverse of ``Id`` is ``Id``, exactly): K − 1 integrations, not K."""
         if self.mode == "all-to-one":
-            assemble_fields(z, self.num_timepoints, self.mode, self.fixed)  # validates z's shape only
+            _check_latents(z, self.num_timepoints, self.mode, self.fixed)
             return assemble_fields(fn(z), self.num_timepoints, self.mode, self.fixed)
         return fn(self.fields(z))
 
@@ -259,7 +264,7 @@ class GroupTransform:
         if self.mode != "all-to-one":
             disp = self.displacements(z)
             return disp, self.warp(images, disp)
-        assemble_fields(z, self.num_timepoints, self.mode, self.fixed)  # validates z's shape
+        _check_latents(z, self.num_timepoints, self.mode, self.fixed)
         moving = self._forward(z)  # (B, K − 1, 3, D, H, W): the moving timepoints' maps
         disp = assemble_fields(moving, self.num_timepoints, self.mode, self.fixed)
         if images.shape[:2] != disp.shape[:2] or images.shape[2:] != disp.shape[3:]:

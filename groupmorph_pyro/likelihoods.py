@@ -135,7 +135,7 @@ def _fold(bins: int, like: torch.Tensor) -> torch.Tensor:
 
 def _pair_base(first: torch.Tensor, i: int, j: int, padded: int) -> torch.Tensor:
     """Flat index ``(B, N)`` of each voxel's first tap pair (0, 0) in the ``padded × padded`` joint
-    histogram of pair (i, j) (``first``: ``(B, K, N)``); tap pair (a, b) sits ``_TAP_OFFSETS[4a + b]``
+    histogram of pair (i, j) (``first``: ``(B, K, N)``); tap pair (a, b) sits ``_tap_offsets(padded)[4a + b]``
     further, so each of the 16 is one scatter/gather on a shifted view, with no ``16·N`` index tensor."""
     return (first[:, i] + _PAD) * padded + (first[:, j] + _PAD)
 
@@ -157,11 +157,12 @@ class _BSplineJoint(torch.autograd.Function):
         b, k, n = x.shape
         padded = bins + 2 * _PAD
         out = x.new_zeros(b, len(_pairs(k)), padded * padded)
+        offsets = _tap_offsets(padded)
         for start in range(0, n, _CHUNK):
             first, w = _bspline_taps(x[:, :, start:start + _CHUNK], bins)  # (B, K, c), (B, K, 4, c)
             for p, (i, j) in enumerate(_pairs(k)):
                 base = _pair_base(first, i, j, padded)
-                for tap, offset in enumerate(_tap_offsets(padded)):
+                for tap, offset in enumerate(offsets):
                     out[:, p, offset:].scatter_add_(1, base, w[:, i, tap // 4] * w[:, j, tap % 4])
         fold = _fold(bins, x)
         ctx.save_for_backward(x)
@@ -177,13 +178,14 @@ class _BSplineJoint(torch.autograd.Function):
         fold = _fold(bins, x)
         g = (fold.T @ grad @ fold / n).reshape(b, -1, padded * padded)  # dL/d padded histogram
         gx = torch.zeros_like(x)
+        offsets = _tap_offsets(padded)
         for start in range(0, n, _CHUNK):
             sl = slice(start, min(n, start + _CHUNK))
             first, w, dw = _bspline_taps(x[:, :, sl], bins, derivative=True)  # (B, K, c), (B, K, 4, c)
             c = first.shape[-1]
             for p, (i, j) in enumerate(_pairs(k)):
                 base = _pair_base(first, i, j, padded)
-                t = [g[:, p, offset:].gather(1, base) for offset in _tap_offsets(padded)]  # dL/d tap product (a, b)
+                t = [g[:, p, offset:].gather(1, base) for offset in offsets]  # dL/d tap product (a, b)
                 wi, wj, dwi, dwj = w[:, i], w[:, j], dw[:, i], dw[:, j]  # (B, 4, c)
                 rows = [sum(wj[:, q] * t[4 * a + q] for q in range(4)) for a in range(4)]  # Σ_b w_j[b] t[a, b]
                 cols = [sum(wi[:, a] * t[4 * a + q] for a in range(4)) for q in range(4)]  # Σ_a w_i[a] t[a, b]

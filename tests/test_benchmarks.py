@@ -54,6 +54,15 @@ def test_memory_benchmark_smoke(tmp_path, capsys):
     assert not list(tmp_path.glob("tmp*"))  # the phantom's temporary .npy is gone
 
 
+def test_memory_benchmark_rejects_zero_per_case_steps_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _load("memory").main(["--per-case-steps", "0", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--per-case-steps: expected an integer >= 1, got 0")
+    assert not (tmp_path / "out").exists()
+
+
 def test_learning_curve_smoke(tmp_path, capsys):
     """Trains a tiny network with held-out validation, then the per-case and Elastix reference lines on
     the same held-out phantoms; CSV, JSON and PNG agree with the checkpoint's curve."""
