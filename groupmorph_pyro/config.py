@@ -143,7 +143,7 @@ class RegisterConfig(_Section):
     steps: int = 60  # full-resolution per-case SVI steps (without a checkpoint: after the coarse pyramid levels)
     patience: int = 0  # early stopping: steps without improvement of the smoothed loss, after 2x this warm-up (0 = off)
     lr: float = 1.0  # Adam step on the whitened guide mean (peak of the schedule), per-case from zero
-    finetune_lr: float = 0.1  # the same when refining a network's posterior (--checkpoint --finetune-steps)
+    finetune_lr: float = 0.3  # the same when refining a network's posterior (--checkpoint --finetune-steps; 0.1 before 2026-12-02)
     scale_lr: float | None = None  # Adam step on log σ (peak of the schedule); null = lr
     scale_reset: bool = True  # after the mean's fit, set σ to the prior's mean-field optimum 1/sqrt(diag Λ)
     scale_steps: int = 5  # then this many steps on log σ alone (mean fixed), at scale_phase_lr (0 = none)

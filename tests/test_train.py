@@ -161,8 +161,9 @@ def test_a_tiny_network_beats_identity_on_held_out_groups(tmp_path):
     """60 iterations on 8 phantoms (20³, K = 3, all-moving, lr 3e-4): the held-out error (4 groups of
     other seeds, whose motion the seed draws) falls well below identity (measured 1.10 -> 0.42 mm),
     in one pass and served all-to-one for a fixed timepoint. With nothing learnt it stays at identity.
-    Ten fine-tuning steps then lower the error (measured 0.39 -> 0.32 mm on two groups; with the
-    from-zero lr 1.0 instead of register.finetune_lr they raised it to 2.0 mm)."""
+    Twenty fine-tuning steps at the default register.finetune_lr (0.3) then lower the error (measured
+    0.44 -> 0.28 mm on two groups on 2026-12-02; 10 steps: 0.38 mm at 0.3, 0.28 at the former 0.1; with
+    the from-zero lr 1.0 the ELBO guard keeps the pass's posterior, 0.44 mm)."""
     import numpy as np
 
     from groupmorph_pyro.metrics import landmark_distances
@@ -193,7 +194,7 @@ def test_a_tiny_network_beats_identity_on_held_out_groups(tmp_path):
     # per-case fine-tuning from the network's posterior (register.finetune_lr) improves on the pass
     tuned = []
     for g in validation_phantoms(cfg)[:2]:
-        res = register(g.images, serve, guide, fixed=1, finetune_steps=10)
+        res = register(g.images, serve, guide, fixed=1, finetune_steps=20)
         assert res.summary["finetune"]["kept"] == "refined"
         tuned.append(landmark_distances(g.landmarks, res.displacement, res.inverse_displacement, g.spacing).mean())
-    assert np.mean(tuned) < 0.9 * np.mean(errors[:2])
+    assert np.mean(tuned) < 0.8 * np.mean(errors[:2])
