@@ -77,7 +77,7 @@ def main(argv=None) -> list:
         register.update(_key_values(args.set))
         model = {"num_timepoints": 4, "beta": beta, **_key_values(args.model)}
         if args.engine == "legacy":
-            model.update(prior="laplacian", histogram="gaussian", integration_downsize=1)  # that engine's model
+            model.update(prior="laplacian", histogram="gaussian", integration_downsize=1, jitter=False)  # that engine's model
         cfg = Config.from_dict({"model": model, "register": register}, "--set")
         pyro.set_rng_seed(args.seed)
         group = prepare(g.images, cfg, fixed=0)

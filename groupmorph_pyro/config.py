@@ -40,6 +40,7 @@ class ModelConfig(_Section):
     diffeomorphic: bool = True
     integration_steps: int = 7
     integration_downsize: int = 3  # the squarings run on a grid this many times coarser (1 = full grid, the paper's)
+    jitter: bool = True  # the likelihood reads the group on the lattice shifted by a random sub-voxel offset per step (false = the paper's; since 2026-12-02)
     prior: str = "bending"  # "bending" (λ_v I + λ_b L², default), "laplacian" (λ_v I + λ_u L, the paper's), "diagonal" (λ_v I)
     prior_options: dict = field(default_factory=dict)  # the prior's weights, e.g. {lambda_u: 1.0, lambda_v: 0.01}
     likelihood: str = "nmi"  # "nmi", "mi", "lncc", "ssd" (see likelihoods.SIMILARITIES)
@@ -60,6 +61,8 @@ class ModelConfig(_Section):
         for name in ("beta", "alpha"):
             check_positive(f"model.{name}", getattr(self, name))
         check_integer("model.integration_downsize", self.integration_downsize, 1)
+        if not isinstance(self.jitter, bool):
+            raise InputError(f"model.jitter: expected true or false, got {self.jitter!r}")
         if self.prior not in PRIORS:
             raise InputError(f"model.prior: expected one of {list(PRIORS)}, got {self.prior!r}")
         try:
@@ -327,6 +330,7 @@ def _migrate_prior_weights(model: dict, source: str) -> dict:
     model["prior_options"] = options
     model["prior"] = name  # such files predate the bending default: their prior was the Laplacian
     model.setdefault("integration_downsize", 1)  # and integration on the full grid
+    model.setdefault("jitter", False)  # and the likelihood on the lattice
     return model
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from .checks import InputError, check_integer
-from .spatial import directional_derivative, integrate_velocity, invert_displacement, jacobian_determinant, warp
+from .spatial import (directional_derivative, integrate_velocity, invert_displacement, jacobian_determinant, shift_field,
+                      warp)
 
 __all__ = ["MODES", "GroupTransform", "check_mode", "latent_indices", "assemble_fields", "relative_to_fixed", "displacements",
            "inverse_displacements", "jacobians", "warp_group", "timepoints_per_batch"]
@@ -194,14 +195,27 @@ class GroupTransform:
         integration_downsize: the squarings run on a grid this many times coarser (1: full grid).
         chunk: maps computed at a time: None (all in one batch, e.g. under autograd), an integer, or
             ``"auto"`` (:func:`timepoints_per_batch` of the grid; for inference under ``no_grad``).
+        jitter: :meth:`__call__` (what the likelihood sees) reads the whole group, the fixed image
+            included, on the lattice shifted by one random offset ``δ ~ U(−½, ½)³`` voxels per call
+            (torch's global generator, so Pyro's seed fixes it): ``x_k(p + δ + u_k(p + δ))``, the
+            field itself read at ``p + δ`` (:func:`~groupmorph_pyro.spatial.shift_field`). Without
+            it only the moving images are interpolated, and trilinear interpolation averages their
+            noise by an amount set by the sub-voxel part of the map, so NMI rewards maps that blur
+            rather than align (on the breathing phantom the fitted maps scored NMI 0.586 against the
+            true maps' 0.566); averaged over δ, every image is interpolated alike. The maps returned
+            are not shifted.
     """
 
     def __init__(self, num_timepoints: int, mode: str = "all-to-one", fixed: int | None = None,
-                 diffeomorphic: bool = True, integration_steps: int = 7, chunk=None, integration_downsize: int = 1):
+                 diffeomorphic: bool = True, integration_steps: int = 7, chunk=None, integration_downsize: int = 1,
+                 jitter: bool = False):
         self.fixed = check_mode(mode, num_timepoints, fixed)
         self.num_timepoints, self.mode = int(num_timepoints), mode
         self.diffeomorphic, self.integration_steps = bool(diffeomorphic), int(integration_steps)
         self.integration_downsize = check_integer("integration_downsize", integration_downsize, 1)
+        if not isinstance(jitter, bool):
+            raise InputError(f"jitter: expected True or False, got {jitter!r}")
+        self.jitter = jitter
         if not (chunk is None or chunk == "auto" or (isinstance(chunk, int) and chunk >= 1)):
             raise InputError(f"chunk: expected None, 'auto' or an integer >= 1, got {chunk!r}")
         self.chunk = chunk
@@ -209,7 +223,7 @@ class GroupTransform:
     def __repr__(self) -> str:
         return (f"GroupTransform(K={self.num_timepoints}, mode={self.mode!r}, fixed={self.fixed}, "
                 f"diffeomorphic={self.diffeomorphic}, integration_steps={self.integration_steps}, "
-                f"integration_downsize={self.integration_downsize})")
+                f"integration_downsize={self.integration_downsize}, jitter={self.jitter})")
 
     @property
     def latent_indices(self) -> list[int]:
@@ -260,15 +274,26 @@ class GroupTransform:
     def __call__(self, z: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(displacements (B, K, 3, D, H, W), warped group (B, K, D, H, W))`` for latents ``z`` and
         images ``(B, K, D, H, W)``: what the likelihood sees. All-to-one: the fixed image is passed
-        through as it is (``φ_p = Id``), only the K − 1 others are warped."""
+        through as it is (``φ_p = Id``; with ``jitter``, read at ``p + δ``), only the K − 1 others are warped."""
+        delta = (torch.rand(3).sub_(0.5).tolist() if self.jitter else None)  # voxels, one offset per call
         if self.mode != "all-to-one":
             disp = self.displacements(z)
-            return disp, self.warp(images, disp)
+            return disp, self.warp(images, disp if delta is None else self._shifted(disp, delta))
         _check_latents(z, self.num_timepoints, self.mode, self.fixed)
         moving = self._forward(z)  # (B, K − 1, 3, D, H, W): the moving timepoints' maps
         disp = assemble_fields(moving, self.num_timepoints, self.mode, self.fixed)
         if images.shape[:2] != disp.shape[:2] or images.shape[2:] != disp.shape[3:]:
             raise InputError(f"images {tuple(images.shape)} do not match the displacements {tuple(disp.shape)}")
+        fixed_image = images[:, self.fixed]
+        if delta is not None:
+            moving, fixed_image = self._shifted(moving, delta), shift_field(fixed_image, delta, check=False)
         warped = list(self.warp(images[:, self.latent_indices], moving).unbind(1))
-        warped.insert(self.fixed, images[:, self.fixed])
+        warped.insert(self.fixed, fixed_image)
         return disp, torch.stack(warped, dim=1)
+
+    @staticmethod
+    def _shifted(disp: torch.Tensor, delta: list) -> torch.Tensor:
+        """Displacements ``(B, n, 3, D, H, W)`` that read images at ``p + δ + u(p + δ)``: the field
+        shifted by δ, plus δ."""
+        offset = torch.tensor(delta, device=disp.device, dtype=disp.dtype).view(1, 1, 3, 1, 1, 1)
+        return shift_field(disp, delta, check=False) + offset

@@ -72,6 +72,9 @@ class GroupMorphModel(PyroModule):
         integration_steps: scaling-and-squaring steps T.
         integration_downsize: the squarings run on a grid this many times coarser and the maps are
             resampled back (1, the default: the full grid; see :func:`~groupmorph_pyro.spatial.integrate_velocity`).
+        jitter: the likelihood compares the group read on the voxel lattice shifted by a random
+            sub-voxel offset, a new one per evaluation (see :class:`~groupmorph_pyro.group.GroupTransform`);
+            False, the default here (the paper's), reads it on the lattice.
         prior: callable ``prior(spatial_shape: tuple, device) -> distribution`` with event shape
             ``(3, D, H, W)`` (e.g. ``priors.make_prior("bending", lambda_b=2.0)``, a lambda around
             :class:`~groupmorph_pyro.priors.BendingNormal`, or your own Pyro distribution); default
@@ -86,7 +89,7 @@ class GroupMorphModel(PyroModule):
 
     def __init__(self, num_timepoints: int, mode: str = "all-to-one", diffeomorphic: bool = True,
                  integration_steps: int = 7, prior: Callable | None = None, likelihood: Callable | None = None,
-                 integration_downsize: int = 1):
+                 integration_downsize: int = 1, jitter: bool = False):
         super().__init__()
         check_mode(mode, num_timepoints, None if mode == "all-moving" else 0)
         self.num_timepoints = int(num_timepoints)
@@ -94,6 +97,9 @@ class GroupMorphModel(PyroModule):
         self.diffeomorphic = bool(diffeomorphic)
         self.integration_steps = int(integration_steps)
         self.integration_downsize = check_integer("integration_downsize", integration_downsize, 1)
+        if not isinstance(jitter, bool):
+            raise InputError(f"jitter: expected True or False, got {jitter!r}")
+        self.jitter = jitter
         if prior is not None:
             check_arity("prior", prior, 2, "prior(spatial_shape: tuple, device) -> distribution with event (3, D, H, W)")
         if likelihood is not None:
@@ -109,7 +115,7 @@ class GroupMorphModel(PyroModule):
             ``(B, K, 3, D, H, W)`` displacements ``φ_k − Id`` in voxels.
         """
         _check_images(images, self.num_timepoints)
-        transform = self.transform(fixed)
+        transform = self.transform(fixed, jitter=self.jitter)
         b = images.shape[0]
         prior = self.prior_distribution(tuple(images.shape[2:]), images.device)
         with pyro.plate("groups", b, dim=-2):
@@ -135,11 +141,13 @@ class GroupMorphModel(PyroModule):
         other.likelihood = likelihood
         return other
 
-    def transform(self, fixed: int | None = None, chunk=None) -> GroupTransform:
+    def transform(self, fixed: int | None = None, chunk=None, jitter: bool = False) -> GroupTransform:
         """The group's transformation (latents -> maps, warped group) for fixed timepoint ``fixed``
-        (all-to-one; None = 0) under this model's mode and variant; ``chunk`` as in GroupTransform."""
+        (all-to-one; None = 0) under this model's mode and variant; ``chunk`` and ``jitter`` as in
+        GroupTransform (the model's own likelihood passes ``self.jitter``; reports and validation
+        read the group on the lattice)."""
         return GroupTransform(self.num_timepoints, self.mode, fixed, self.diffeomorphic, self.integration_steps, chunk,
-                              self.integration_downsize)
+                              self.integration_downsize, jitter)
 
     def prior_distribution(self, spatial_shape, device=None):
         """The prior of one latent field on a ``(D, H, W)`` grid (event shape ``(3, D, H, W)``), checked."""
@@ -401,6 +409,7 @@ def build_model(cfg, likelihood: Callable | None = None, prior: Callable | None 
         cfg.num_timepoints, cfg.mode, cfg.diffeomorphic, cfg.integration_steps,
         prior=prior or make_prior(cfg.prior, **cfg.prior_options),
         likelihood=likelihood or build_likelihood(cfg), integration_downsize=cfg.integration_downsize,
+        jitter=cfg.jitter,
     )
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "level_shape",
     "resample_grid",
     "resize_displacement",
+    "shift_field",
 ]
 
 
@@ -74,6 +75,44 @@ def sample(volume: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear") -
     grid = torch.stack(norm[::-1], dim=-1)
     del norm  # not needed by autograd; frees B·3 volumes before grid_sample
     return F.grid_sample(volume, grid.to(volume.dtype), mode=mode, padding_mode="border", align_corners=True)
+
+
+def shift_field(field: torch.Tensor, delta: Sequence[float], check: bool = True) -> torch.Tensor:
+    """A lattice field read at ``p + delta`` for one constant sub-voxel offset: trilinear, border
+    replicated, i.e. what :func:`sample` gives at ``identity_grid + delta``, computed as three
+    separable two-tap interpolations instead of a ``grid_sample``.
+
+    Args:
+        field: ``(..., D, H, W)`` values on the grid (an image, or a displacement's components).
+        delta: 3 offsets in voxels along (D, H, W), each in (−1, 1).
+        check: validate the inputs (False on hot paths whose callers checked them already).
+    Returns:
+        ``(..., D, H, W)``: ``out[p] = field(p + delta)``.
+    """
+    if not check:
+        return _shift_field(field, delta)
+    check_tensor("field", field)
+    if field.dim() < 3:
+        raise InputError(f"shift_field: expected a field (..., D, H, W), got shape {tuple(field.shape)}")
+    delta = [float(d) for d in delta]
+    if len(delta) != 3 or not all(-1 < d < 1 for d in delta):
+        raise InputError(f"shift_field: expected 3 offsets in (-1, 1) voxels, got {delta!r}")
+    return _shift_field(field, delta)
+
+
+def _shift_field(field: torch.Tensor, delta: Sequence[float]) -> torch.Tensor:
+    """:func:`shift_field` without input validation (internal hot path)."""
+    for axis, d in enumerate(delta):
+        dim = field.dim() - 3 + axis
+        n = field.shape[dim]
+        if d == 0 or n == 1:
+            continue
+        if d > 0:  # neighbour p + 1, the last voxel repeated
+            neighbour = torch.cat([field.narrow(dim, 1, n - 1), field.narrow(dim, n - 1, 1)], dim)
+        else:  # neighbour p − 1, the first voxel repeated
+            neighbour = torch.cat([field.narrow(dim, 0, 1), field.narrow(dim, 0, n - 1)], dim)
+        field = torch.lerp(field, neighbour, abs(d))
+    return field
 
 
 def _check_field(name: str, disp: torch.Tensor) -> torch.Tensor:

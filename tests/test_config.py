@@ -21,15 +21,18 @@ def test_paper_defaults():
     cfg = Config()
     # package defaults (issue 13, measured per-case): bending prior, B-spline histogram; the paper's in its configs
     assert (cfg.model.prior, cfg.model.integration_steps, cfg.model.alpha) == ("bending", 7, 15.0)
-    assert (cfg.model.integration_downsize, cfg.register.covariance) == (3, "dct")
+    assert (cfg.model.integration_downsize, cfg.register.covariance, cfg.model.jitter) == (3, "dct", True)
+    assert cfg.register.finetune_lr == 0.3
     assert PRIORS.options("laplacian") == {"lambda_u": 1.0, "lambda_v": 0.01}  # the paper's weights by default
     for name in ("dirlab_4dct.yaml", "breast_mr.yaml"):
         paper = load_config(next(p for p in CONFIGS if p.name == name)).model
         assert (paper.prior, paper.prior_options, paper.histogram) == ("laplacian", {"lambda_u": 1.0, "lambda_v": 0.01},
                                                                        "gaussian")
-        assert paper.integration_downsize == 1  # the paper integrates on the full grid
+        assert paper.integration_downsize == 1 and paper.jitter is False  # the paper: full grid, lattice likelihood
     for name in ("cpu_small.yaml", "cpu_small_moving.yaml"):  # as their learning curves were measured
-        assert load_config(next(p for p in CONFIGS if p.name == name)).model.integration_downsize == 1
+        measured = load_config(next(p for p in CONFIGS if p.name == name))
+        assert (measured.model.integration_downsize, measured.model.jitter, measured.register.finetune_lr) == (1, False, 0.1)
+    assert load_config(next(p for p in CONFIGS if p.name == "cpu_small_moving_defaults.yaml")).model.jitter is False
     assert (cfg.train.lr, cfg.train.iterations, cfg.train.patch_size) == (1e-5, 100000, [96, 96, 96])
     assert load_config(next(p for p in CONFIGS if p.name == "dirlab_4dct.yaml")).train.lr == 1e-5
     for name in ("dirlab_4dct.yaml", "breast_mr.yaml"):  # the paper's Gaussian Parzen window, pinned
@@ -55,6 +58,7 @@ def test_paper_defaults():
         ({"model": {"integration_downsize": 0}}, r"model.integration_downsize: expected an integer >= 1, got 0"),
         ({"model": {"integration_downsize": 1.5}}, r"model.integration_downsize: expected an integer, got 1.5"),
         ({"register": {"covariance": "full"}}, r"register.covariance: expected 'diagonal' or 'dct', got 'full'"),
+        ({"model": {"jitter": "yes"}}, r"model.jitter: expected true or false, got 'yes'"),
         ({"register": {"guard_particles": 0}}, r"register.guard_particles: expected an integer >= 1, got 0"),
         ([1, 2], r"must hold a mapping"),
     ],
@@ -73,7 +77,7 @@ def test_a_config_from_before_prior_options_keeps_its_laplacian_prior(tmp_path):
     path.write_text(yaml.safe_dump({"model": {"lambda_u": 2.0, "lambda_v": 0.02, "lambda_b": 1.0}}))
     model = load_config(path).model
     assert (model.prior, model.prior_options) == ("laplacian", {"lambda_u": 2.0, "lambda_v": 0.02})
-    assert model.integration_downsize == 1  # they integrated on the full grid too
+    assert model.integration_downsize == 1 and model.jitter is False  # full grid and lattice likelihood too
 
 
 def test_missing_config_file(tmp_path):

@@ -87,6 +87,67 @@ def test_all_to_one_transform_computes_only_the_moving_maps_and_equals_the_whole
     assert (disp[:, [0, 1, 3]].abs().amax(dim=(2, 3, 4, 5)) > 0.3).all()
 
 
+@pytest.mark.parametrize("mode, fixed", [("all-to-one", 2), ("all-moving", None)])
+def test_jittered_transform_reads_every_image_and_field_at_the_shifted_lattice(mode, fixed):
+    """With ``jitter`` the likelihood sees x_k(p + δ + u_k(p + δ)) for one δ ~ U(−½, ½)³ per call, the
+    fixed image included (x_p(p + δ)); the reference reads the fields and images at p + δ with
+    grid_sample (spatial.sample), not the separable shift the transform uses. The maps returned
+    are the unshifted ones, and two calls draw two offsets."""
+    from groupmorph_pyro.group import GroupTransform, displacements
+    from groupmorph_pyro.spatial import identity_grid, sample
+    k = 4
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(0, 1, n) for n in SHAPE], indexing="ij"))
+    t = GroupTransform(k, mode, fixed, integration_downsize=2, jitter=True)
+    z = torch.stack([torch.stack([(c + 1) * (0.3 * i + 0.2) * torch.sin(3.0 * grid[c] + grid[(c + 1) % 3] + i)
+                                  for c in range(3)]) for i in range(t.num_latent)])[None]
+    images = torch.rand(1, k, *SHAPE)
+    disp = displacements(t.fields(z), True, 7, downsize=2)
+    torch.manual_seed(3)
+    delta = (torch.rand(3) - 0.5).view(1, 3, 1, 1, 1)
+    torch.manual_seed(3)
+    got_disp, warped = t(z, images)
+    assert torch.allclose(got_disp, disp, atol=1e-6)
+    at = identity_grid(SHAPE)[None] + delta  # (1, 3, *SHAPE): p + δ
+    for i in range(k):
+        u = sample(disp[:, i], at)  # u_i(p + δ)
+        want = sample(images[:, i:i + 1], at + u)[:, 0]
+        assert torch.allclose(warped[:, i], want, atol=1e-5), i
+    assert delta.abs().max() > 0.1 and not torch.allclose(warped, t(z, images)[1])
+    plain = GroupTransform(k, mode, fixed, integration_downsize=2)(z, images)[1]
+    assert (warped - plain).abs().max() > 0.05
+    with pytest.raises(InputError, match="jitter: expected True or False, got 1"):
+        GroupTransform(k, mode, fixed, jitter=1)
+
+
+def test_jitter_removes_the_lattice_bias_of_nmi_towards_blurring_maps():
+    """Two noisy copies of one smooth texture, aligned (the true map is the identity). Read on the
+    lattice, NMI scores a wrong quarter-voxel shift of the moving image above the truth, because
+    interpolating only the moving image averages its noise (measured 0.286 against 0.254). With the
+    jittered lattice (both images interpolated alike, averaged over 32 offsets) the truth scores highest
+    (0.399 against 0.373 and 0.319)."""
+    import numpy as np
+    from scipy.ndimage import gaussian_filter
+
+    from groupmorph_pyro.group import GroupTransform
+    from groupmorph_pyro.likelihoods import group_nmi
+    rng = np.random.default_rng(0)
+    ref = gaussian_filter(rng.standard_normal((24, 24, 24)), 2.0)
+    ref = (ref - ref.min()) / (ref.max() - ref.min())
+    x = np.stack([ref + 0.05 * rng.standard_normal(ref.shape), ref + 0.05 * rng.standard_normal(ref.shape)])
+    x = torch.tensor(x, dtype=torch.float32)[None].clamp(0, 1)
+
+    def score(jitter, shift, draws):
+        t = GroupTransform(2, "all-to-one", 0, diffeomorphic=False, jitter=jitter)
+        z = torch.zeros(1, 1, 3, 24, 24, 24)
+        z[:, :, :2] = shift
+        torch.manual_seed(0)
+        return float(np.mean([float(group_nmi(t(z, x)[1], 32, histogram="bspline")) for _ in range(draws)]))
+
+    assert score(False, 0.25, 1) > score(False, 0.0, 1) + 0.02
+    jittered = [score(True, s, 32) for s in (0.0, 0.25, 0.5)]
+    assert jittered[0] > max(jittered[1:]) + 0.02, jittered
+
+
 def test_guide_rotation_tells_the_network_which_image_is_fixed():
     guide = GroupMorphGuide(3, **SMALL)
     torch.nn.init.normal_(guide.mean_head.weight, std=0.1)

@@ -78,10 +78,16 @@ def test_a_checkpoint_from_before_integration_downsize_keeps_full_grid_integrati
     path = train(tiny_config(tmp_path, 1), progress=False)
     state = torch.load(path, weights_only=False)
     assert state["config"]["model"]["integration_downsize"] == 3  # the default is written into new files
+    assert state["config"]["model"]["jitter"] is True
     del state["config"]["model"]["integration_downsize"]
     torch.save(state, tmp_path / "old.pt")
     cfg, _, _ = load_checkpoint(tmp_path / "old.pt")
     assert cfg.model.integration_downsize == 1 and build_model(cfg.model).transform().integration_downsize == 1
+    assert cfg.model.jitter is True  # written after the jitter option: kept
+    del state["config"]["model"]["jitter"]  # written before it (2026-12-02): trained on the lattice
+    torch.save(state, tmp_path / "older.pt")
+    cfg, _, _ = load_checkpoint(tmp_path / "older.pt")
+    assert cfg.model.jitter is False and build_model(cfg.model).jitter is False
 
 
 def test_not_a_checkpoint(tmp_path):
