@@ -71,6 +71,13 @@ def check_integer(name: str, value, minimum: int = 0) -> int:
     return int(value)
 
 
+def check_bool(name: str, value) -> bool:
+    """Check a switch is ``True`` or ``False`` (not 0 / 1 or a string); returns it."""
+    if not isinstance(value, bool):
+        raise InputError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
 def check_spatial_shape(shape: Sequence[int], name: str = "spatial_shape", minimum: int = 1) -> tuple[int, int, int]:
     """Check a 3D grid size (D, H, W): three integers >= ``minimum``."""
     try:

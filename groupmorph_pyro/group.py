@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import InputError, check_integer
+from .checks import InputError, check_bool, check_integer
 from .spatial import (directional_derivative, integrate_velocity, invert_displacement, jacobian_determinant, shift_field,
                       warp)
 
@@ -213,9 +213,7 @@ class GroupTransform:
         self.num_timepoints, self.mode = int(num_timepoints), mode
         self.diffeomorphic, self.integration_steps = bool(diffeomorphic), int(integration_steps)
         self.integration_downsize = check_integer("integration_downsize", integration_downsize, 1)
-        if not isinstance(jitter, bool):
-            raise InputError(f"jitter: expected True or False, got {jitter!r}")
-        self.jitter = jitter
+        self.jitter = check_bool("jitter", jitter)
         if not (chunk is None or chunk == "auto" or (isinstance(chunk, int) and chunk >= 1)):
             raise InputError(f"chunk: expected None, 'auto' or an integer >= 1, got {chunk!r}")
         self.chunk = chunk

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroParam
 
-from .checks import InputError, check_arity, check_integer, check_positive, check_tensor
+from .checks import InputError, check_arity, check_bool, check_integer, check_positive, check_tensor
 from .group import GroupTransform, check_mode, latent_indices, relative_to_fixed
 from .likelihoods import GroupNMI, GroupSimilarity, check_likelihood
 from .networks import UNet3D, check_compile, check_precision, network_autocast
@@ -97,9 +97,7 @@ class GroupMorphModel(PyroModule):
         self.diffeomorphic = bool(diffeomorphic)
         self.integration_steps = int(integration_steps)
         self.integration_downsize = check_integer("integration_downsize", integration_downsize, 1)
-        if not isinstance(jitter, bool):
-            raise InputError(f"jitter: expected True or False, got {jitter!r}")
-        self.jitter = jitter
+        self.jitter = check_bool("jitter", jitter)
         if prior is not None:
             check_arity("prior", prior, 2, "prior(spatial_shape: tuple, device) -> distribution with event (3, D, H, W)")
         if likelihood is not None:

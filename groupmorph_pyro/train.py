@@ -217,10 +217,8 @@ def load_checkpoint(path, device="cpu") -> tuple[Config, GroupMorphGuide, dict]:
     try:
         state = torch.load(path, map_location=device, weights_only=False)
         saved = dict(state["config"])
-        if "integration_downsize" not in (saved.get("model") or {}):  # written before the option (2026-12-01):
-            saved["model"] = {**saved.get("model", {}), "integration_downsize": 1}  # its network integrated on the full grid
-        if "jitter" not in (saved.get("model") or {}):  # written before the option (2026-12-02): trained on the lattice
-            saved["model"] = {**saved.get("model", {}), "jitter": False}
+        # options a checkpoint written before them (2026-12-01 / -02) was trained without: the full grid, the lattice
+        saved["model"] = {"integration_downsize": 1, "jitter": False, **(saved.get("model") or {})}
         cfg = Config.from_dict(saved, source=str(path))
         cfg.runtime = RuntimeConfig()
         guide = build_guide(cfg.model)

@@ -117,6 +117,8 @@ def test_jittered_transform_reads_every_image_and_field_at_the_shifted_lattice(m
     assert (warped - plain).abs().max() > 0.05
     with pytest.raises(InputError, match="jitter: expected True or False, got 1"):
         GroupTransform(k, mode, fixed, jitter=1)
+    with pytest.raises(InputError, match="jitter: expected True or False, got 'yes'"):
+        GroupMorphModel(k, mode, jitter="yes")
 
 
 def test_jitter_removes_the_lattice_bias_of_nmi_towards_blurring_maps():
