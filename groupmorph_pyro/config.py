@@ -151,6 +151,7 @@ class RegisterConfig(_Section):
     scale_reset: bool = True  # after the mean's fit, set σ to the prior's mean-field optimum 1/sqrt(diag Λ)
     scale_steps: int = 5  # then this many steps on log σ alone (mean fixed), at scale_phase_lr (0 = none)
     scale_phase_lr: float = 0.1  # Adam step on log σ in those steps (constant)
+    finetune_scale_phase: bool = False  # run the σ reset + steps (and the covariance choice) after fine-tuning a network's posterior too (true before 2026-12-02)
     covariance: str = "dct"  # posterior family after the σ phase: "diagonal", or "dct" (also tried: kept if its ELBO is better)
     schedule: str = "cosine"  # learning-rate schedule over each level's steps: "constant" or "cosine" (to 0)
     average: float = 0.3  # average the guide's parameters over this final fraction of each level's steps (0 = off)
@@ -171,6 +172,8 @@ class RegisterConfig(_Section):
         check_positive("register.lr", self.lr)
         check_positive("register.finetune_lr", self.finetune_lr)
         check_positive("register.scale_phase_lr", self.scale_phase_lr)
+        if not isinstance(self.finetune_scale_phase, bool):
+            raise InputError(f"register.finetune_scale_phase: expected true or false, got {self.finetune_scale_phase!r}")
         if self.scale_lr is not None:
             check_positive("register.scale_lr", self.scale_lr)
         if self.covariance not in ("diagonal", "dct"):

@@ -22,7 +22,7 @@ def test_paper_defaults():
     # package defaults (issue 13, measured per-case): bending prior, B-spline histogram; the paper's in its configs
     assert (cfg.model.prior, cfg.model.integration_steps, cfg.model.alpha) == ("bending", 7, 15.0)
     assert (cfg.model.integration_downsize, cfg.register.covariance, cfg.model.jitter) == (3, "dct", True)
-    assert cfg.register.finetune_lr == 0.3
+    assert cfg.register.finetune_lr == 0.3 and cfg.register.finetune_scale_phase is False
     assert PRIORS.options("laplacian") == {"lambda_u": 1.0, "lambda_v": 0.01}  # the paper's weights by default
     for name in ("dirlab_4dct.yaml", "breast_mr.yaml"):
         paper = load_config(next(p for p in CONFIGS if p.name == name)).model
@@ -32,6 +32,8 @@ def test_paper_defaults():
     for name in ("cpu_small.yaml", "cpu_small_moving.yaml"):  # as their learning curves were measured
         measured = load_config(next(p for p in CONFIGS if p.name == name))
         assert (measured.model.integration_downsize, measured.model.jitter, measured.register.finetune_lr) == (1, False, 0.1)
+    for name in ("cpu_small.yaml", "cpu_small_moving.yaml", "cpu_small_moving_defaults.yaml", "dirlab_4dct.yaml"):
+        assert load_config(next(p for p in CONFIGS if p.name == name)).register.finetune_scale_phase is True  # as measured
     assert load_config(next(p for p in CONFIGS if p.name == "cpu_small_moving_defaults.yaml")).model.jitter is False
     assert (cfg.train.lr, cfg.train.iterations, cfg.train.patch_size) == (1e-5, 100000, [96, 96, 96])
     assert load_config(next(p for p in CONFIGS if p.name == "dirlab_4dct.yaml")).train.lr == 1e-5

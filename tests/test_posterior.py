@@ -130,6 +130,25 @@ def test_finetuning_an_amortised_posterior_improves_its_elbo(group):
     assert ft["kept"] == "refined" and ft["elbo_loss_after"] < ft["elbo_loss_before"] - 0.5, ft
 
 
+def test_the_sigma_phase_follows_fits_from_zero_and_fine_tuning_only_when_asked(group):
+    """Fine-tuning a network's posterior keeps the σ its SVI steps fitted (no reset, no σ steps, no
+    covariance choice) unless register.finetune_scale_phase; a fit from zero always runs the phase."""
+    cfg = Config()
+    cfg.model.num_timepoints, cfg.model.encoder, cfg.model.decoder = 3, [4, 4], [4, 4, 4]
+    cfg.register.scale_steps = 2
+    torch.manual_seed(1)
+    guide = build_guide(cfg.model)
+    skipped = register(group.images, cfg, guide, finetune_steps=3).summary["finetune"]
+    assert "scale_phase" not in skipped and skipped["steps_run"] == 3
+    cfg.register.finetune_scale_phase = True
+    ran = register(group.images, cfg, guide, finetune_steps=3).summary["finetune"]
+    assert ran["scale_phase"]["steps_run"] == 2 and ran["scale_phase"]["reset"]
+    assert ran["elbo_loss_after"] == ran["scale_phase"]["elbo_loss_after"]
+    cfg.register.finetune_scale_phase = False
+    from_zero = register(group.images, cfg, finetune_steps=3).summary["finetune"]
+    assert from_zero["scale_phase"]["steps_run"] == 2
+
+
 def test_register_reports_finetune_gain_and_landmarks(group):
     cfg = Config()
     cfg.model.num_timepoints = 3
