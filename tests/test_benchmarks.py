@@ -101,3 +101,29 @@ def test_calibration_runs_with_model_settings_and_records_them(tmp_path):
     for row in paper + default:
         assert 0 <= row["coverage90_all"] <= 1 and 0 <= row["coverage90_moving"] <= 1 and row["mean_sd_voxels"] > 0
 
+
+
+def test_probes_apply_their_settings_and_report_each_row(tmp_path, monkeypatch):
+    """benchmarks/probes.py: settings reach the config (a bad one stops with a message), per-case rows
+    register (error below identity) on small phantoms, step-cost times both jitter settings."""
+    from groupmorph_pyro.config import Config
+    from groupmorph_pyro.synthetic import breathing_phantom
+
+    probes = _load("probes")
+    cfg = probes.with_settings(Config(), ["model.jitter=false", "model.prior_options={lambda_v: 0.001}", "register.steps=7"])
+    assert (cfg.model.jitter, cfg.model.prior_options, cfg.register.steps) == (False, {"lambda_v": 0.001}, 7)
+    with pytest.raises(SystemExit, match="section.key=value"):
+        probes.with_settings(Config(), ["steps=7"])
+    small = breathing_phantom((24, 24, 24), 4, seed=1, num_landmarks=8)
+    monkeypatch.setattr(probes, "phantoms", lambda: {"tiny": small})
+    rows = probes.main(["per-case", "--out", str(tmp_path), "--variants", "defaults", "64 bins",
+                        "--base", "register.steps=20", "register.coarse_steps=40", "register.lr=0.3"])
+    assert [r["variant"] for r in rows] == ["defaults", "64 bins"] and rows[1]["settings"][-1] == "model.bins=64"
+    assert all(0 < r["mean_mm"] < 0.7 * r["identity_mm"] for r in rows), rows
+    saved = json.loads((tmp_path / "probes-per-case.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows, default=float))
+    monkeypatch.setattr(probes, "phantoms", lambda: {"synthetic-4dct": small})
+    monkeypatch.setattr("groupmorph_pyro.data.load_mni152", lambda spacing: (_ for _ in ()).throw(ImportError("no nilearn")))
+    cost = probes.main(["step-cost", "--out", str(tmp_path), "--steps", "1", "--repeats", "1"])
+    assert [(r["series"], r["jitter"]) for r in cost] == [("synthetic-4dct", True), ("synthetic-4dct", False)]
+    assert all(r["seconds_per_step"] > 0 for r in cost)

@@ -1,0 +1,225 @@
+"""Probes behind figures README quotes outside Table 1 and the learning curves: one command each.
+
+``per-case``: per-case registration (no network) of Table 1's two phantoms (``synthetic-4dct``:
+``breathing_phantom`` 48³ seed 1, 75 landmarks; ``synthetic-dce``: ``dce_phantom`` 48×48×32 seed 2, 30
+landmarks; K = 4, fixed timepoint 0) under setting variants on top of a base (``--base``, e.g.
+``model.jitter=false`` for the package defaults before 2026-12-02): mean / median / p95 landmark error
+(mm, the pairs (0, k)), seconds, folding.
+
+``finetune``: a trained network's held-out groups (as ``learning_curve.py``: ``--heldout`` phantoms of
+the config's training kind from ``--heldout-seed``, group j fixed at timepoint j mod K), fine-tuned under
+variants of ``register.*`` (``finetune_lr``, ``schedule``, ``finetune_scale_phase``) and step counts:
+mean landmark error, seconds per group, how many fits the ELBO guard kept, the final negative ELBO per
+voxel and the posterior sd (median over voxels, voxels).
+
+``step-cost``: seconds per per-case SVI step (the full-resolution ELBO gradient and an Adam step, after
+3 warm-up steps), with the jittered likelihood on and off, alternating, on ``synthetic-4dct`` (48³,
+K = 4) and, where nilearn is installed, ``mni152-3.5mm`` (seed 1).
+
+Each writes ``<out>/probes-<command>.json`` and prints one JSON line per row.
+
+    python benchmarks/probes.py per-case --out benchmarks/results/probes-phantom-gap --base model.jitter=false
+    python benchmarks/probes.py finetune --config configs/cpu_small_moving_defaults.yaml --checkpoint runs/lcd/train/last.pt --out OUT
+    python benchmarks/probes.py step-cost --out OUT
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from learning_curve import all_to_one, heldout_kwargs  # noqa: E402
+
+from groupmorph_pyro.config import Config, load_config  # noqa: E402
+from groupmorph_pyro.evaluation import landmark_columns  # noqa: E402
+from groupmorph_pyro.files import write_json  # noqa: E402
+from groupmorph_pyro.metrics import landmark_distances  # noqa: E402
+from groupmorph_pyro.registration import register  # noqa: E402
+from groupmorph_pyro.synthetic import breathing_phantom, dce_phantom  # noqa: E402
+
+# The phantom-gap probes of 2026-12-02 00:22-00:58 UTC (README, "Per-case registration"), on the no-jitter defaults.
+PER_CASE_VARIANTS = {
+    "defaults": [],
+    "240 full-resolution steps": ["register.steps=240"],
+    "64 bins": ["model.bins=64"],
+    "lambda_v 0.001": ["model.prior_options={lambda_v: 0.001}"],
+    "lambda_b 0.3": ["model.prior_options={lambda_b: 0.3}"],
+    "lambda_b 3": ["model.prior_options={lambda_b: 3.0}"],
+    "MI instead of NMI": ["model.likelihood=mi"],
+    "template reduction": ["model.reduction=template"],
+}
+# The fine-tuning step sweep of 2026-12-02 00:55-01:05 UTC (README, "Amortised training on a CPU"): (variant, steps).
+FINETUNE_VARIANTS = {
+    "lr 0.1": (["register.finetune_lr=0.1"], 20),
+    "lr 0.2": (["register.finetune_lr=0.2"], 20),
+    "lr 0.3": (["register.finetune_lr=0.3"], 20),
+    "lr 0.5": (["register.finetune_lr=0.5"], 20),
+    "lr 1.0": (["register.finetune_lr=1.0"], 20),
+    "lr 0.3, 30 steps": (["register.finetune_lr=0.3"], 30),
+    "lr 0.4, 30 steps": (["register.finetune_lr=0.4"], 30),
+    "lr 0.3, 40 steps": (["register.finetune_lr=0.3"], 40),
+    "lr 0.3, constant schedule": (["register.finetune_lr=0.3", "register.schedule=constant"], 20),
+    "lr 0.1, 10 steps": (["register.finetune_lr=0.1"], 10),
+    "lr 0.3, 10 steps": (["register.finetune_lr=0.3"], 10),
+}
+SIGMA_PHASE_VARIANTS = {  # after fine-tuning: the σ phase or not (register.finetune_scale_phase)
+    "sigma phase": (["register.finetune_scale_phase=true"], 20),
+    "no sigma phase": (["register.finetune_scale_phase=false"], 20),
+}
+SETS = {"lr": FINETUNE_VARIANTS, "sigma": SIGMA_PHASE_VARIANTS}
+
+
+def with_settings(cfg: Config, settings) -> Config:
+    """A copy of ``cfg`` with ``section.key=value`` settings (values in YAML: ``0.3``, ``false``, ``{lambda_v: 0.001}``)."""
+    d = copy.deepcopy(cfg.to_dict())
+    for item in settings:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in d:
+            raise SystemExit(f"probes.py: expected section.key=value (e.g. register.steps=240), got {item!r}")
+        d[section][name] = yaml.safe_load(value)
+    return Config.from_dict(d, source="probes.py settings")
+
+
+def phantoms() -> dict:
+    """Table 1's two phantoms at its default size (48, K = 4)."""
+    return {"synthetic-4dct": breathing_phantom((48,) * 3, 4, seed=1, num_landmarks=75),
+            "synthetic-dce": dce_phantom((48, 48, 32), 4, seed=2, num_landmarks=30)}
+
+
+def per_case(args) -> list:
+    rows = []
+    base = with_settings(Config().with_timepoints(4), args.base)
+    names = args.variants or list(PER_CASE_VARIANTS)
+    for series, g in phantoms().items():
+        for name in names:
+            cfg = with_settings(base, PER_CASE_VARIANTS[name])
+            clock = time.perf_counter()
+            res = register(g.images, cfg, seed=0)
+            seconds = time.perf_counter() - clock
+            c = landmark_columns(g.landmarks, res.displacement, res.inverse_displacement, g.spacing)
+            rows.append(_say({"series": series, "variant": name, "settings": args.base + PER_CASE_VARIANTS[name],
+                              "identity_mm": c["landmark_mm_before"], "mean_mm": c["landmark_mm_after"], "median_mm": c["landmark_median_after"],
+                              "p95_mm": c["landmark_p95_after"], "seconds": seconds,
+                              "folding_percent": res.summary["folding_percent_all"], "nmi": res.summary["nmi_after"]}))
+    return rows
+
+
+def finetune(args) -> list:
+    from groupmorph_pyro.train import load_checkpoint, validation_phantoms
+
+    cfg = load_config(args.config)
+    cfg.data.validation = heldout_kwargs(cfg, args.heldout, args.heldout_seed)
+    _, guide, _ = load_checkpoint(args.checkpoint)
+    guide.eval()
+    k = cfg.model.num_timepoints
+    serve = all_to_one(cfg).with_timepoints(k)
+    groups = validation_phantoms(cfg)
+    rows = []
+    for name, (settings, steps) in SETS[args.set].items():
+        run = with_settings(serve, settings)
+        errors, seconds, kept, elbo, sigma = [], [], 0, [], []
+        for j, g in enumerate(groups):
+            res = register(g.images, run, guide, fixed=j % k, finetune_steps=steps)
+            ft = res.summary["finetune"]
+            errors.append(landmark_distances(g.landmarks, res.displacement, res.inverse_displacement, g.spacing).mean())
+            seconds.append(res.summary["seconds"])
+            kept += ft["kept"] == "refined"
+            elbo.append(ft["elbo_loss_after"])
+            sigma.append(float(np.median(res.scale)))
+        rows.append(_say({"variant": name, "settings": settings, "steps": steps, "mean_mm": float(np.mean(errors)),
+                          "per_group_mm": [float(e) for e in errors], "seconds_per_group": float(np.mean(seconds)),
+                          "refined_kept": kept, "groups": len(groups), "elbo_loss_after": float(np.mean(elbo)),
+                          "sigma_median": float(np.mean(sigma))}))
+    return rows
+
+
+def step_cost(args) -> list:
+    from pyro.infer import Trace_ELBO
+
+    from groupmorph_pyro.model import CaseGuide
+    from groupmorph_pyro.registration import infer, prepare
+
+    groups = {"synthetic-4dct": phantoms()["synthetic-4dct"]}
+    try:
+        from groupmorph_pyro.data import load_mni152
+        from groupmorph_pyro.synthetic import anatomy_group
+
+        m = load_mni152(3.5)
+        groups["mni152-3.5mm"] = anatomy_group(m["t1"].data, m["grey"].data, m["white"].data, 4, m["t1"].spacing,
+                                               amplitude_mm=6.0, num_landmarks=100, seed=1)
+    except ImportError as err:
+        print(f"probes.py: mni152-3.5mm skipped ({err})", file=sys.stderr)
+    rows = []
+    for series, g in groups.items():
+        times = {True: [], False: []}
+        for _ in range(args.repeats):
+            for jitter in (False, True):
+                cfg = Config().with_timepoints(4)
+                cfg.model.jitter = jitter
+                group = prepare(g.images, cfg)
+                start = infer(group)
+                guide = CaseGuide(start.loc, start.scale, group.model.prior_distribution(start.loc.shape[3:]))
+                loss_fn = Trace_ELBO().differentiable_loss
+                optim = torch.optim.Adam(guide.parameters(), lr=0.1)
+
+                def step():
+                    optim.zero_grad()
+                    loss_fn(group.model, guide, group.x, group.fixed).backward()
+                    optim.step()
+
+                for _ in range(3):
+                    step()
+                clock = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                times[jitter].append((time.perf_counter() - clock) / args.steps)
+        for jitter, t in times.items():
+            rows.append(_say({"series": series, "shape": list(g.images.shape[1:]), "jitter": jitter,
+                              "seconds_per_step": float(np.mean(t)), "repeats": [float(x) for x in t]}))
+    return rows
+
+
+def _say(row: dict) -> dict:
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv=None) -> list:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("per-case", help="per-case registration of the two phantoms under setting variants")
+    a.add_argument("--base", nargs="*", default=[], help="settings under every variant, e.g. model.jitter=false")
+    a.add_argument("--variants", nargs="*", choices=list(PER_CASE_VARIANTS), help="a subset (default: all)")
+    b = sub.add_parser("finetune", help="fine-tuning variants on a trained network's held-out groups")
+    b.add_argument("--config", required=True)
+    b.add_argument("--checkpoint", required=True)
+    b.add_argument("--set", choices=list(SETS), default="lr", help="lr: the step sweep; sigma: the σ phase or not")
+    b.add_argument("--heldout", type=int, default=8)
+    b.add_argument("--heldout-seed", type=int, default=10000)
+    c = sub.add_parser("step-cost", help="seconds per per-case SVI step, jitter on and off")
+    c.add_argument("--steps", type=int, default=15)
+    c.add_argument("--repeats", type=int, default=2)
+    for s in (a, b, c):
+        s.add_argument("--out", required=True)
+        s.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = {"per-case": per_case, "finetune": finetune, "step-cost": step_cost}[args.command](args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"probes-{args.command}{'-' + args.set if args.command == 'finetune' else ''}.json",
+               {"command": " ".join(sys.argv), "threads": args.threads, "rows": rows})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
