@@ -61,8 +61,7 @@ class ModelConfig(_Section):
         for name in ("beta", "alpha"):
             check_positive(f"model.{name}", getattr(self, name))
         check_integer("model.integration_downsize", self.integration_downsize, 1)
-        if not isinstance(self.jitter, bool):
-            raise InputError(f"model.jitter: expected true or false, got {self.jitter!r}")
+        _check_switch("model.jitter", self.jitter)
         if self.prior not in PRIORS:
             raise InputError(f"model.prior: expected one of {list(PRIORS)}, got {self.prior!r}")
         try:
@@ -172,8 +171,7 @@ class RegisterConfig(_Section):
         check_positive("register.lr", self.lr)
         check_positive("register.finetune_lr", self.finetune_lr)
         check_positive("register.scale_phase_lr", self.scale_phase_lr)
-        if not isinstance(self.finetune_scale_phase, bool):
-            raise InputError(f"register.finetune_scale_phase: expected true or false, got {self.finetune_scale_phase!r}")
+        _check_switch("register.finetune_scale_phase", self.finetune_scale_phase)
         if self.scale_lr is not None:
             check_positive("register.scale_lr", self.scale_lr)
         if self.covariance not in ("diagonal", "dct"):
@@ -205,8 +203,7 @@ class RuntimeConfig(_Section):
 
     def validate(self):
         check_precision(self.precision)
-        if not isinstance(self.channels_last, bool):
-            raise InputError(f"runtime.channels_last: expected true or false, got {self.channels_last!r}")
+        _check_switch("runtime.channels_last", self.channels_last)
         check_compile(self.compile, allow_callable=False)  # a config holds names only (YAML, checkpoints)
 
     def options(self) -> dict:
@@ -259,6 +256,12 @@ class Config:
         for part in (cfg.model, cfg.train, cfg.register, cfg.runtime):
             part.validate()
         return cfg
+
+
+def _check_switch(key: str, value) -> None:
+    """A section's ``validate`` check of a bool field (values assigned from Python skip the reader's typing)."""
+    if not isinstance(value, bool):
+        raise InputError(f"{key}: expected true or false, got {value!r}")
 
 
 def _number(key: str, value, kind: type):
