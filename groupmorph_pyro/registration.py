@@ -253,8 +253,9 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
 
     The σ phase (:func:`fit_scale`) follows a fit from zero; after fine-tuning a network's posterior
     only with ``register.finetune_scale_phase``: there the σ the SVI steps fitted (from the network's)
-    had the better ELBO (issue 14's held-out groups, 20 steps: negative ELBO −0.42 against −0.40 per
-    voxel after the reset and 5 σ steps, which also cost 0.7 of 3.0 s).
+    had the better ELBO (``benchmarks/probes.py finetune --set sigma``, issue 14's 8 held-out groups,
+    20 steps: negative ELBO −0.418 against −0.397 per voxel after the reset and 5 σ steps, which also
+    took 3.08 instead of 1.98 s per group).
     """
     if group.steps <= 0:
         return start, None
