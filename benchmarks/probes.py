@@ -38,6 +38,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learning_curve import all_to_one, heldout_kwargs  # noqa: E402
 
+from groupmorph_pyro.checks import InputError  # noqa: E402
 from groupmorph_pyro.config import Config, load_config  # noqa: E402
 from groupmorph_pyro.evaluation import landmark_columns  # noqa: E402
 from groupmorph_pyro.files import write_json  # noqa: E402
@@ -84,7 +85,7 @@ def with_settings(cfg: Config, settings) -> Config:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or section not in d:
-            raise SystemExit(f"probes.py: expected section.key=value (e.g. register.steps=240), got {item!r}")
+            raise InputError(f"expected section.key=value (e.g. register.steps=240), got {item!r}")
         d[section][name] = yaml.safe_load(value)
     return Config.from_dict(d, source="probes.py settings")
 
@@ -212,6 +213,17 @@ def main(argv=None) -> list:
         s.add_argument("--out", required=True)
         s.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args(argv)
+    try:  # bad settings or inputs: one line and exit 2, before any work
+        if args.command == "per-case":
+            with_settings(Config(), args.base)
+        elif args.command == "finetune":
+            for path in (args.config, args.checkpoint):
+                if not Path(path).is_file():
+                    raise InputError(f"no such file: {path}")
+        elif min(args.steps, args.repeats) < 1:
+            raise InputError(f"--steps and --repeats: expected integers >= 1, got {args.steps} and {args.repeats}")
+    except InputError as err:
+        p.error(str(err))
     torch.set_num_threads(args.threads)
     rows = {"per-case": per_case, "finetune": finetune, "step-cost": step_cost}[args.command](args)
     out = Path(args.out)

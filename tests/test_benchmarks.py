@@ -103,8 +103,9 @@ def test_calibration_runs_with_model_settings_and_records_them(tmp_path):
 
 
 
-def test_probes_apply_their_settings_and_report_each_row(tmp_path, monkeypatch):
-    """benchmarks/probes.py: settings reach the config (a bad one stops with a message), per-case rows
+def test_probes_apply_their_settings_and_report_each_row(tmp_path, monkeypatch, capsys):
+    """benchmarks/probes.py: settings reach the config (bad settings or inputs: one line, exit 2, nothing
+    written), per-case rows
     register (error below identity) on small phantoms, step-cost times both jitter settings."""
     from groupmorph_pyro.config import Config
     from groupmorph_pyro.synthetic import breathing_phantom
@@ -112,8 +113,14 @@ def test_probes_apply_their_settings_and_report_each_row(tmp_path, monkeypatch):
     probes = _load("probes")
     cfg = probes.with_settings(Config(), ["model.jitter=false", "model.prior_options={lambda_v: 0.001}", "register.steps=7"])
     assert (cfg.model.jitter, cfg.model.prior_options, cfg.register.steps) == (False, {"lambda_v": 0.001}, 7)
-    with pytest.raises(SystemExit, match="section.key=value"):
-        probes.with_settings(Config(), ["steps=7"])
+    for bad, message in ((["per-case", "--base", "steps=7"], "expected section.key=value (e.g. register.steps=240), got 'steps=7'"),
+                         (["per-case", "--base", "model.jitter=maybe"], "model.jitter: expected true or false, got 'maybe' (str)"),
+                         (["finetune", "--config", str(tmp_path / "none.yaml"), "--checkpoint", "x.pt"], f"no such file: {tmp_path / 'none.yaml'}"),
+                         (["step-cost", "--steps", "0"], "--steps and --repeats: expected integers >= 1, got 0 and 2")):
+        with pytest.raises(SystemExit) as exc:
+            probes.main(bad + ["--out", str(tmp_path / "bad")])
+        assert exc.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+        assert not (tmp_path / "bad").exists()
     small = breathing_phantom((24, 24, 24), 4, seed=1, num_landmarks=8)
     monkeypatch.setattr(probes, "phantoms", lambda: {"tiny": small})
     rows = probes.main(["per-case", "--out", str(tmp_path), "--variants", "defaults", "64 bins",
