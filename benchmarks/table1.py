@@ -186,7 +186,9 @@ def main(argv=None) -> list:
     for name, images, spacing, landmarks in datasets(args):
         cfg = Config()
         cfg.model.num_timepoints = images.shape[0]
-        lattice = copy.deepcopy(cfg)  # the defaults before the jittered likelihood (2026-12-02)
+        joint = copy.deepcopy(cfg)  # the defaults before the MAP mean (2026-12-02, issue 13): mean and σ by SVI together
+        joint.register.map_mean = False
+        lattice = copy.deepcopy(joint)  # the defaults before the jittered likelihood (2026-12-02)
         lattice.model.jitter = False
         before = copy.deepcopy(lattice)  # the defaults before integration_downsize and the correlated σ (2026-12-01, 19:00)
         before.model.integration_downsize, before.register.covariance = 1, "diagonal"
@@ -202,6 +204,7 @@ def main(argv=None) -> list:
             "ants (affine + SyN, Mattes MI)": lambda: ants_all_to_one(images, spacing, 0, ants_settings),
             "voxelmorph-diff (K=2, per-case)": lambda: pairwise_groupmorph(images, cfg, 0, steps),
             "groupmorph-diff all-to-one (per-case)": lambda: register(images, cfg, finetune_steps=steps),
+            "groupmorph-diff all-to-one (per-case, mean and σ by SVI together)": lambda: register(images, joint, finetune_steps=steps),
             "groupmorph-diff all-to-one (per-case, likelihood on the lattice: no jitter)":
                 lambda: register(images, lattice, finetune_steps=steps),
             "groupmorph-diff all-to-one (per-case, before: full-grid integration, diagonal σ)":

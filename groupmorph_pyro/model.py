@@ -337,11 +337,18 @@ class CaseGuide(LocalParamsModule):
             colouring ``s > 0`` broadcastable to loc, for the correlated family
             :class:`~groupmorph_pyro.priors.CorrelatedNormal` ``z = μ + σ ⊙ IDCT(s ⊙ ε)`` (then σ is
             the per-voxel modulation, and :meth:`distribution_params` returns the marginal sd).
+        point: True for a point estimate: q is a Delta at the mean (SVI with it is MAP estimation of
+            the mean: the ELBO becomes the log joint at μ); σ is kept but neither used nor changed.
+            Not with ``spectrum``.
     """
 
-    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, prior=None, spectrum: torch.Tensor | None = None):
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, prior=None, spectrum: torch.Tensor | None = None,
+                 point: bool = False):
         super().__init__()
         check_tensor("loc", loc, ndim=6, layout="(B, K_lat, 3, D, H, W)")
+        self.point = check_bool("point", point)
+        if point and spectrum is not None:
+            raise InputError("CaseGuide: a point estimate (point=True) has no spectrum; got one")
         if not isinstance(prior, DCTGaussianField):
             prior = LaplacianNormal(loc.shape[3:])
         if tuple(prior.spatial_shape) != tuple(loc.shape[3:]):
@@ -368,15 +375,19 @@ class CaseGuide(LocalParamsModule):
         return self.log_spectrum is not None
 
     def distribution(self) -> dist.TorchDistribution:
-        """q(z): ``Normal(μ, σ).to_event(4)`` or ``CorrelatedNormal(μ, σ, s)``, batch ``(B, K_lat)``."""
+        """q(z): ``Normal(μ, σ).to_event(4)``, ``CorrelatedNormal(μ, σ, s)`` or (``point``) ``Delta(μ)``,
+        batch ``(B, K_lat)``."""
         w = self.whitened
         loc = idct3(w / self._sqrt_eig(w))
+        if self.point:
+            return dist.Delta(loc, event_dim=4)
         if self.correlated:
             return CorrelatedNormal(loc, self.log_scale.exp(), self.log_spectrum.exp())
         return dist.Normal(loc, self.log_scale.exp()).to_event(4)
 
     def distribution_params(self):
-        """``(loc, scale)``, each ``(B, K_lat, 3, D, H, W)`` in voxels; scale is the marginal sd."""
+        """``(loc, scale)``, each ``(B, K_lat, 3, D, H, W)`` in voxels; scale is the marginal sd (for a
+        point estimate: the stored σ, which its fit leaves unchanged)."""
         q = self.distribution()
         return (q.mean, q.variance.sqrt()) if self.correlated else (q.mean, self.log_scale.exp())
 

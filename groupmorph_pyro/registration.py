@@ -93,7 +93,7 @@ def elbo_loss(model, guide, images: torch.Tensor, fixed, particles: int = 8, see
 def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Tensor, scale: torch.Tensor,
              settings: RegisterConfig | None = None, steps: int | None = None, elbo: str = "trace",
              progress: bool = False, eval_particles: int | None = None, desc: str = "per-case SVI",
-             fit_mean: bool = True) -> tuple[CaseGuide, dict]:
+             fit_mean: bool = True, point: bool = False) -> tuple[CaseGuide, dict]:
     """Per-case SVI: refine a :class:`CaseGuide` initialised at (loc, scale) on this group alone.
 
     The guide's mean is whitened with the model's prior spectrum (see CaseGuide). Adam's step follows
@@ -113,7 +113,9 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
             :class:`RegisterConfig`);
         steps: maximum SVI steps (default ``settings.steps``); elbo: ``"trace"`` or ``"meanfield"``;
         eval_particles: particles of the guard's two ELBO estimates (default ``settings.guard_particles``);
-        desc: the progress bar's label; fit_mean: False optimises log σ alone (the mean stays).
+        desc: the progress bar's label; fit_mean: False optimises log σ alone (the mean stays);
+        point: True fits the mean as a point estimate (MAP: the guide is a Delta at the mean, see
+            :class:`CaseGuide`), σ stays ``scale``; the guard then compares log joints at the two means.
     Returns:
         (guide, info) with info keys ``losses`` (per step, per voxel), ``steps_run``,
         ``elbo_loss_before`` / ``elbo_loss_after`` (negative ELBO per voxel), ``kept`` ("refined"/"initial"),
@@ -125,8 +127,10 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     eval_particles = settings.guard_particles if eval_particles is None else eval_particles
     if int(steps) != steps or steps < 0:
         raise InputError(f"steps: expected an integer >= 0, got {steps!r}")
+    if point and not fit_mean:
+        raise InputError("fit_case: point=True fits the mean; it cannot go with fit_mean=False")
     clock = time.perf_counter()
-    guide = CaseGuide(loc, scale, model.prior_distribution(loc.shape[3:], loc.device))
+    guide = CaseGuide(loc, scale, model.prior_distribution(loc.shape[3:], loc.device), point=point)
     initial = copy.deepcopy(guide.state_dict())
     before = elbo_loss(model, guide, images, fixed, eval_particles)
     guard_seconds = time.perf_counter() - clock
@@ -135,7 +139,7 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     loss_fn = (TraceMeanField_ELBO() if elbo == "meanfield" else Trace_ELBO()).differentiable_loss
     scale_lr = settings.lr if settings.scale_lr is None else settings.scale_lr
     groups = [{"params": [guide.whitened], "lr": settings.lr}] if fit_mean else []
-    optim = torch.optim.Adam(groups + [{"params": [guide.log_scale], "lr": scale_lr}])
+    optim = torch.optim.Adam(groups + ([] if point else [{"params": [guide.log_scale], "lr": scale_lr}]))
     peaks = [group["lr"] for group in optim.param_groups]
     cosine = settings.schedule == "cosine"
     average_from = int(steps) - int(round(settings.average * int(steps))) if settings.average else None
@@ -251,6 +255,14 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
     Without a network (``start.guide`` is None) and with ``register.pyramid`` coarser than [1], the
     mean is first fitted coarse to fine (:func:`fit_pyramid`) and the full-resolution SVI starts there.
 
+    From zero, with ``register.map_mean`` (the default; see :func:`map_mean`), the mean is fitted as a
+    point estimate (MAP: a Delta guide, no sampling noise from σ in its gradient) at every level, and
+    the σ phase then fits the posterior's spread around it. Measured on Table 1's groups (issue 13,
+    2026-12-02, package defaults otherwise), mean / median landmark mm, SVI jointly -> MAP:
+    synthetic-4dct 0.185 / 0.163 -> 0.182 / 0.162, synthetic-dce 0.177 / 0.161 -> 0.182 / 0.162,
+    mni152-3.5mm seeds 1 / 2 / 3 1.88 / 1.33 / 2.93 -> 1.74 / 1.32 / 2.81, mni152-2.5mm seed 1
+    1.68 -> 1.61.
+
     The σ phase (:func:`fit_scale`) follows a fit from zero; after fine-tuning a network's posterior
     only with ``register.finetune_scale_phase``: there the σ the SVI steps fitted (from the network's)
     had the better ELBO (``benchmarks/probes.py finetune --set sigma``, issue 14's 8 held-out groups,
@@ -263,11 +275,14 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
     if start.guide is not None:  # a network's posterior is close already: smaller steps (register.finetune_lr)
         cfg = dataclasses.replace(cfg, lr=cfg.finetune_lr)
     levels = []
+    point = map_mean(group, start)
     if start.guide is None and len(cfg.pyramid) > 1:
-        loc, levels = fit_pyramid(group.model, group.x, group.fixed, start.loc, cfg, group.config.train.elbo, progress)
+        loc, levels = fit_pyramid(group.model, group.x, group.fixed, start.loc, cfg, group.config.train.elbo, progress,
+                                  point)
         start = Posterior(loc, start.scale)
     case, info = fit_case(group.model, group.x, group.fixed, start.loc, start.scale, cfg,
-                          group.steps, group.config.train.elbo, progress)
+                          group.steps, group.config.train.elbo, progress, point=point)
+    info["map_mean"] = point
     if (cfg.scale_reset or cfg.scale_steps) and (start.guide is None or cfg.finetune_scale_phase):
         case, info["scale_phase"] = fit_scale(group.model, group.x, group.fixed, case, cfg, group.config.train.elbo,
                                               progress)
@@ -277,6 +292,17 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
     with torch.no_grad():
         loc, scale = case.distribution_params()
     return Posterior(loc, scale, case), info
+
+
+def map_mean(group: PreparedGroup, start: Posterior) -> bool:
+    """Whether :func:`refine` fits the mean as a point estimate (MAP) before the σ phase: with
+    ``register.map_mean``, for a fit from zero (``start.guide`` None) whose σ phase resets σ to the
+    prior's mean-field optimum (``register.scale_reset`` and a prior with a DCT spectrum). Otherwise
+    the SVI steps fit mean and σ together, e.g. fine-tuning a network, whose σ is kept."""
+    cfg = group.config.register
+    if not (cfg.map_mean and cfg.scale_reset and start.guide is None):
+        return False
+    return isinstance(group.model.prior_distribution(start.loc.shape[3:], group.device), DCTGaussianField)
 
 
 def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGuide, settings: RegisterConfig,
@@ -363,7 +389,7 @@ MIN_LEVEL_SIZE = 12  # voxels: coarser pyramid levels are skipped
 
 
 def fit_pyramid(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Tensor, settings: RegisterConfig,
-                elbo: str = "trace", progress: bool = False) -> tuple[torch.Tensor, list]:
+                elbo: str = "trace", progress: bool = False, point: bool = False) -> tuple[torch.Tensor, list]:
     """Coarse-to-fine start for per-case SVI: the same model on coarser grids.
 
     For each shrink factor f of ``settings.pyramid`` except the last (1): the images are blurred and
@@ -371,7 +397,8 @@ def fit_pyramid(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.
     current mean is moved to that grid (:func:`~groupmorph_pyro.spatial.resize_displacement`, voxel
     units rescaled) and :func:`fit_case` runs ``settings.coarse_steps`` steps there (levels with an axis
     shorter than ``MIN_LEVEL_SIZE`` = 12 voxels are skipped), under the model's
-    prior on the coarse grid and σ starting from ``settings.init_scale``. A coarse step costs about
+    prior on the coarse grid and σ starting from ``settings.init_scale`` (``point``: the mean as a point
+    estimate, MAP, as :func:`fit_case`). A coarse step costs about
     f³ times less than a full-resolution one, and the coarse grids see large motions as small ones.
 
     Args:
@@ -389,7 +416,7 @@ def fit_pyramid(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.
         level_loc = _resize_latents(loc, shape)
         scale = torch.full_like(level_loc, settings.init_scale)
         case, info = fit_case(model, resample_grid(images, shape), fixed, level_loc, scale, settings,
-                              settings.coarse_steps, elbo, progress, desc=f"per-case SVI, level 1/{factor}")
+                              settings.coarse_steps, elbo, progress, desc=f"per-case SVI, level 1/{factor}", point=point)
         with torch.no_grad():
             loc = case.distribution_params()[0]
         reports.append({"factor": int(factor), "shape": list(shape), "steps_run": info["steps_run"], "kept": info["kept"],
@@ -451,7 +478,7 @@ def summarise(group: PreparedGroup, posterior: Posterior, disp: torch.Tensor, se
 def _finetune_report(group: PreparedGroup, start: Posterior, finetune: dict, nmi, summary: dict) -> dict:
     """What per-case refinement changed against the posterior it started from (NMI, landmarks)."""
     report = {key: finetune[key] for key in ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "diverged",
-                                             "seconds", "guard_seconds")}
+                                             "seconds", "guard_seconds", "map_mean")}
     for key in ("levels", "scale_phase"):  # coarse levels and the σ steps, each with its seconds
         if key in finetune:
             report[key] = finetune[key]

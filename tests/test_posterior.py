@@ -225,6 +225,7 @@ def test_coarse_to_fine_reaches_the_full_resolution_result_in_fewer_full_steps()
     for name, pyramid, steps in (("full", [1], 120), ("pyramid", [2, 1], 30)):
         cfg = Config()
         cfg.model.num_timepoints, cfg.model.prior = 3, "laplacian"  # bending: pyramid 0.33, full only 0.60 mm
+        cfg.register.map_mean = False  # as measured; with the MAP mean: full 0.16, pyramid 0.38 mm
         cfg.register.pyramid, cfg.register.coarse_steps = pyramid, 100
         res = register(g.images, cfg, finetune_steps=steps, landmarks=g.landmarks, affine=g.affine, seed=0)
         results[name] = res.summary["landmarks"]
@@ -272,3 +273,92 @@ def test_foreground_mask_keeps_the_body_and_drops_the_air():
     mask = foreground_mask(image)
     assert mask[2:8, 3:7, 1:9].all() and mask.sum() == 6 * 4 * 8
     assert foreground_mask(np.full((4, 4, 4), 3.0)).all()  # a constant image: nothing to mask
+
+
+def _dense_laplacian(shape) -> np.ndarray:
+    """The 6-neighbour graph Laplacian of a (D, H, W) grid as a dense matrix, built edge by edge."""
+    n = int(np.prod(shape))
+    lap = np.zeros((n, n))
+    index = np.arange(n).reshape(shape)
+    for axis in range(3):
+        a = np.moveaxis(index, axis, 0)
+        for i, j in zip(a[:-1].ravel(), a[1:].ravel()):
+            lap[i, j] -= 1
+            lap[j, i] -= 1
+            lap[i, i] += 1
+            lap[j, j] += 1
+    return lap
+
+
+def test_a_point_guide_makes_the_elbo_the_negative_log_joint_at_the_mean():
+    """CaseGuide(point=True) is a Delta at the mean: with a likelihood that is 0 everywhere the ELBO loss
+    is -log p(μ) exactly, against a dense float64 Gaussian with Λ = 0.01 I + L (no entropy term)."""
+    from pyro.infer import Trace_ELBO
+
+    shape = (4, 5, 3)
+    model = GroupMorphModel(3, likelihood=lambda warped: warped.sum(dim=(1, 2, 3, 4)) * 0.0)
+    zz, yy, xx = np.meshgrid(*[np.linspace(0, 1, n) for n in shape], indexing="ij")
+    loc = torch.zeros(1, 2, 3, *shape, dtype=torch.float64)
+    for k in range(2):
+        for c in range(3):
+            loc[0, k, c] = torch.from_numpy(np.sin(3 * zz + k) * xx - 0.7 * c * yy ** 2 + 0.2 * k)
+    guide = CaseGuide(loc.float(), torch.full(loc.shape, 0.3), model.prior_distribution(shape), point=True)
+    x = torch.rand(1, 3, *shape)
+    loss = Trace_ELBO().loss(model, guide, x, 0)
+    prec = 0.01 * np.eye(int(np.prod(shape))) + _dense_laplacian(shape)
+    _, logdet = np.linalg.slogdet(prec)
+    z = guide.distribution().mean.detach().double().reshape(6, -1).numpy()  # the mean the guide stores (float32 round trip)
+    expected = sum(0.5 * logdet - 0.5 * v @ prec @ v - 0.5 * v.size * np.log(2 * np.pi) for v in z)
+    assert loss == pytest.approx(-expected, rel=1e-4)
+    assert torch.allclose(guide.distribution().sample(), guide.distribution().mean)  # no spread
+    assert torch.allclose(guide.distribution_params()[1], torch.full(loc.shape, 0.3))
+
+
+def test_a_map_fit_moves_only_the_mean_and_register_uses_it_from_zero_only(group, monkeypatch):
+    """fit_case(point=True) learns the mean and leaves σ; register fits the mean as a point estimate at
+    every level of a fit from zero (not in the σ phase), and not with map_mean off, without the σ reset,
+    or when fine-tuning a network's posterior."""
+    import groupmorph_pyro.registration as R
+
+    model = GroupMorphModel(3)
+    x = normalize_group(group.images)
+    loc, scale = torch.zeros(1, 2, 3, *x.shape[2:]), torch.full((1, 2, 3, *x.shape[2:]), 0.05)
+    guide, info = fit_case(model, x, 0, loc, scale, RegisterConfig(lr=0.1), steps=8, point=True)
+    new_loc, new_scale = guide.distribution_params()
+    assert info["kept"] == "refined" and info["elbo_loss_after"] < info["elbo_loss_before"]
+    assert new_loc.abs().max() > 0.05 and torch.allclose(new_scale, scale, rtol=1e-6, atol=0)  # σ untouched
+
+    calls = []
+    fit = R.fit_case
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs.get("desc", "full"), kwargs.get("point", False)))
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(R, "fit_case", recording)
+    g = breathing_phantom((24, 24, 24), 3, amplitude=2.0, num_landmarks=6, seed=4)
+    cfg = Config()
+    cfg.model.num_timepoints, cfg.register.coarse_steps, cfg.register.scale_steps = 3, 2, 1
+    for on, reset, expected in ((True, True, True), (False, True, False), (True, False, False)):
+        cfg.register.map_mean, cfg.register.scale_reset = on, reset
+        calls.clear()
+        summary = register(g.images, cfg, finetune_steps=2).summary["finetune"]
+        assert summary["map_mean"] is expected
+        assert calls == [("per-case SVI, level 1/2", expected), ("full", expected), ("per-case SVI, σ only", False)]
+    cfg.register.map_mean, cfg.register.scale_reset = True, True
+    cfg.model.encoder, cfg.model.decoder = [4, 4], [4, 4, 4]
+    torch.manual_seed(1)
+    calls.clear()
+    assert register(g.images, cfg, build_guide(cfg.model), finetune_steps=2).summary["finetune"]["map_mean"] is False
+    assert calls == [("full", False)]
+
+
+def test_bad_point_estimates_are_refused():
+    loc = torch.zeros(1, 2, 3, *SHAPE)
+    with pytest.raises(ValueError, match="point: expected True or False, got 1"):
+        CaseGuide(loc, torch.ones_like(loc), point=1)
+    with pytest.raises(ValueError, match="a point estimate"):
+        CaseGuide(loc, torch.ones_like(loc), spectrum=torch.ones_like(loc), point=True)
+    with pytest.raises(ValueError, match="point=True fits the mean"):
+        fit_case(GroupMorphModel(3), torch.rand(1, 3, *SHAPE), 0, loc, torch.ones_like(loc), steps=1,
+                 fit_mean=False, point=True)
