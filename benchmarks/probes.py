@@ -8,7 +8,8 @@ landmarks; K = 4, fixed timepoint 0) under setting variants on top of a base (``
 
 ``finetune``: a trained network's held-out groups (as ``learning_curve.py``: ``--heldout`` phantoms of
 the config's training kind from ``--heldout-seed``, group j fixed at timepoint j mod K), fine-tuned under
-variants of ``register.*`` (``finetune_lr``, ``schedule``, ``finetune_scale_phase``) and step counts:
+variants of ``register.*`` (``--set lr``: ``finetune_lr``, ``schedule``; ``sigma``: ``finetune_scale_phase``;
+``map``: ``finetune_map_mean``, with per-case rows from zero for reference) and step counts:
 mean landmark error, seconds per group, how many fits the ELBO guard kept, the final negative ELBO per
 voxel and the posterior sd (median over voxels, voxels).
 
@@ -75,7 +76,16 @@ SIGMA_PHASE_VARIANTS = {  # after fine-tuning: the σ phase or not (register.fin
     "sigma phase": (["register.finetune_scale_phase=true"], 20),
     "no sigma phase": (["register.finetune_scale_phase=false"], 20),
 }
-SETS = {"lr": FINETUNE_VARIANTS, "sigma": SIGMA_PHASE_VARIANTS}
+MAP_VARIANTS = {  # fine-tuning with a point-estimate mean (register.finetune_map_mean) or SVI; steps None = per-case from zero
+    "per-case from zero, MAP mean": (["register.map_mean=true"], None),
+    "per-case from zero, mean and sigma together": (["register.map_mean=false"], None),
+    "SVI, 30 steps": (["register.finetune_map_mean=false"], 30),
+    "SVI, 40 steps": (["register.finetune_map_mean=false"], 40),
+    "MAP mean, 30 steps": (["register.finetune_map_mean=true"], 30),
+    "MAP mean, 40 steps": (["register.finetune_map_mean=true"], 40),
+    "MAP mean, lr 0.5, 40 steps": (["register.finetune_map_mean=true", "register.finetune_lr=0.5"], 40),
+}
+SETS = {"lr": FINETUNE_VARIANTS, "sigma": SIGMA_PHASE_VARIANTS, "map": MAP_VARIANTS}
 
 
 def with_settings(cfg: Config, settings) -> Config:
@@ -129,7 +139,7 @@ def finetune(args) -> list:
         run = with_settings(serve, settings)
         errors, seconds, kept, elbo, sigma = [], [], 0, [], []
         for j, g in enumerate(groups):
-            res = register(g.images, run, guide, fixed=j % k, finetune_steps=steps)
+            res = register(g.images, run, guide if steps is not None else None, fixed=j % k, finetune_steps=steps)
             ft = res.summary["finetune"]
             errors.append(landmark_distances(g.landmarks, res.displacement, res.inverse_displacement, g.spacing).mean())
             seconds.append(res.summary["seconds"])
@@ -203,7 +213,7 @@ def main(argv=None) -> list:
     b = sub.add_parser("finetune", help="fine-tuning variants on a trained network's held-out groups")
     b.add_argument("--config", required=True)
     b.add_argument("--checkpoint", required=True)
-    b.add_argument("--set", choices=list(SETS), default="lr", help="lr: the step sweep; sigma: the σ phase or not")
+    b.add_argument("--set", choices=list(SETS), default="lr", help="lr: the step sweep; sigma: the σ phase or not; map: a MAP mean or SVI (and per-case rows)")
     b.add_argument("--heldout", type=int, default=8)
     b.add_argument("--heldout-seed", type=int, default=10000)
     c = sub.add_parser("step-cost", help="seconds per per-case SVI step, jitter on and off")

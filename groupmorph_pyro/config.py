@@ -151,6 +151,7 @@ class RegisterConfig(_Section):
     scale_steps: int = 5  # then this many steps on log σ alone (mean fixed), at scale_phase_lr (0 = none)
     scale_phase_lr: float = 0.1  # Adam step on log σ in those steps (constant)
     map_mean: bool = True  # per-case from zero: fit the mean as a point estimate (MAP, a Delta guide) before the σ phase (false: mean and σ by SVI together, before 2026-12-02)
+    finetune_map_mean: bool = True  # fine-tuning a network's posterior: the mean as a point estimate too, σ stays the network's unless finetune_scale_phase (false: SVI on both, before 2026-12-02)
     finetune_scale_phase: bool = False  # run the σ reset + steps (and the covariance choice) after fine-tuning a network's posterior too (true before 2026-12-02)
     covariance: str = "dct"  # posterior family after the σ phase: "diagonal", or "dct" (also tried: kept if its ELBO is better)
     schedule: str = "cosine"  # learning-rate schedule over each level's steps: "constant" or "cosine" (to 0)
@@ -174,6 +175,7 @@ class RegisterConfig(_Section):
         check_positive("register.scale_phase_lr", self.scale_phase_lr)
         _check_switch("register.finetune_scale_phase", self.finetune_scale_phase)
         _check_switch("register.map_mean", self.map_mean)
+        _check_switch("register.finetune_map_mean", self.finetune_map_mean)
         if self.scale_lr is not None:
             check_positive("register.scale_lr", self.scale_lr)
         if self.covariance not in ("diagonal", "dct"):

@@ -261,7 +261,9 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
     2026-12-02, package defaults otherwise), mean / median landmark mm, SVI jointly -> MAP:
     synthetic-4dct 0.185 / 0.163 -> 0.182 / 0.162, synthetic-dce 0.177 / 0.161 -> 0.182 / 0.162,
     mni152-3.5mm seeds 1 / 2 / 3 1.88 / 1.33 / 2.93 -> 1.74 / 1.32 / 2.81, mni152-2.5mm seed 1
-    1.68 -> 1.61.
+    1.68 -> 1.61 (σ held at 0.001 voxels in those ad-hoc runs; Table 1 of README has the committed
+    run). From a network's posterior ``register.finetune_map_mean`` does the same and keeps the
+    network's σ (``benchmarks/probes.py finetune --set map``: 0.222 against 0.235 mm after 40 steps).
 
     The σ phase (:func:`fit_scale`) follows a fit from zero; after fine-tuning a network's posterior
     only with ``register.finetune_scale_phase``: there the σ the SVI steps fitted (from the network's)
@@ -295,12 +297,15 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
 
 
 def map_mean(group: PreparedGroup, start: Posterior) -> bool:
-    """Whether :func:`refine` fits the mean as a point estimate (MAP) before the σ phase: with
-    ``register.map_mean``, for a fit from zero (``start.guide`` None) whose σ phase resets σ to the
-    prior's mean-field optimum (``register.scale_reset`` and a prior with a DCT spectrum). Otherwise
-    the SVI steps fit mean and σ together, e.g. fine-tuning a network, whose σ is kept."""
+    """Whether :func:`refine` fits the mean as a point estimate (MAP): with ``register.map_mean``, for a
+    fit from zero (``start.guide`` None) whose σ phase resets σ to the prior's mean-field optimum
+    (``register.scale_reset`` and a prior with a DCT spectrum); with ``register.finetune_map_mean``, when
+    fine-tuning a network's posterior (σ stays the network's unless ``register.finetune_scale_phase``).
+    Otherwise the SVI steps fit mean and σ together."""
     cfg = group.config.register
-    if not (cfg.map_mean and cfg.scale_reset and start.guide is None):
+    if start.guide is not None:
+        return bool(cfg.finetune_map_mean)
+    if not (cfg.map_mean and cfg.scale_reset):
         return False
     return isinstance(group.model.prior_distribution(start.loc.shape[3:], group.device), DCTGaussianField)
 

@@ -190,6 +190,7 @@ BAD_CONFIGS = {  # YAML text -> expected message (key, expected type, value)
     "integration_downsize: 0": ("model:\n  integration_downsize: 0\n", r"model.integration_downsize: expected an integer >= 1, got 0"),
     "finetune_scale_phase: 1": ("register:\n  finetune_scale_phase: 1\n", r"register.finetune_scale_phase: expected true or false, got 1"),
     "map_mean: yes please": ("register:\n  map_mean: yes please\n", r"register.map_mean: expected true or false, got 'yes please'"),
+    "finetune_map_mean: 0": ("register:\n  finetune_map_mean: 0\n", r"register.finetune_map_mean: expected true or false, got 0"),
     "jitter: sometimes": ("model:\n  jitter: sometimes\n", r"model.jitter: expected true or false, got 'sometimes'"),
     "likelihood_voxels: -1": ("register:\n  likelihood_voxels: -1\n", r"register.likelihood_voxels: expected an integer >= 0, got -1"),
     "lambda_u under the bending default": ("model:\n  prior_options: {lambda_u: 2}\n", r"set model.prior: laplacian"),

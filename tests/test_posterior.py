@@ -121,9 +121,11 @@ def test_subsampled_steps_learn_and_the_guard_judges_with_the_full_likelihood(gr
 
 
 def test_finetuning_an_amortised_posterior_improves_its_elbo(group):
-    """Fine-tuning from a (random, near-identity) network's posterior must improve the ELBO by a margin."""
+    """Fine-tuning from a (random, near-identity) network's posterior must improve the ELBO by a margin
+    (SVI on mean and σ: with the MAP mean, the default, the guard compares log joints instead)."""
     cfg = Config()
     cfg.model.num_timepoints, cfg.model.encoder, cfg.model.decoder = 3, [4, 4], [4, 4, 4]
+    cfg.register.finetune_map_mean = False
     torch.manual_seed(1)
     res = register(group.images, cfg, build_guide(cfg.model), finetune_steps=5)
     ft = res.summary["finetune"]
@@ -345,12 +347,20 @@ def test_a_map_fit_moves_only_the_mean_and_register_uses_it_from_zero_only(group
         summary = register(g.images, cfg, finetune_steps=2).summary["finetune"]
         assert summary["map_mean"] is expected
         assert calls == [("per-case SVI, level 1/2", expected), ("full", expected), ("per-case SVI, σ only", False)]
-    cfg.register.map_mean, cfg.register.scale_reset = True, True
+    cfg.register.map_mean, cfg.register.scale_reset, cfg.register.finetune_map_mean = True, True, False
     cfg.model.encoder, cfg.model.decoder = [4, 4], [4, 4, 4]
     torch.manual_seed(1)
     calls.clear()
-    assert register(g.images, cfg, build_guide(cfg.model), finetune_steps=2).summary["finetune"]["map_mean"] is False
+    guide = build_guide(cfg.model)
+    assert register(g.images, cfg, guide, finetune_steps=2).summary["finetune"]["map_mean"] is False
     assert calls == [("full", False)]
+    cfg.register.finetune_map_mean = True  # fine-tuning with a MAP mean (the default); the network's σ stays
+    calls.clear()
+    res = register(g.images, cfg, guide, finetune_steps=2)
+    assert res.summary["finetune"]["map_mean"] is True and calls == [("full", True)]
+    with torch.no_grad():
+        _, network_scale = guide.distribution_params(normalize_group(g.images), 0)
+    assert np.allclose(res.scale, network_scale[0].numpy(), rtol=1e-5)
 
 
 def test_bad_point_estimates_are_refused():
