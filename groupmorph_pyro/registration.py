@@ -257,12 +257,11 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
 
     From zero, with ``register.map_mean`` (the default; see :func:`map_mean`), the mean is fitted as a
     point estimate (MAP: a Delta guide, no sampling noise from σ in its gradient) at every level, and
-    the σ phase then fits the posterior's spread around it. Measured on Table 1's groups (issue 13,
-    2026-12-02, package defaults otherwise), mean / median landmark mm, SVI jointly -> MAP:
-    synthetic-4dct 0.185 / 0.163 -> 0.182 / 0.162, synthetic-dce 0.177 / 0.161 -> 0.182 / 0.162,
-    mni152-3.5mm seeds 1 / 2 / 3 1.88 / 1.33 / 2.93 -> 1.74 / 1.32 / 2.81, mni152-2.5mm seed 1
-    1.68 -> 1.61 (σ held at 0.001 voxels in those ad-hoc runs; Table 1 of README has the committed
-    run). From a network's posterior ``register.finetune_map_mean`` does the same and keeps the
+    the σ phase then fits the posterior's spread around it. Measured in README's Table 1 run (issue 13,
+    2026-12-02, its "mean and σ together" rows), mean / median landmark mm, SVI jointly -> MAP:
+    synthetic-4dct 0.185 / 0.163 -> 0.175 / 0.155, synthetic-dce 0.177 / 0.161 -> 0.178 / 0.156,
+    mni152-3.5mm seeds 1 / 2 1.88 / 1.42 -> 1.75 / 1.36 and 1.33 / 1.09 -> 1.32 / 1.04, mni152-2.5mm
+    seed 1 1.68 / 1.21 -> 1.61 / 1.17. From a network's posterior ``register.finetune_map_mean`` does the same and keeps the
     network's σ (``benchmarks/probes.py finetune --set map``: 0.222 against 0.235 mm after 40 steps).
 
     The σ phase (:func:`fit_scale`) follows a fit from zero; after fine-tuning a network's posterior
@@ -305,9 +304,13 @@ def map_mean(group: PreparedGroup, start: Posterior) -> bool:
     cfg = group.config.register
     if start.guide is not None:
         return bool(cfg.finetune_map_mean)
-    if not (cfg.map_mean and cfg.scale_reset):
-        return False
-    return isinstance(group.model.prior_distribution(start.loc.shape[3:], group.device), DCTGaussianField)
+    return cfg.map_mean and _resets_scale(group.model.prior_distribution(start.loc.shape[3:], group.device), cfg)
+
+
+def _resets_scale(prior, settings: RegisterConfig) -> bool:
+    """Whether the σ phase (:func:`fit_scale`) resets σ to the prior's mean-field optimum: asked for
+    (``settings.scale_reset``) and possible (a prior with a DCT spectrum)."""
+    return bool(settings.scale_reset and isinstance(prior, DCTGaussianField))
 
 
 def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGuide, settings: RegisterConfig,
@@ -332,7 +335,7 @@ def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGui
     with torch.no_grad():
         loc, scale = case.distribution_params()
     prior = model.prior_distribution(loc.shape[3:], loc.device)
-    reset = bool(settings.scale_reset and isinstance(prior, DCTGaussianField))
+    reset = _resets_scale(prior, settings)
     if reset:
         scale = prior.precision_diagonal(loc.device, loc.dtype).rsqrt().expand_as(loc)
     phase = dataclasses.replace(settings, scale_lr=settings.scale_phase_lr, schedule="constant", average=0.0)

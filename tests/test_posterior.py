@@ -19,6 +19,7 @@ from groupmorph_pyro.model import build_guide
 from groupmorph_pyro.group import GroupTransform
 from groupmorph_pyro.registration import elbo_loss, fit_case, normalize_group, register
 from groupmorph_pyro.synthetic import breathing_phantom
+from test_priors import dense_precision
 
 SHAPE = (12, 12, 12)
 
@@ -277,21 +278,6 @@ def test_foreground_mask_keeps_the_body_and_drops_the_air():
     assert foreground_mask(np.full((4, 4, 4), 3.0)).all()  # a constant image: nothing to mask
 
 
-def _dense_laplacian(shape) -> np.ndarray:
-    """The 6-neighbour graph Laplacian of a (D, H, W) grid as a dense matrix, built edge by edge."""
-    n = int(np.prod(shape))
-    lap = np.zeros((n, n))
-    index = np.arange(n).reshape(shape)
-    for axis in range(3):
-        a = np.moveaxis(index, axis, 0)
-        for i, j in zip(a[:-1].ravel(), a[1:].ravel()):
-            lap[i, j] -= 1
-            lap[j, i] -= 1
-            lap[i, i] += 1
-            lap[j, j] += 1
-    return lap
-
-
 def test_a_point_guide_makes_the_elbo_the_negative_log_joint_at_the_mean():
     """CaseGuide(point=True) is a Delta at the mean: with a likelihood that is 0 everywhere the ELBO loss
     is -log p(μ) exactly, against a dense float64 Gaussian with Λ = 0.01 I + L (no entropy term)."""
@@ -307,7 +293,7 @@ def test_a_point_guide_makes_the_elbo_the_negative_log_joint_at_the_mean():
     guide = CaseGuide(loc.float(), torch.full(loc.shape, 0.3), model.prior_distribution(shape), point=True)
     x = torch.rand(1, 3, *shape)
     loss = Trace_ELBO().loss(model, guide, x, 0)
-    prec = 0.01 * np.eye(int(np.prod(shape))) + _dense_laplacian(shape)
+    prec = dense_precision(shape, 1.0, 0.01).numpy()
     _, logdet = np.linalg.slogdet(prec)
     z = guide.distribution().mean.detach().double().reshape(6, -1).numpy()  # the mean the guide stores (float32 round trip)
     expected = sum(0.5 * logdet - 0.5 * v @ prec @ v - 0.5 * v.size * np.log(2 * np.pi) for v in z)
