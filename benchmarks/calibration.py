@@ -34,7 +34,7 @@ from groupmorph_pyro.synthetic import breathing_phantom
 
 
 LEGACY = {"pyramid": [1], "lr": 0.2, "schedule": "constant", "average": 0.0, "steps": 100, "patience": 0, "scale_steps": 0,
-          "covariance": "diagonal", "guard_particles": 8}
+          "covariance": "diagonal", "guard_particles": 8, "map_mean": False}
 
 
 def coverage(samples: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor, level: float = 0.9) -> float:

@@ -3,7 +3,7 @@
 ``per-case``: per-case registration (no network) of Table 1's two phantoms (``synthetic-4dct``:
 ``breathing_phantom`` 48³ seed 1, 75 landmarks; ``synthetic-dce``: ``dce_phantom`` 48×48×32 seed 2, 30
 landmarks; K = 4, fixed timepoint 0) under setting variants on top of a base (``--base``, e.g.
-``model.jitter=false`` for the package defaults before 2026-12-02): mean / median / p95 landmark error
+``model.jitter=false register.map_mean=false`` for the package defaults before 2026-12-02): mean / median / p95 landmark error
 (mm, the pairs (0, k)), seconds, folding.
 
 ``finetune``: a trained network's held-out groups (as ``learning_curve.py``: ``--heldout`` phantoms of
@@ -19,7 +19,7 @@ K = 4) and, where nilearn is installed, ``mni152-3.5mm`` (seed 1).
 
 Each writes ``<out>/probes-<command>.json`` and prints one JSON line per row.
 
-    python benchmarks/probes.py per-case --out benchmarks/results/probes-phantom-gap --base model.jitter=false
+    python benchmarks/probes.py per-case --out benchmarks/results/probes-phantom-gap --base model.jitter=false register.map_mean=false
     python benchmarks/probes.py finetune --config configs/cpu_small_moving_defaults.yaml --checkpoint runs/lcd/train/last.pt --out OUT
     python benchmarks/probes.py step-cost --out OUT
 """
@@ -47,7 +47,8 @@ from groupmorph_pyro.metrics import landmark_distances  # noqa: E402
 from groupmorph_pyro.registration import register  # noqa: E402
 from groupmorph_pyro.synthetic import breathing_phantom, dce_phantom  # noqa: E402
 
-# The phantom-gap probes of 2026-12-02 00:22-00:58 UTC (README, "Per-case registration"), on the no-jitter defaults.
+# The phantom-gap probes of 2026-12-02 00:22-00:58 UTC (README, "Per-case registration"), on the defaults then
+# (--base model.jitter=false register.map_mean=false).
 PER_CASE_VARIANTS = {
     "defaults": [],
     "240 full-resolution steps": ["register.steps=240"],
