@@ -9,7 +9,8 @@ landmarks; K = 4, fixed timepoint 0) under setting variants on top of a base (``
 ``finetune``: a trained network's held-out groups (as ``learning_curve.py``: ``--heldout`` phantoms of
 the config's training kind from ``--heldout-seed``, group j fixed at timepoint j mod K), fine-tuned under
 variants of ``register.*`` (``--set lr``: ``finetune_lr``, ``schedule``; ``sigma``: ``finetune_scale_phase``;
-``map``: ``finetune_map_mean``, with per-case rows from zero for reference) and step counts:
+``map``: ``finetune_map_mean``, with per-case rows from zero for reference; ``optimizer``:
+``finetune_optimizer`` Adam or SGD and its step, with the per-case row) and step counts:
 mean landmark error, seconds per group, how many fits the ELBO guard kept, the final negative ELBO per
 voxel and the posterior sd (median over voxels, voxels).
 
@@ -59,19 +60,20 @@ PER_CASE_VARIANTS = {
     "MI instead of NMI": ["model.likelihood=mi"],
     "template reduction": ["model.reduction=template"],
 }
+ADAM = "register.finetune_optimizer=adam"  # fine-tuning's optimiser before 2026-12-02 (SGD since): rows measured with it pin it
 # The fine-tuning step sweep of 2026-12-02 00:55-01:05 UTC (README, "Amortised training on a CPU"): (variant, steps).
 FINETUNE_VARIANTS = {
-    "lr 0.1": (["register.finetune_lr=0.1"], 20),
-    "lr 0.2": (["register.finetune_lr=0.2"], 20),
-    "lr 0.3": (["register.finetune_lr=0.3"], 20),
-    "lr 0.5": (["register.finetune_lr=0.5"], 20),
-    "lr 1.0": (["register.finetune_lr=1.0"], 20),
-    "lr 0.3, 30 steps": (["register.finetune_lr=0.3"], 30),
-    "lr 0.4, 30 steps": (["register.finetune_lr=0.4"], 30),
-    "lr 0.3, 40 steps": (["register.finetune_lr=0.3"], 40),
-    "lr 0.3, constant schedule": (["register.finetune_lr=0.3", "register.schedule=constant"], 20),
-    "lr 0.1, 10 steps": (["register.finetune_lr=0.1"], 10),
-    "lr 0.3, 10 steps": (["register.finetune_lr=0.3"], 10),
+    "lr 0.1": ([ADAM, "register.finetune_lr=0.1"], 20),
+    "lr 0.2": ([ADAM, "register.finetune_lr=0.2"], 20),
+    "lr 0.3": ([ADAM, "register.finetune_lr=0.3"], 20),
+    "lr 0.5": ([ADAM, "register.finetune_lr=0.5"], 20),
+    "lr 1.0": ([ADAM, "register.finetune_lr=1.0"], 20),
+    "lr 0.3, 30 steps": ([ADAM, "register.finetune_lr=0.3"], 30),
+    "lr 0.4, 30 steps": ([ADAM, "register.finetune_lr=0.4"], 30),
+    "lr 0.3, 40 steps": ([ADAM, "register.finetune_lr=0.3"], 40),
+    "lr 0.3, constant schedule": ([ADAM, "register.finetune_lr=0.3", "register.schedule=constant"], 20),
+    "lr 0.1, 10 steps": ([ADAM, "register.finetune_lr=0.1"], 10),
+    "lr 0.3, 10 steps": ([ADAM, "register.finetune_lr=0.3"], 10),
 }
 SIGMA_PHASE_VARIANTS = {  # after fine-tuning: the σ phase or not (register.finetune_scale_phase)
     "sigma phase": (["register.finetune_scale_phase=true"], 20),
@@ -80,13 +82,22 @@ SIGMA_PHASE_VARIANTS = {  # after fine-tuning: the σ phase or not (register.fin
 MAP_VARIANTS = {  # fine-tuning with a point-estimate mean (register.finetune_map_mean) or SVI; steps None = per-case from zero
     "per-case from zero, MAP mean": (["register.map_mean=true"], None),
     "per-case from zero, mean and sigma together": (["register.map_mean=false"], None),
-    "SVI, 30 steps": (["register.finetune_map_mean=false"], 30),
-    "SVI, 40 steps": (["register.finetune_map_mean=false"], 40),
-    "MAP mean, 30 steps": (["register.finetune_map_mean=true"], 30),
-    "MAP mean, 40 steps": (["register.finetune_map_mean=true"], 40),
-    "MAP mean, lr 0.5, 40 steps": (["register.finetune_map_mean=true", "register.finetune_lr=0.5"], 40),
+    "SVI, 30 steps": (["register.finetune_map_mean=false", ADAM], 30),
+    "SVI, 40 steps": (["register.finetune_map_mean=false", ADAM], 40),
+    "MAP mean, 30 steps": (["register.finetune_map_mean=true", ADAM], 30),
+    "MAP mean, 40 steps": (["register.finetune_map_mean=true", ADAM], 40),
+    "MAP mean, lr 0.5, 40 steps": (["register.finetune_map_mean=true", ADAM, "register.finetune_lr=0.5"], 40),
 }
-SETS = {"lr": FINETUNE_VARIANTS, "sigma": SIGMA_PHASE_VARIANTS, "map": MAP_VARIANTS}
+MAP = "register.finetune_map_mean=true"
+OPTIMIZER_VARIANTS = {  # the MAP mean's optimiser when fine-tuning (register.finetune_optimizer) and its step
+    "per-case from zero (defaults)": ([], None),
+    "Adam 0.3, 30 steps": ([MAP, ADAM, "register.finetune_lr=0.3"], 30),
+    "Adam 0.3, 40 steps": ([MAP, ADAM, "register.finetune_lr=0.3"], 40),
+    **{f"SGD {lr}, {n} steps": ([MAP, "register.finetune_optimizer=sgd", f"register.finetune_lr={lr}"], n)
+       for lr, n in ((0.001, 30), (0.001, 40), (0.0015, 30), (0.0015, 40), (0.002, 20), (0.002, 30), (0.002, 35),
+                     (0.002, 40), (0.003, 30))},
+}
+SETS = {"lr": FINETUNE_VARIANTS, "sigma": SIGMA_PHASE_VARIANTS, "map": MAP_VARIANTS, "optimizer": OPTIMIZER_VARIANTS}
 
 
 def with_settings(cfg: Config, settings) -> Config:
@@ -214,7 +225,8 @@ def main(argv=None) -> list:
     b = sub.add_parser("finetune", help="fine-tuning variants on a trained network's held-out groups")
     b.add_argument("--config", required=True)
     b.add_argument("--checkpoint", required=True)
-    b.add_argument("--set", choices=list(SETS), default="lr", help="lr: the step sweep; sigma: the σ phase or not; map: a MAP mean or SVI (and per-case rows)")
+    b.add_argument("--set", choices=list(SETS), default="lr", help="lr: the step sweep; sigma: the σ phase or not; map: a MAP mean or SVI (and per-case rows); "
+                   "optimizer: the MAP mean's optimiser when fine-tuning, Adam or SGD, and its step")
     b.add_argument("--heldout", type=int, default=8)
     b.add_argument("--heldout-seed", type=int, default=10000)
     c = sub.add_parser("step-cost", help="seconds per per-case SVI step, jitter on and off")

@@ -138,6 +138,12 @@ class DataConfig(_Section):
                                  f"{train_seed}..{train_seed + n - 1}: held-out groups must be other seeds")
 
 
+FINETUNE_LR = {  # register.finetune_lr's default per register.finetune_optimizer (peak step on the whitened mean)
+    "adam": 0.3,  # issue 14: 0.1 / 0.2 / 0.3 / 0.5 / 1.0 -> 0.46 / 0.38 / 0.37 / 1.05 / 1.12 mm after 20 steps
+    "sgd": 0.0015,  # issue 14: SGD's step is the gradient's size; 0.001 / 0.0015 / 0.002 / 0.003 measured on 16 held-out groups (README)
+}
+
+
 @dataclass
 class RegisterConfig(_Section):
     """Per-case optimisation settings (registration without a checkpoint, or fine-tuning)."""
@@ -145,7 +151,8 @@ class RegisterConfig(_Section):
     steps: int = 60  # full-resolution per-case SVI steps (without a checkpoint: after the coarse pyramid levels)
     patience: int = 0  # early stopping: steps without improvement of the smoothed loss, after 2x this warm-up (0 = off)
     lr: float = 1.0  # Adam step on the whitened guide mean (peak of the schedule), per-case from zero
-    finetune_lr: float = 0.3  # the same when refining a network's posterior (--checkpoint --finetune-steps; 0.1 before 2026-12-02)
+    finetune_lr: float | None = None  # peak step when refining a network's posterior (--checkpoint --finetune-steps); null = FINETUNE_LR[finetune_optimizer] (Adam 0.3, 0.1 before 2026-12-02)
+    finetune_optimizer: str = "sgd"  # that refinement's optimiser of the whitened mean: "sgd" (Nesterov momentum 0.9; needs finetune_map_mean) or "adam" (before 2026-12-02)
     scale_lr: float | None = None  # Adam step on log σ (peak of the schedule); null = lr
     scale_reset: bool = True  # after the mean's fit, set σ to the prior's mean-field optimum 1/sqrt(diag Λ)
     scale_steps: int = 5  # then this many steps on log σ alone (mean fixed), at scale_phase_lr (0 = none)
@@ -164,6 +171,10 @@ class RegisterConfig(_Section):
     window: list[int] = field(default_factory=list)  # amortised pass on tiles of this size (d, h, w); [] = whole volume
     overlap: float = 0.25  # tile overlap fraction for `window`
 
+    def finetune_step(self) -> float:
+        """The fine-tuning peak step: ``finetune_lr``, or its optimiser's default (:data:`FINETUNE_LR`)."""
+        return FINETUNE_LR[self.finetune_optimizer] if self.finetune_lr is None else float(self.finetune_lr)
+
     def validate(self):
         for name in ("steps", "patience", "coarse_steps", "scale_steps", "likelihood_voxels", "guard_particles"):
             value = getattr(self, name)
@@ -171,11 +182,17 @@ class RegisterConfig(_Section):
                 raise InputError(f"register.{name}: expected an integer >= 0, got {value!r}")
         check_integer("register.guard_particles", self.guard_particles, 1)
         check_positive("register.lr", self.lr)
-        check_positive("register.finetune_lr", self.finetune_lr)
+        if self.finetune_lr is not None:
+            check_positive("register.finetune_lr", self.finetune_lr)
+        if self.finetune_optimizer not in FINETUNE_LR:
+            raise InputError(f"register.finetune_optimizer: expected one of {sorted(FINETUNE_LR)}, got {self.finetune_optimizer!r}")
         check_positive("register.scale_phase_lr", self.scale_phase_lr)
         _check_switch("register.finetune_scale_phase", self.finetune_scale_phase)
         _check_switch("register.map_mean", self.map_mean)
         _check_switch("register.finetune_map_mean", self.finetune_map_mean)
+        if self.finetune_optimizer == "sgd" and not self.finetune_map_mean:
+            raise InputError("register.finetune_optimizer: 'sgd' fits a point-estimate mean and needs "
+                             "register.finetune_map_mean: true (got false); use 'adam' to fit mean and σ by SVI")
         if self.scale_lr is not None:
             check_positive("register.scale_lr", self.scale_lr)
         if self.covariance not in ("diagonal", "dct"):

@@ -90,10 +90,13 @@ def elbo_loss(model, guide, images: torch.Tensor, fixed, particles: int = 8, see
     return loss / images.shape[1:].numel()
 
 
+SGD_MOMENTUM = 0.9  # Nesterov momentum of fit_case's optimizer="sgd" (register.finetune_optimizer)
+
+
 def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Tensor, scale: torch.Tensor,
              settings: RegisterConfig | None = None, steps: int | None = None, elbo: str = "trace",
              progress: bool = False, eval_particles: int | None = None, desc: str = "per-case SVI",
-             fit_mean: bool = True, point: bool = False) -> tuple[CaseGuide, dict]:
+             fit_mean: bool = True, point: bool = False, optimizer: str = "adam") -> tuple[CaseGuide, dict]:
     """Per-case SVI: refine a :class:`CaseGuide` initialised at (loc, scale) on this group alone.
 
     The guide's mean is whitened with the model's prior spectrum (see CaseGuide). Adam's step follows
@@ -115,7 +118,10 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
         eval_particles: particles of the guard's two ELBO estimates (default ``settings.guard_particles``);
         desc: the progress bar's label; fit_mean: False optimises log σ alone (the mean stays);
         point: True fits the mean as a point estimate (MAP: the guide is a Delta at the mean, see
-            :class:`CaseGuide`), σ stays ``scale``; the guard then compares log joints at the two means.
+            :class:`CaseGuide`), σ stays ``scale``; the guard then compares log joints at the two means;
+        optimizer: the whitened mean's optimiser, ``"adam"`` or ``"sgd"`` (SGD with Nesterov momentum
+            :data:`SGD_MOMENTUM`, a step proportional to the gradient: needs ``point=True``, since log σ's Adam
+            step would share its ``lr``); log σ always uses Adam.
     Returns:
         (guide, info) with info keys ``losses`` (per step, per voxel), ``steps_run``,
         ``elbo_loss_before`` / ``elbo_loss_after`` (negative ELBO per voxel), ``kept`` ("refined"/"initial"),
@@ -129,6 +135,10 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
         raise InputError(f"steps: expected an integer >= 0, got {steps!r}")
     if point and not fit_mean:
         raise InputError("fit_case: point=True fits the mean; it cannot go with fit_mean=False")
+    if optimizer not in ("adam", "sgd"):
+        raise InputError(f"fit_case: optimizer: expected 'adam' or 'sgd', got {optimizer!r}")
+    if optimizer == "sgd" and not point:
+        raise InputError("fit_case: optimizer='sgd' fits a point-estimate mean; it needs point=True (got False)")
     clock = time.perf_counter()
     guide = CaseGuide(loc, scale, model.prior_distribution(loc.shape[3:], loc.device), point=point)
     initial = copy.deepcopy(guide.state_dict())
@@ -139,7 +149,10 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     loss_fn = (TraceMeanField_ELBO() if elbo == "meanfield" else Trace_ELBO()).differentiable_loss
     scale_lr = settings.lr if settings.scale_lr is None else settings.scale_lr
     groups = [{"params": [guide.whitened], "lr": settings.lr}] if fit_mean else []
-    optim = torch.optim.Adam(groups + ([] if point else [{"params": [guide.log_scale], "lr": scale_lr}]))
+    if optimizer == "sgd":  # point=True: the mean is the only parameter
+        optim = torch.optim.SGD(groups, lr=settings.lr, momentum=SGD_MOMENTUM, nesterov=True)
+    else:
+        optim = torch.optim.Adam(groups + ([] if point else [{"params": [guide.log_scale], "lr": scale_lr}]))
     peaks = [group["lr"] for group in optim.param_groups]
     cosine = settings.schedule == "cosine"
     average_from = int(steps) - int(round(settings.average * int(steps))) if settings.average else None
@@ -246,11 +259,12 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
     """Per-case SVI for ``group.steps`` steps from ``start`` (:func:`fit_case`); returns the refined
     posterior and the fit's report, or ``start`` and None when no steps are asked for.
 
-    From a network's posterior (``start.guide`` set) the mean's peak step is ``register.finetune_lr``
-    (0.3) instead of ``register.lr`` (1.0, sized for a start from zero): measured on 8 held-out phantoms
-    (issue 14, the all-moving network of configs/cpu_small_moving_defaults.yaml, 20 steps), lr 1.0
-    and 0.5 pushed most fits to a worse ELBO, so the guard kept the network's posterior (1.12 and
-    1.05 mm, the pass's 1.12), while 0.1 / 0.2 / 0.3 reached 0.46 / 0.38 / 0.37 mm.
+    From a network's posterior (``start.guide`` set) the mean's peak step is ``register.finetune_step()``
+    instead of ``register.lr`` (1.0, Adam's from zero). With Adam (``finetune_optimizer: adam``) it is
+    0.3, measured on 8 held-out phantoms (issue 14, the all-moving network of
+    configs/cpu_small_moving_defaults.yaml, 20 steps): lr 1.0 and 0.5 pushed most fits to a worse ELBO,
+    so the guard kept the network's posterior (1.12 and 1.05 mm, the pass's 1.12), while 0.1 / 0.2 / 0.3
+    reached 0.46 / 0.38 / 0.37 mm.
 
     Without a network (``start.guide`` is None) and with ``register.pyramid`` coarser than [1], the
     mean is first fitted coarse to fine (:func:`fit_pyramid`) and the full-resolution SVI starts there.
@@ -263,6 +277,10 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
     mni152-3.5mm seeds 1 / 2 1.88 / 1.42 -> 1.75 / 1.36 and 1.33 / 1.09 -> 1.32 / 1.04, mni152-2.5mm
     seed 1 1.68 / 1.21 -> 1.61 / 1.17. From a network's posterior ``register.finetune_map_mean`` does the same and keeps the
     network's σ (``benchmarks/probes.py finetune --set map``: 0.222 against 0.235 mm after 40 steps).
+    That fine-tuning moves the whitened mean by SGD with Nesterov momentum (``register.finetune_optimizer``,
+    step ``register.finetune_step()``, 0.0015) rather than Adam: Adam's first steps move every whitened
+    coordinate by about its step, gradient or not, and roughen a mean that is close already; SGD's
+    step follows the gradient (``benchmarks/probes.py finetune --set optimizer``, README).
 
     The σ phase (:func:`fit_scale`) follows a fit from zero; after fine-tuning a network's posterior
     only with ``register.finetune_scale_phase``: there the σ the SVI steps fitted (from the network's)
@@ -273,8 +291,9 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
     if group.steps <= 0:
         return start, None
     cfg = group.config.register
+    optimizer = "adam"
     if start.guide is not None:  # a network's posterior is close already: smaller steps (register.finetune_lr)
-        cfg = dataclasses.replace(cfg, lr=cfg.finetune_lr)
+        cfg, optimizer = dataclasses.replace(cfg, lr=cfg.finetune_step()), cfg.finetune_optimizer
     levels = []
     point = map_mean(group, start)
     if start.guide is None and len(cfg.pyramid) > 1:
@@ -282,8 +301,8 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
                                   point)
         start = Posterior(loc, start.scale)
     case, info = fit_case(group.model, group.x, group.fixed, start.loc, start.scale, cfg,
-                          group.steps, group.config.train.elbo, progress, point=point)
-    info["map_mean"] = point
+                          group.steps, group.config.train.elbo, progress, point=point, optimizer=optimizer)
+    info["map_mean"], info["optimizer"] = point, optimizer
     if (cfg.scale_reset or cfg.scale_steps) and (start.guide is None or cfg.finetune_scale_phase):
         case, info["scale_phase"] = fit_scale(group.model, group.x, group.fixed, case, cfg, group.config.train.elbo,
                                               progress)
@@ -486,7 +505,7 @@ def summarise(group: PreparedGroup, posterior: Posterior, disp: torch.Tensor, se
 def _finetune_report(group: PreparedGroup, start: Posterior, finetune: dict, nmi, summary: dict) -> dict:
     """What per-case refinement changed against the posterior it started from (NMI, landmarks)."""
     report = {key: finetune[key] for key in ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "diverged",
-                                             "seconds", "guard_seconds", "map_mean")}
+                                             "seconds", "guard_seconds", "map_mean", "optimizer")}
     for key in ("levels", "scale_phase"):  # coarse levels and the σ steps, each with its seconds
         if key in finetune:
             report[key] = finetune[key]

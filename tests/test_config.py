@@ -22,7 +22,13 @@ def test_paper_defaults():
     # package defaults (issue 13, measured per-case): bending prior, B-spline histogram; the paper's in its configs
     assert (cfg.model.prior, cfg.model.integration_steps, cfg.model.alpha) == ("bending", 7, 15.0)
     assert (cfg.model.integration_downsize, cfg.register.covariance, cfg.model.jitter) == (3, "dct", True)
-    assert cfg.register.finetune_lr == 0.3 and cfg.register.finetune_scale_phase is False
+    assert cfg.register.finetune_lr is None and cfg.register.finetune_scale_phase is False
+    assert cfg.register.finetune_optimizer == "sgd" and cfg.register.finetune_step() == 0.0015  # issue 14
+    cfg.register.finetune_optimizer = "adam"
+    assert cfg.register.finetune_step() == 0.3
+    cfg.register.finetune_lr = 0.1
+    assert cfg.register.finetune_step() == 0.1
+    cfg = Config()
     assert cfg.register.map_mean is True and cfg.register.finetune_map_mean is True  # issues 13 and 14
     assert PRIORS.options("laplacian") == {"lambda_u": 1.0, "lambda_v": 0.01}  # the paper's weights by default
     for name in ("dirlab_4dct.yaml", "breast_mr.yaml"):
@@ -38,6 +44,7 @@ def test_paper_defaults():
     for name in ("cpu_small.yaml", "cpu_small_moving.yaml", "cpu_small_moving_defaults.yaml", "cpu_small_moving_jitter.yaml"):
         measured = load_config(next(p for p in CONFIGS if p.name == name)).register
         assert measured.map_mean is False and measured.finetune_map_mean is False  # their learning curves, as measured
+        assert measured.finetune_optimizer == "adam"
     assert load_config(next(p for p in CONFIGS if p.name == "cpu_small_moving_defaults.yaml")).model.jitter is False
     assert (cfg.train.lr, cfg.train.iterations, cfg.train.patch_size) == (1e-5, 100000, [96, 96, 96])
     assert load_config(next(p for p in CONFIGS if p.name == "dirlab_4dct.yaml")).train.lr == 1e-5

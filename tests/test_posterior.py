@@ -18,6 +18,7 @@ from groupmorph_pyro.config import RegisterConfig
 from groupmorph_pyro.model import build_guide
 from groupmorph_pyro.group import GroupTransform
 from groupmorph_pyro.registration import elbo_loss, fit_case, normalize_group, register
+from pyro.infer import Trace_ELBO
 from groupmorph_pyro.synthetic import breathing_phantom
 from test_priors import dense_precision
 
@@ -126,7 +127,7 @@ def test_finetuning_an_amortised_posterior_improves_its_elbo(group):
     (SVI on mean and σ: with the MAP mean, the default, the guard compares log joints instead)."""
     cfg = Config()
     cfg.model.num_timepoints, cfg.model.encoder, cfg.model.decoder = 3, [4, 4], [4, 4, 4]
-    cfg.register.finetune_map_mean = False
+    cfg.register.finetune_map_mean, cfg.register.finetune_optimizer = False, "adam"
     torch.manual_seed(1)
     res = register(group.images, cfg, build_guide(cfg.model), finetune_steps=5)
     ft = res.summary["finetune"]
@@ -316,11 +317,12 @@ def test_a_map_fit_moves_only_the_mean_and_register_uses_it_from_zero_only(group
     assert info["kept"] == "refined" and info["elbo_loss_after"] < info["elbo_loss_before"]
     assert new_loc.abs().max() > 0.05 and torch.allclose(new_scale, scale, rtol=1e-6, atol=0)  # σ untouched
 
-    calls = []
+    calls, optimizers = [], []
     fit = R.fit_case
 
     def recording(*args, **kwargs):
         calls.append((kwargs.get("desc", "full"), kwargs.get("point", False)))
+        optimizers.append(kwargs.get("optimizer", "adam"))
         return fit(*args, **kwargs)
 
     monkeypatch.setattr(R, "fit_case", recording)
@@ -333,20 +335,51 @@ def test_a_map_fit_moves_only_the_mean_and_register_uses_it_from_zero_only(group
         summary = register(g.images, cfg, finetune_steps=2).summary["finetune"]
         assert summary["map_mean"] is expected
         assert calls == [("per-case SVI, level 1/2", expected), ("full", expected), ("per-case SVI, σ only", False)]
+        assert summary["optimizer"] == "adam" and set(optimizers) == {"adam"}  # from zero: Adam
     cfg.register.map_mean, cfg.register.scale_reset, cfg.register.finetune_map_mean = True, True, False
+    cfg.register.finetune_optimizer = "adam"  # SVI on mean and σ fine-tunes by Adam
     cfg.model.encoder, cfg.model.decoder = [4, 4], [4, 4, 4]
     torch.manual_seed(1)
     calls.clear()
     guide = build_guide(cfg.model)
     assert register(g.images, cfg, guide, finetune_steps=2).summary["finetune"]["map_mean"] is False
     assert calls == [("full", False)]
-    cfg.register.finetune_map_mean = True  # fine-tuning with a MAP mean (the default); the network's σ stays
+    cfg.register.finetune_map_mean, cfg.register.finetune_optimizer = True, "sgd"  # the defaults: MAP mean by SGD
     calls.clear()
+    optimizers.clear()
     res = register(g.images, cfg, guide, finetune_steps=2)
     assert res.summary["finetune"]["map_mean"] is True and calls == [("full", True)]
+    assert res.summary["finetune"]["optimizer"] == "sgd" and optimizers == ["sgd"]
     with torch.no_grad():
         _, network_scale = guide.distribution_params(normalize_group(g.images), 0)
     assert np.allclose(res.scale, network_scale[0].numpy(), rtol=1e-5)
+
+
+def test_sgd_moves_the_whitened_mean_along_its_gradient(group):
+    """fit_case(optimizer="sgd"): Nesterov momentum 0.9 from rest, so the first step is exactly
+    -lr (1 + 0.9) g with g the gradient of the negative log joint in the whitened coordinates, computed
+    here by Pyro's loss on a fresh point guide (no jitter: the loss is deterministic). Adam's first step
+    (about -lr sign(g) everywhere) is not proportional to g."""
+    model = GroupMorphModel(3)
+    x = normalize_group(group.images)
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(0, 1, n) for n in x.shape[2:]], indexing="ij"))
+    loc = (0.4 * torch.sin(3 * grid + torch.arange(3.0).view(3, 1, 1, 1)))[None, None].repeat(1, 2, 1, 1, 1, 1)
+    scale = torch.full_like(loc, 0.05)
+    reference = CaseGuide(loc, scale, model.prior_distribution(loc.shape[3:], loc.device), point=True)
+    Trace_ELBO().differentiable_loss(model, reference, x, 0).backward()
+    g = reference.whitened.grad.detach()
+    lr = 1e-4
+    for optimizer in ("sgd", "adam"):
+        case, info = fit_case(model, x, 0, loc, scale, RegisterConfig(lr=lr, schedule="constant", average=0), steps=1,
+                              point=True, optimizer=optimizer, eval_particles=1)
+        assert info["kept"] == "refined", info
+        step = case.whitened.detach() - reference.whitened.detach()
+        proportional = torch.allclose(step, -lr * 1.9 * g, rtol=1e-3, atol=1e-6 * float(g.abs().max()) * lr)
+        assert proportional is (optimizer == "sgd"), (optimizer, float((step + lr * 1.9 * g).abs().max()))
+    with pytest.raises(ValueError, match="optimizer='sgd' fits a point-estimate mean; it needs point=True"):
+        fit_case(model, x, 0, loc, scale, steps=1, optimizer="sgd")
+    with pytest.raises(ValueError, match="optimizer: expected 'adam' or 'sgd', got 'lbfgs'"):
+        fit_case(model, x, 0, loc, scale, steps=1, point=True, optimizer="lbfgs")
 
 
 def test_bad_point_estimates_are_refused():
