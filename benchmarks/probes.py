@@ -79,16 +79,16 @@ SIGMA_PHASE_VARIANTS = {  # after fine-tuning: the σ phase or not (register.fin
     "sigma phase": (["register.finetune_scale_phase=true"], 20),
     "no sigma phase": (["register.finetune_scale_phase=false"], 20),
 }
+MAP = "register.finetune_map_mean=true"
 MAP_VARIANTS = {  # fine-tuning with a point-estimate mean (register.finetune_map_mean) or SVI; steps None = per-case from zero
     "per-case from zero, MAP mean": (["register.map_mean=true"], None),
     "per-case from zero, mean and sigma together": (["register.map_mean=false"], None),
     "SVI, 30 steps": (["register.finetune_map_mean=false", ADAM], 30),
     "SVI, 40 steps": (["register.finetune_map_mean=false", ADAM], 40),
-    "MAP mean, 30 steps": (["register.finetune_map_mean=true", ADAM], 30),
-    "MAP mean, 40 steps": (["register.finetune_map_mean=true", ADAM], 40),
-    "MAP mean, lr 0.5, 40 steps": (["register.finetune_map_mean=true", ADAM, "register.finetune_lr=0.5"], 40),
+    "MAP mean, 30 steps": ([MAP, ADAM], 30),
+    "MAP mean, 40 steps": ([MAP, ADAM], 40),
+    "MAP mean, lr 0.5, 40 steps": ([MAP, ADAM, "register.finetune_lr=0.5"], 40),
 }
-MAP = "register.finetune_map_mean=true"
 OPTIMIZER_VARIANTS = {  # the MAP mean's optimiser when fine-tuning (register.finetune_optimizer) and its step
     "per-case from zero (defaults)": ([], None),
     "Adam 0.3, 30 steps": ([MAP, ADAM, "register.finetune_lr=0.3"], 30),

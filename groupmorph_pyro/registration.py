@@ -22,7 +22,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 from .checks import InputError
-from .config import Config, RegisterConfig
+from .config import FINETUNE_LR, Config, RegisterConfig
 from .group import GroupTransform
 from .likelihoods import group_nmi, subsample_likelihood
 from .metrics import folding_percent, landmark_report
@@ -135,7 +135,7 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
         raise InputError(f"steps: expected an integer >= 0, got {steps!r}")
     if point and not fit_mean:
         raise InputError("fit_case: point=True fits the mean; it cannot go with fit_mean=False")
-    if optimizer not in ("adam", "sgd"):
+    if optimizer not in FINETUNE_LR:  # the optimisers register.finetune_optimizer names
         raise InputError(f"fit_case: optimizer: expected 'adam' or 'sgd', got {optimizer!r}")
     if optimizer == "sgd" and not point:
         raise InputError("fit_case: optimizer='sgd' fits a point-estimate mean; it needs point=True (got False)")

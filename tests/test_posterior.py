@@ -5,6 +5,7 @@ import arviz as az
 import numpy as np
 import pytest
 import torch
+from pyro.infer import Trace_ELBO
 
 from groupmorph_pyro.cli import main
 from groupmorph_pyro.config import Config
@@ -18,7 +19,6 @@ from groupmorph_pyro.config import RegisterConfig
 from groupmorph_pyro.model import build_guide
 from groupmorph_pyro.group import GroupTransform
 from groupmorph_pyro.registration import elbo_loss, fit_case, normalize_group, register
-from pyro.infer import Trace_ELBO
 from groupmorph_pyro.synthetic import breathing_phantom
 from test_priors import dense_precision
 
@@ -282,7 +282,6 @@ def test_foreground_mask_keeps_the_body_and_drops_the_air():
 def test_a_point_guide_makes_the_elbo_the_negative_log_joint_at_the_mean():
     """CaseGuide(point=True) is a Delta at the mean: with a likelihood that is 0 everywhere the ELBO loss
     is -log p(μ) exactly, against a dense float64 Gaussian with Λ = 0.01 I + L (no entropy term)."""
-    from pyro.infer import Trace_ELBO
 
     shape = (4, 5, 3)
     model = GroupMorphModel(3, likelihood=lambda warped: warped.sum(dim=(1, 2, 3, 4)) * 0.0)
