@@ -52,6 +52,7 @@ class ModelConfig(_Section):
     alpha: float = 15.0  # bound on |guide mean| in voxels
     encoder: list[int] = field(default_factory=lambda: [16, 32, 32, 32])
     decoder: list[int] = field(default_factory=lambda: [32, 32, 32, 32, 32, 16, 16])
+    cascade: int = 1  # U-Nets in the guide's recursive cascade (1 = the paper's one U-Net; see model.GroupMorphGuide)
 
     def validate(self):
         if self.mode not in MODES:
@@ -61,6 +62,7 @@ class ModelConfig(_Section):
         for name in ("beta", "alpha"):
             check_positive(f"model.{name}", getattr(self, name))
         check_integer("model.integration_downsize", self.integration_downsize, 1)
+        check_integer("model.cascade", self.cascade, 1)
         _check_switch("model.jitter", self.jitter)
         if self.prior not in PRIORS:
             raise InputError(f"model.prior: expected one of {list(PRIORS)}, got {self.prior!r}")

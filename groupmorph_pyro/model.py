@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroParam
 
 from .checks import InputError, check_arity, check_bool, check_integer, check_positive, check_tensor
-from .group import GroupTransform, check_mode, latent_indices, relative_to_fixed
+from .group import GroupTransform, check_mode, latent_indices, relative_to_fixed, warp_group
 from .likelihoods import GroupNMI, GroupSimilarity, check_likelihood
 from .networks import UNet3D, check_compile, check_precision, network_autocast
 from .preprocess import crop_to_shape, pad_to_multiple
@@ -164,24 +164,34 @@ class GroupMorphGuide(LocalParamsModule):
     mode the input channels are rotated so that the fixed image comes first (the network is told
     which timepoint is fixed by position), which lets one network serve any fixed timepoint.
 
+    With ``cascade`` S > 1 (a recursive cascade, still one pass): S U-Nets of the same channels, each
+    after the first seeing the group warped by the mean so far, ``x_k ∘ (Id + μ_k)`` (first order in μ;
+    in all-to-one mode the fixed image stays put), and adding its head's output to the mean's
+    pre-activation: ``μ = α · tanh(m_1 + … + m_S)``, ``m_s = conv_s(U-Net_s(x ∘ (Id + α·tanh(m_1 + … + m_{s−1}))))``.
+    The variance comes from the first U-Net's features. Every stage's head starts at zero, so the
+    cascade starts at the identity like one U-Net, and S = 1 is the paper's guide (same state dict).
+
     Args:
         num_timepoints: K; mode: as the model; alpha: bound on |μ| in voxels;
         encoder, decoder: U-Net channels; init_softplus_bias: initial pre-softplus variance
-            (−10 gives σ ≈ 0.007 voxels).
+            (−10 gives σ ≈ 0.007 voxels); cascade: number of U-Nets S (integer >= 1).
     """
 
     def __init__(self, num_timepoints: int, mode: str = "all-to-one", alpha: float = 15.0,
-                 encoder=(16, 32, 32, 32), decoder=(32, 32, 32, 32, 32, 16, 16), init_softplus_bias: float = -10.0):
+                 encoder=(16, 32, 32, 32), decoder=(32, 32, 32, 32, 32, 16, 16), init_softplus_bias: float = -10.0,
+                 cascade: int = 1):
         super().__init__()
         check_mode(mode, num_timepoints, None if mode == "all-moving" else 0)
         self.num_timepoints, self.mode = int(num_timepoints), mode
         self.alpha = check_positive("alpha", alpha)
+        self.cascade = check_integer("cascade", cascade, 1)
         self.unet = UNet3D(self.num_timepoints, encoder, decoder)
-        self.mean_head = nn.Conv3d(self.unet.out_channels, 3 * self.num_timepoints, 3, padding=1)
-        self.var_head = nn.Conv3d(self.unet.out_channels, 3 * self.num_timepoints, 3, padding=1)
-        for head, bias in ((self.mean_head, 0.0), (self.var_head, init_softplus_bias)):
-            nn.init.normal_(head.weight, std=1e-5)
-            nn.init.constant_(head.bias, bias)
+        self.mean_head = _head(self.unet.out_channels, 3 * self.num_timepoints, 0.0)
+        self.var_head = _head(self.unet.out_channels, 3 * self.num_timepoints, init_softplus_bias)
+        self.refine = nn.ModuleList()  # stages 2..S of the cascade: a U-Net and a mean head each
+        for _ in range(self.cascade - 1):
+            unet = UNet3D(self.num_timepoints, encoder, decoder)
+            self.refine.append(nn.Sequential(unet, _head(unet.out_channels, 3 * self.num_timepoints, 0.0)))
         self.precision, self.channels_last, self.compile_backend = "fp32", False, None
         self._compiled = None  # (id(self), compiled callable): a copy of the guide recompiles its own
 
@@ -211,8 +221,23 @@ class GroupMorphGuide(LocalParamsModule):
                 "compile": self.compile_backend or False}
 
     def _head_outputs(self, x: torch.Tensor):
+        """Pre-activation mean and variance ``(B, 3K, D, H, W)`` each, from images ``(B, K, D, H, W)``
+        rotated so that the fixed one (all-to-one) comes first."""
         feats = self.unet(x)
-        return self.mean_head(feats), self.var_head(feats)
+        mean = self.mean_head(feats)
+        for stage in self.refine:
+            mean = mean + stage(self._moved(x, mean))
+        return mean, self.var_head(feats)
+
+    def _moved(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """The group ``(B, K, D, H, W)`` warped by the first-order maps ``Id + α·tanh(mean)`` of the
+        pre-activation ``mean`` ``(B, 3K, D, H, W)`` (voxels); in all-to-one mode channel 0, the fixed
+        image, is not moved."""
+        b, k = x.shape[:2]
+        disp = (self.alpha * torch.tanh(mean)).reshape(b, k, 3, *x.shape[2:])
+        if self.mode == "all-to-one":
+            disp = torch.cat([torch.zeros_like(disp[:, :1]), disp[:, 1:]], dim=1)
+        return warp_group(x, disp.to(x.dtype))
 
     def _network(self):
         if self.compile_backend is None:
@@ -253,6 +278,14 @@ class GroupMorphGuide(LocalParamsModule):
         with pyro.plate("groups", images.shape[0], dim=-2):
             with pyro.plate("timepoints", loc.shape[1], dim=-1):
                 return pyro.sample("z", dist.Normal(loc, scale).to_event(4))
+
+
+def _head(channels_in: int, channels_out: int, bias: float) -> nn.Conv3d:
+    """A guide head: 3³ convolution with near-zero weights (std 1e-5) and a constant bias."""
+    head = nn.Conv3d(channels_in, channels_out, 3, padding=1)
+    nn.init.normal_(head.weight, std=1e-5)
+    nn.init.constant_(head.bias, bias)
+    return head
 
 
 class FixedFrameGuide(nn.Module):
@@ -424,4 +457,5 @@ def build_model(cfg, likelihood: Callable | None = None, prior: Callable | None 
 
 def build_guide(cfg) -> GroupMorphGuide:
     """Amortised guide from a :class:`~groupmorph_pyro.config.ModelConfig`."""
-    return GroupMorphGuide(cfg.num_timepoints, cfg.mode, cfg.alpha, tuple(cfg.encoder), tuple(cfg.decoder))
+    return GroupMorphGuide(cfg.num_timepoints, cfg.mode, cfg.alpha, tuple(cfg.encoder), tuple(cfg.decoder),
+                           cascade=cfg.cascade)
