@@ -64,6 +64,13 @@ def check_positive(name: str, value, allow_zero: bool = False) -> float:
     return v
 
 
+def check_fraction(name: str, value) -> float:
+    """Check a number is a fraction in [0, 1) (not a bool); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise InputError(f"{name}: expected a fraction in [0, 1), got {value!r}")
+    return float(value)
+
+
 def check_integer(name: str, value, minimum: int = 0) -> int:
     """Check a count is a whole number >= ``minimum`` (not a bool); returns it as an int."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < minimum:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .checks import InputError, check_integer, check_positive
+from .checks import InputError, check_fraction, check_integer, check_positive
 from .group import MODES
 from .likelihoods import HISTOGRAMS, REDUCTIONS, SIMILARITIES
 from .networks import check_compile, check_precision
@@ -95,6 +95,7 @@ class TrainConfig(_Section):
     fixed: object = "random"  # all-to-one: "random" fixed timepoint per iteration, or an index
     checkpoint_every: int = 1000
     validate_every: int = 0  # held-out validation (data.validation / data.validation_split) every N iterations; 0 = off
+    ema_decay: float = 0.0  # serve and validate an exponential moving average of the weights with this decay per iteration (0 = off; see train.ema_update)
     output_dir: str = "runs/groupmorph"
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -112,6 +113,7 @@ class TrainConfig(_Section):
         if int(self.validate_every) < 0:
             raise InputError(f"train.validate_every: expected an integer >= 0, got {self.validate_every!r}")
         check_positive("train.lr", self.lr)
+        check_fraction("train.ema_decay", self.ema_decay)
 
 
 @dataclass
@@ -201,8 +203,7 @@ class RegisterConfig(_Section):
             raise InputError(f"register.covariance: expected 'diagonal' or 'dct', got {self.covariance!r}")
         if self.schedule not in ("constant", "cosine"):
             raise InputError(f"register.schedule: expected 'constant' or 'cosine', got {self.schedule!r}")
-        if not 0 <= self.average < 1:
-            raise InputError(f"register.average: expected a fraction in [0, 1), got {self.average!r}")
+        check_fraction("register.average", self.average)
         p = self.pyramid
         if (not p or any(isinstance(f, bool) or int(f) != f or f < 1 for f in p) or p[-1] != 1
                 or any(a <= b for a, b in zip(p, p[1:]))):
@@ -211,8 +212,7 @@ class RegisterConfig(_Section):
         check_positive("register.init_scale", self.init_scale)
         if self.window and (len(self.window) != 3 or any(int(w) != w or w < 1 for w in self.window)):
             raise InputError(f"register.window: expected [] or 3 integers >= 1 (d, h, w), got {self.window!r}")
-        if not 0 <= self.overlap < 1:
-            raise InputError(f"register.overlap: expected a fraction in [0, 1), got {self.overlap!r}")
+        check_fraction("register.overlap", self.overlap)
 
 
 @dataclass

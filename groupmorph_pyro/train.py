@@ -3,7 +3,9 @@
 A checkpoint (``torch.save`` dict) holds ``config`` (the full :class:`Config` as a dict), ``guide``
 (state dict), ``optimizer``, ``scheduler``, ``iteration``, RNG states and ``validation`` (the held-out
 curve so far), so :func:`load_checkpoint` rebuilds the guide from the file alone and :func:`train`
-resumes exactly, continuing the curve.
+resumes exactly, continuing the curve. With ``train.ema_decay`` it also holds ``guide_ema``, the
+moving average of the weights (:func:`ema_update`), which :func:`load_checkpoint` serves and
+validation scores; ``guide`` stays the optimiser's weights, from which training resumes.
 
 With ``train.validate_every: N`` the guide is scored every N iterations (and before the first) on
 held-out groups (``data.validation``: phantoms of other seeds; ``data.validation_split``: a manifest
@@ -20,6 +22,7 @@ only rank 0 writes the log and checkpoints (which keep every rank's random strea
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +46,7 @@ from .synthetic import breathing_phantom
 from .volumes import affine_spacing, load_group
 
 __all__ = ["load_training_groups", "save_checkpoint", "load_checkpoint", "train", "train_or_load",
-           "init_distributed", "distributed_rank", "svi_loss", "CHECKPOINT_NAME", "HeldOutGroup",
+           "init_distributed", "distributed_rank", "svi_loss", "ema_update", "CHECKPOINT_NAME", "HeldOutGroup",
            "validation_phantoms", "load_validation_groups", "validate_guide", "write_validation", "VALIDATION_COLUMNS"]
 
 VALIDATION_COLUMNS = ["iteration", "val_nmi", "val_landmark_mm", "val_identity_mm"]
@@ -183,13 +186,50 @@ def validate_guide(model, guide: GroupMorphGuide, groups: list[HeldOutGroup], bi
     return {"val_nmi": mean(nmis), "val_landmark_mm": mean(after), "val_identity_mm": mean(before)}
 
 
+def ema_update(average: dict, current: dict, decay: float, step: int) -> dict:
+    """One update of an exponential moving average of a network's state, in place.
+
+    ``a ← d·a + (1 − d)·c`` for every floating-point entry, with ``d = min(decay, (1 + step) / (10 + step))``:
+    the first updates (step 0, 1, …) weigh the newest weights more (d = 0.1, 0.18, …), so the
+    average soon forgets the untrained start; later d = ``decay``, an average over about
+    ``1 / (1 − decay)`` iterations. Other entries (integers) are copied.
+
+    Args:
+        average: ``{name: tensor}`` (a state dict's clone), updated in place.
+        current: the network's state dict now (same names and shapes).
+        decay: in [0, 1); step: the number of updates made before this one (>= 0).
+    Returns:
+        ``average``.
+    """
+    decay = min(decay, (1.0 + step) / (10.0 + step))
+    if set(average) != set(current):
+        raise InputError(f"ema_update: the average has entries {sorted(set(average) ^ set(current))} that the network has not, or the reverse")
+    with torch.no_grad():
+        for name, value in current.items():
+            if value.is_floating_point():
+                average[name].mul_(decay).add_(value.detach(), alpha=1.0 - decay)
+            else:
+                average[name].copy_(value)
+    return average
+
+
+def _averaged(guide: GroupMorphGuide, average: dict | None) -> GroupMorphGuide:
+    """The guide to score and serve: a copy holding the moving average, or the guide itself (no average)."""
+    if average is None:
+        return guide
+    served = copy.deepcopy(guide)
+    served.load_state_dict(average)
+    return served
+
+
 def save_checkpoint(path, cfg: Config, guide: GroupMorphGuide, optimizer=None, scheduler=None, iteration: int = 0,
                     sampler_state: torch.Tensor | None = None, rank_rng: list | None = None,
-                    validation: list | None = None) -> None:
+                    validation: list | None = None, average: dict | None = None) -> None:
     """Write a self-describing checkpoint atomically (see module docstring).
 
     ``rank_rng``: every process's torch RNG state in a distributed run (rank order).
     ``validation``: the held-out curve so far (rows of :data:`VALIDATION_COLUMNS`), continued on resume.
+    ``average``: the moving average of the guide's state (``train.ema_decay``), stored as ``guide_ema``.
     """
     state = {
         "format": _FORMAT,
@@ -202,6 +242,7 @@ def save_checkpoint(path, cfg: Config, guide: GroupMorphGuide, optimizer=None, s
         "sampler_rng": sampler_state,
         "rank_rng": rank_rng,
         "validation": list(validation or []),
+        "guide_ema": average,
     }
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -209,8 +250,9 @@ def save_checkpoint(path, cfg: Config, guide: GroupMorphGuide, optimizer=None, s
 def load_checkpoint(path, device="cpu") -> tuple[Config, GroupMorphGuide, dict]:
     """Rebuild ``(config, guide, raw checkpoint dict)`` from a checkpoint file alone.
 
-    The config's ``runtime`` section is reset to its defaults (fp32, eager): how the network ran
-    in training is kept in ``state["config"]``, how it runs now is the caller's choice."""
+    The guide holds the moving average of the weights when the checkpoint has one (``train.ema_decay``),
+    else the trained weights. The config's ``runtime`` section is reset to its defaults (fp32, eager):
+    how the network ran in training is kept in ``state["config"]``, how it runs now is the caller's choice."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
@@ -222,7 +264,7 @@ def load_checkpoint(path, device="cpu") -> tuple[Config, GroupMorphGuide, dict]:
         cfg = Config.from_dict(saved, source=str(path))
         cfg.runtime = RuntimeConfig()
         guide = build_guide(cfg.model)
-        guide.load_state_dict(state["guide"])
+        guide.load_state_dict(state.get("guide_ema") or state["guide"])
     except InputError:
         raise
     except Exception as exc:
@@ -266,7 +308,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
     guide = build_guide(mcfg).to(device)
     optim = torch.optim.Adam(guide.parameters(), lr=tcfg.lr, betas=tuple(tcfg.adam_betas))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=tcfg.iterations)
-    start = 0
+    start, average = 0, None
     if resume:
         if not ckpt_path.is_file():
             raise InputError(f"--resume: no checkpoint at {ckpt_path}")
@@ -285,8 +327,13 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
             pyro.set_rng_seed(tcfg.seed + 1000 * start + rank)
         if state.get("sampler_rng") is not None:
             gen.set_state(state["sampler_rng"])
+        average = state.get("guide_ema")
     elif ckpt_path.exists():
         raise InputError(f"{ckpt_path} exists: pass --resume to continue, or choose another train.output_dir")
+    if tcfg.ema_decay and average is None:  # a new run, or a resumed one that had no average: start from the weights now
+        average = {name: value.detach().clone() for name, value in guide.state_dict().items()}
+    elif not tcfg.ema_decay:
+        average = None
     guide.set_runtime(**cfg.runtime.options())  # after loading: the optimiser keeps the same Parameter objects
     net = guide
     if world > 1:
@@ -307,7 +354,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
 
     def validate(iteration: int) -> None:
         """Score the held-out groups, add a row to the curve and to validation.csv, show it on the bar."""
-        row = {"iteration": iteration, **validate_guide(model, guide, held_out, mcfg.bins, device)}
+        row = {"iteration": iteration, **validate_guide(model, _averaged(guide, average), held_out, mcfg.bins, device)}
         curve.append(row)
         write_validation(out / "validation.csv", curve)
         shown = {"val_nmi": f"{row['val_nmi']:.3f}"}
@@ -339,6 +386,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
             loss.backward()  # DistributedDataParallel averages the gradients across processes here
             optim.step()
             sched.step()
+            if average is not None:
+                ema_update(average, guide.state_dict(), tcfg.ema_decay, it)
             if lead and (it % 10 == 0 or it == tcfg.iterations - 1):
                 loss_vox = loss.detach().item() / x[0].numel()
                 with torch.no_grad(), pyro.poutine.block():
@@ -355,7 +404,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
                 rngs = _gather_rng(world)  # collective: every rank takes part
                 if lead:
                     save_checkpoint(ckpt_path, cfg, guide, optim, sched, it + 1, gen.get_state(),
-                                    rngs if world > 1 else None, curve)
+                                    rngs if world > 1 else None, curve, average)
             if stopping:
                 break
     if world > 1:

@@ -187,6 +187,8 @@ BAD_CONFIGS = {  # YAML text -> expected message (key, expected type, value)
     "scale_phase_lr: 0": ("register:\n  scale_phase_lr: 0\n", r"register.scale_phase_lr"),
     "covariance: full": ("register:\n  covariance: full\n", r"register.covariance: expected 'diagonal' or 'dct', got 'full'"),
     "guard_particles: 0": ("register:\n  guard_particles: 0\n", r"register.guard_particles: expected an integer >= 1, got 0"),
+    "ema_decay: 1": ("train:\n  ema_decay: 1.0\n", r"train.ema_decay: expected a fraction in \[0, 1\), got 1.0"),
+    "cascade: 0": ("model:\n  cascade: 0\n", r"model.cascade: expected an integer >= 1, got 0"),
     "integration_downsize: 0": ("model:\n  integration_downsize: 0\n", r"model.integration_downsize: expected an integer >= 1, got 0"),
     "finetune_scale_phase: 1": ("register:\n  finetune_scale_phase: 1\n", r"register.finetune_scale_phase: expected true or false, got 1"),
     "map_mean: yes please": ("register:\n  map_mean: yes please\n", r"register.map_mean: expected true or false, got 'yes please'"),

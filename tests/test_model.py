@@ -220,3 +220,55 @@ def test_case_guide_starts_at_given_posterior():
 def test_bad_input(call, match):
     with pytest.raises(InputError, match=match):
         call()
+
+
+def _np_warp(image, disp):
+    """Reference warp in float64: ``image(p + disp(p))``, trilinear, edge values outside (scipy)."""
+    import numpy as np
+    from scipy.ndimage import map_coordinates
+
+    return map_coordinates(image, np.indices(image.shape) + disp, order=1, mode="nearest")
+
+
+@pytest.mark.parametrize("mode, fixed", [("all-to-one", 1), ("all-moving", None)])
+def test_a_cascade_refines_the_mean_on_the_group_warped_by_its_first_stage(mode, fixed):
+    """model.cascade 2: μ = α tanh(m₁ + m₂), m₂ from the second U-Net on the group warped by
+    ``Id + α tanh(m₁)`` (the fixed image not moved). The reference warps in float64 with scipy, rolls
+    and selects the latent timepoints by hand, and calls the stages' own modules."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    k, alpha = 3, 3.0
+    guide = GroupMorphGuide(k, mode, alpha=alpha, cascade=2, **SMALL)
+    with torch.no_grad():
+        for head in (guide.mean_head, guide.refine[0][1]):
+            torch.nn.init.normal_(head.weight, std=0.2)
+    images = torch.rand(1, k, *SHAPE)
+    loc, scale = guide.distribution_params(images, fixed)
+    shift = fixed or 0
+    x = torch.roll(images, -shift, dims=1)
+    with torch.no_grad():
+        m1 = guide.mean_head(guide.unet(x)).double().numpy().reshape(k, 3, *SHAPE)
+        d1 = alpha * np.tanh(m1)
+        if mode == "all-to-one":
+            d1[0] = 0.0  # the fixed image (first after the roll) stays put
+        moved = np.stack([_np_warp(x[0, t].double().numpy(), d1[t]) for t in range(k)])
+        m2 = guide.refine[0](torch.from_numpy(moved[None]).float()).double().numpy().reshape(k, 3, *SHAPE)
+    idx = latent_indices(k, mode, fixed)
+    ref = np.roll(alpha * np.tanh(m1 + m2), shift, axis=0)[idx]
+    first_only = np.roll(alpha * np.tanh(m1), shift, axis=0)[idx]
+    assert np.abs(d1).max() > 0.5 and np.abs(ref - first_only).max() > 0.05  # both stages matter here
+    np.testing.assert_allclose(loc[0].detach().double().numpy(), ref, atol=1e-4)
+    assert loc.shape == scale.shape == (1, len(idx), 3, *SHAPE)
+
+
+def test_a_cascade_starts_at_the_identity_and_one_stage_keeps_the_papers_state_dict():
+    images = torch.rand(1, 3, *SHAPE)
+    loc, _ = GroupMorphGuide(3, cascade=3, **SMALL).distribution_params(images, 0)
+    assert loc.abs().max() < 1e-2  # every head starts near zero, so the cascade starts at φ = Id
+    one = GroupMorphGuide(3, **SMALL).state_dict()
+    assert not any(key.startswith("refine.") for key in one)
+    assert set(GroupMorphGuide(3, cascade=2, **SMALL).state_dict()) - set(one) == {
+        key for key in GroupMorphGuide(3, cascade=2, **SMALL).state_dict() if key.startswith("refine.0.")}
+    with pytest.raises(InputError, match=r"cascade: expected an integer >= 1, got 0"):
+        GroupMorphGuide(3, cascade=0, **SMALL)

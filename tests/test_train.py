@@ -22,11 +22,15 @@ def tiny_config(tmp_path, iterations):
     return cfg
 
 
-def test_checkpoint_rebuilds_the_guide_from_the_file_alone(tmp_path):
+@pytest.mark.parametrize("cascade", [1, 2])
+def test_checkpoint_rebuilds_the_guide_from_the_file_alone(tmp_path, cascade):
     cfg = tiny_config(tmp_path / "a", 3)
+    cfg.model.cascade = cascade
     path = train(cfg, progress=False)
     cfg2, guide, state = load_checkpoint(path)
-    assert cfg2 == cfg and state["iteration"] == 3
+    assert cfg2 == cfg and state["iteration"] == 3 and len(guide.refine) == cascade - 1
+    trained = torch.load(path, map_location="cpu", weights_only=False)["guide"]
+    assert all(torch.equal(trained[key], value) for key, value in guide.state_dict().items())
     x = torch.rand(1, 3, 16, 16, 16)
     loc, scale = guide.distribution_params(x, 1)
     assert loc.shape == (1, 2, 3, 16, 16, 16) and torch.isfinite(scale).all()
@@ -119,6 +123,54 @@ def test_validation_curve_is_in_the_checkpoint_and_a_resumed_run_continues_it(tm
     assert lines[0] == "iteration,val_nmi,val_landmark_mm,val_identity_mm" and len(lines) == 5
 
 
+def test_ema_update_matches_the_weighted_sum_it_stands_for():
+    """After T updates from a₀, a_T = (Π_t d_t) a₀ + Σ_t (1 − d_t) (Π_{s>t} d_s) c_t with
+    d_t = min(decay, (1 + t)/(10 + t)); the weights are built in float64 NumPy, not by the recurrence.
+    decay 0.5 switches rule at t = 8, inside the 20 updates; an integer buffer is copied."""
+    import numpy as np
+
+    from groupmorph_pyro.train import ema_update
+
+    rng = np.random.default_rng(3)
+    start = rng.normal(size=(2, 3, 4))
+    values = rng.normal(size=(20, 2, 3, 4))  # the weights at each update, varying in "space" and time
+    average = {"w": torch.tensor(start, dtype=torch.float64), "n": torch.tensor(0)}
+    for t, v in enumerate(values):
+        ema_update(average, {"w": torch.tensor(v), "n": torch.tensor(t + 1)}, 0.5, t)
+    d = np.minimum(0.5, (1.0 + np.arange(20)) / (10.0 + np.arange(20)))
+    later = np.array([np.prod(d[t + 1:]) for t in range(20)])
+    expected = np.prod(d) * start + np.tensordot((1 - d) * later, values, axes=1)
+    np.testing.assert_allclose(average["w"].numpy(), expected, rtol=1e-12)
+    assert int(average["n"]) == 20
+    with pytest.raises(InputError, match=r"ema_update: the average has entries \['v'\]"):
+        ema_update({"w": torch.zeros(1)}, {"w": torch.zeros(1), "v": torch.zeros(1)}, 0.5, 0)
+
+
+def test_a_moving_average_is_served_validated_and_resumed_exactly(tmp_path):
+    """train.ema_decay: the checkpoint keeps the optimiser's weights (``guide``) and the average
+    (``guide_ema``); load_checkpoint serves the average, the curve scores it, and an interrupted run
+    resumes to the same average as an uninterrupted one."""
+    from groupmorph_pyro.train import load_validation_groups, validate_guide
+
+    def cfg(path):
+        c = _validated(path, 6)
+        c.train.ema_decay, c.train.lr = 0.9, 3e-3
+        return c
+
+    _, served, state = load_checkpoint(train(cfg(tmp_path / "s"), progress=False))
+    for name, value in served.state_dict().items():
+        assert torch.equal(value, state["guide_ema"][name])
+    assert max((state["guide"][n] - state["guide_ema"][n]).abs().max() for n in state["guide"]) > 1e-4
+    c = cfg(tmp_path / "s")
+    scored = validate_guide(build_model(c.model), served, load_validation_groups(c), c.model.bins)
+    assert state["validation"][-1]["val_landmark_mm"] == pytest.approx(scored["val_landmark_mm"], rel=1e-6)
+    train(cfg(tmp_path / "r"), progress=False, stop_at=3)
+    resumed = load_checkpoint(train(cfg(tmp_path / "r"), resume=True, progress=False))[2]
+    for name, value in state["guide_ema"].items():
+        assert torch.allclose(value.float(), resumed["guide_ema"][name].float(), atol=1e-6), name
+    assert load_checkpoint(train(tiny_config(tmp_path / "off", 2), progress=False))[2]["guide_ema"] is None
+
+
 def test_validate_guide_scores_the_true_motion_as_zero_error():
     """A stand-in guide that returns the phantom's true latents (fixed timepoint 0: φ_k = exp(−v_k))
     gives ~0 mm on held-out groups; the untrained-looking zero guide gives the identity's error."""
@@ -163,6 +215,33 @@ def test_validation_needs_held_out_groups_of_other_seeds(tmp_path):
         train(cfg, progress=False)
 
 
+def _train_tiny_network(tmp_path, **model):
+    """60 iterations on 8 phantoms (20³, K = 3, all-moving, lr 3e-4); its held-out curve (4 groups of
+    other seeds) starts at identity and ends below 0.6× identity. Returns (config, guide, checkpoint state)."""
+    cfg = Config()
+    cfg.model.num_timepoints, cfg.model.mode = 3, "all-moving"
+    cfg.model.encoder, cfg.model.decoder = [8, 16], [16, 16, 8]
+    for key, value in model.items():
+        setattr(cfg.model, key, value)
+    cfg.train.iterations, cfg.train.lr, cfg.train.patch_size, cfg.train.device = 60, 3e-4, [20, 20, 20], "cpu"
+    cfg.train.checkpoint_every = cfg.train.validate_every = 60
+    cfg.train.output_dir = str(tmp_path / "run")
+    cfg.data.synthetic = {"num_groups": 8, "shape": [20, 20, 20], "amplitude": 3.0, "num_landmarks": 10, "seed": 0}
+    cfg.data.validation = {"num_groups": 4, "shape": [20, 20, 20], "amplitude": 3.0, "num_landmarks": 10, "seed": 500}
+    _, guide, state = load_checkpoint(train(cfg, progress=False))
+    first, last = state["validation"][0], state["validation"][-1]
+    assert first["val_landmark_mm"] == pytest.approx(first["val_identity_mm"], abs=1e-3)
+    assert last["val_landmark_mm"] < 0.6 * last["val_identity_mm"], state["validation"]
+    return cfg, guide, state
+
+
+def test_a_tiny_cascade_beats_identity_on_held_out_groups(tmp_path):
+    """The same with model.cascade 2: the one pass is below 0.6× identity, and the second stage's head has
+    learnt (its weights start at std 1e-5)."""
+    _, guide, _ = _train_tiny_network(tmp_path, cascade=2)
+    assert guide.refine[0][1].weight.abs().max() > 1e-3
+
+
 def test_a_tiny_network_beats_identity_on_held_out_groups(tmp_path):
     """60 iterations on 8 phantoms (20³, K = 3, all-moving, lr 3e-4): the held-out error (4 groups of
     other seeds, whose motion the seed draws) falls well below identity (measured 1.10 -> 0.42 mm),
@@ -180,18 +259,8 @@ def test_a_tiny_network_beats_identity_on_held_out_groups(tmp_path):
     from groupmorph_pyro.registration import register
     from groupmorph_pyro.train import validation_phantoms
 
-    cfg = Config()
-    cfg.model.num_timepoints, cfg.model.mode = 3, "all-moving"
-    cfg.model.encoder, cfg.model.decoder = [8, 16], [16, 16, 8]
-    cfg.train.iterations, cfg.train.lr, cfg.train.patch_size, cfg.train.device = 60, 3e-4, [20, 20, 20], "cpu"
-    cfg.train.checkpoint_every = cfg.train.validate_every = 60
-    cfg.train.output_dir = str(tmp_path / "run")
-    cfg.data.synthetic = {"num_groups": 8, "shape": [20, 20, 20], "amplitude": 3.0, "num_landmarks": 10, "seed": 0}
-    cfg.data.validation = {"num_groups": 4, "shape": [20, 20, 20], "amplitude": 3.0, "num_landmarks": 10, "seed": 500}
-    _, guide, state = load_checkpoint(train(cfg, progress=False))
-    first, last = state["validation"][0], state["validation"][-1]
-    assert first["val_landmark_mm"] == pytest.approx(first["val_identity_mm"], abs=1e-3)
-    assert last["val_landmark_mm"] < 0.6 * last["val_identity_mm"], state["validation"]
+    cfg, guide, state = _train_tiny_network(tmp_path)
+    last = state["validation"][-1]
     serve = Config.from_dict(cfg.to_dict())
     serve.model.mode = "all-to-one"
     errors, identity = [], []
