@@ -136,7 +136,7 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     if point and not fit_mean:
         raise InputError("fit_case: point=True fits the mean; it cannot go with fit_mean=False")
     if optimizer not in FINETUNE_LR:  # the optimisers register.finetune_optimizer names
-        raise InputError(f"fit_case: optimizer: expected 'adam' or 'sgd', got {optimizer!r}")
+        raise InputError(f"fit_case: optimizer: expected one of {sorted(FINETUNE_LR)}, got {optimizer!r}")
     if optimizer == "sgd" and not point:
         raise InputError("fit_case: optimizer='sgd' fits a point-estimate mean; it needs point=True (got False)")
     clock = time.perf_counter()

@@ -330,10 +330,10 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
         average = state.get("guide_ema")
     elif ckpt_path.exists():
         raise InputError(f"{ckpt_path} exists: pass --resume to continue, or choose another train.output_dir")
-    if tcfg.ema_decay and average is None:  # a new run, or a resumed one that had no average: start from the weights now
-        average = {name: value.detach().clone() for name, value in guide.state_dict().items()}
-    elif not tcfg.ema_decay:
+    if not tcfg.ema_decay or rank != 0:  # only rank 0 validates and saves the average
         average = None
+    elif average is None:  # a new run, or a resumed one that had no average: start from the weights now
+        average = {name: value.detach().clone() for name, value in guide.state_dict().items()}
     guide.set_runtime(**cfg.runtime.options())  # after loading: the optimiser keeps the same Parameter objects
     net = guide
     if world > 1:

@@ -377,7 +377,7 @@ def test_sgd_moves_the_whitened_mean_along_its_gradient(group):
         assert proportional is (optimizer == "sgd"), (optimizer, float((step + lr * 1.9 * g).abs().max()))
     with pytest.raises(ValueError, match="optimizer='sgd' fits a point-estimate mean; it needs point=True"):
         fit_case(model, x, 0, loc, scale, steps=1, optimizer="sgd")
-    with pytest.raises(ValueError, match="optimizer: expected 'adam' or 'sgd', got 'lbfgs'"):
+    with pytest.raises(ValueError, match=r"optimizer: expected one of \['adam', 'sgd'\], got 'lbfgs'"):
         fit_case(model, x, 0, loc, scale, steps=1, point=True, optimizer="lbfgs")
 
 
