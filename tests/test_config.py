@@ -36,12 +36,12 @@ def test_paper_defaults():
         assert (paper.prior, paper.prior_options, paper.histogram) == ("laplacian", {"lambda_u": 1.0, "lambda_v": 0.01},
                                                                        "gaussian")
         assert paper.integration_downsize == 1 and paper.jitter is False  # the paper: full grid, lattice likelihood
-    for name in ("cpu_small.yaml", "cpu_small_moving.yaml"):  # as their learning curves were measured
+    for name in ("cpu_small_all_to_one.yaml", "cpu_small_moving.yaml"):  # as their learning curves were measured
         measured = load_config(next(p for p in CONFIGS if p.name == name))
         assert (measured.model.integration_downsize, measured.model.jitter, measured.register.finetune_lr) == (1, False, 0.1)
-    for name in ("cpu_small.yaml", "cpu_small_moving.yaml", "cpu_small_moving_defaults.yaml", "dirlab_4dct.yaml"):
+    for name in ("cpu_small_all_to_one.yaml", "cpu_small_moving.yaml", "cpu_small_moving_defaults.yaml", "dirlab_4dct.yaml"):
         assert load_config(next(p for p in CONFIGS if p.name == name)).register.finetune_scale_phase is True  # as measured
-    for name in ("cpu_small.yaml", "cpu_small_moving.yaml", "cpu_small_moving_defaults.yaml", "cpu_small_moving_jitter.yaml"):
+    for name in ("cpu_small_all_to_one.yaml", "cpu_small_moving.yaml", "cpu_small_moving_defaults.yaml", "cpu_small_moving_jitter.yaml"):
         measured = load_config(next(p for p in CONFIGS if p.name == name)).register
         assert measured.map_mean is False and measured.finetune_map_mean is False  # their learning curves, as measured
         assert measured.finetune_optimizer == "adam"

@@ -114,3 +114,19 @@ def test_distributed_cli_outside_torchrun_is_a_clear_error(tmp_path, monkeypatch
     assert "started by torchrun" in capsys.readouterr().err
     with pytest.raises(InputError, match="backend"):
         init_distributed(0, "mpi", "cpu")
+
+
+def test_two_process_training_keeps_the_moving_average_through_a_resume(tmp_path):
+    straight = tiny_config(tmp_path / "straight", 4)
+    straight.train.ema_decay = 0.5
+    _run(straight, tmp_path)
+    ref = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    assert ref["guide_ema"] is not None and ref["guide_ema"].keys() == ref["guide"].keys()
+    assert any(not torch.equal(ref["guide_ema"][k], v) for k, v in ref["guide"].items() if v.is_floating_point())
+
+    interrupted = tiny_config(tmp_path / "resumed", 4)
+    interrupted.train.ema_decay = 0.5
+    _run(interrupted, tmp_path, stop_at=3)
+    _run(interrupted, tmp_path, resume=True)
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["guide_ema"]
+    assert all(torch.allclose(resumed[k], v, atol=1e-6) for k, v in ref["guide_ema"].items())
