@@ -4,7 +4,9 @@
 ``breathing_phantom`` 48³ seed 1, 75 landmarks; ``synthetic-dce``: ``dce_phantom`` 48×48×32 seed 2, 30
 landmarks; K = 4, fixed timepoint 0) under setting variants on top of a base (``--base``, e.g.
 ``model.jitter=false register.map_mean=false`` for the package defaults before 2026-12-02): mean / median / p95 landmark error
-(mm, the pairs (0, k)), seconds, folding.
+(mm, the pairs (0, k)), seconds, folding. ``--set gap`` (the default): the accuracy probes of the
+phantom gap; ``--set speed``: per-case speed knobs (fewer coarse or full-resolution steps, fewer guard
+particles, a deeper pyramid, a subsampled likelihood, the integration grid, the template reduction).
 
 ``finetune``: a trained network's held-out groups (as ``learning_curve.py``: ``--heldout`` phantoms of
 the config's training kind from ``--heldout-seed``, group j fixed at timepoint j mod K), fine-tuned under
@@ -21,6 +23,7 @@ K = 4) and, where nilearn is installed, ``mni152-3.5mm`` (seed 1).
 Each writes ``<out>/probes-<command>.json`` and prints one JSON line per row.
 
     python benchmarks/probes.py per-case --out benchmarks/results/probes-phantom-gap --base model.jitter=false register.map_mean=false
+    python benchmarks/probes.py per-case --set speed --out benchmarks/results/probes-2026-12-02-speed
     python benchmarks/probes.py finetune --config configs/cpu_small_moving_defaults.yaml --checkpoint runs/lcd/train/last.pt --out OUT
     python benchmarks/probes.py step-cost --out OUT
 """
@@ -60,6 +63,20 @@ PER_CASE_VARIANTS = {
     "MI instead of NMI": ["model.likelihood=mi"],
     "template reduction": ["model.reduction=template"],
 }
+# Per-case speed and accuracy knobs on the package defaults (issue 13, 2026-12-02 16:00 UTC, README): can
+# fewer or cheaper steps close the time gap to ANTs on the phantoms without losing accuracy? (--set speed)
+PER_CASE_SPEED_VARIANTS = {
+    "defaults": [],
+    "75 coarse steps": ["register.coarse_steps=75"],
+    "30 full-resolution steps": ["register.steps=30"],
+    "2 guard particles": ["register.guard_particles=2"],
+    "pyramid 4-2-1": ["register.pyramid=[4, 2, 1]"],
+    "65536 likelihood voxels": ["register.likelihood_voxels=65536"],
+    "integration on a 2x coarser grid": ["model.integration_downsize=2"],
+    "integration on the full grid": ["model.integration_downsize=1"],
+    "template reduction": ["model.reduction=template"],
+}
+PER_CASE_SETS = {"gap": PER_CASE_VARIANTS, "speed": PER_CASE_SPEED_VARIANTS}
 ADAM = "register.finetune_optimizer=adam"  # fine-tuning's optimiser before 2026-12-02 (SGD since): rows measured with it pin it
 # The fine-tuning step sweep of 2026-12-02 00:55-01:05 UTC (README, "Amortised training on a CPU"): (variant, steps).
 FINETUNE_VARIANTS = {
@@ -121,15 +138,16 @@ def phantoms() -> dict:
 def per_case(args) -> list:
     rows = []
     base = with_settings(Config().with_timepoints(4), args.base)
-    names = args.variants or list(PER_CASE_VARIANTS)
+    variants = PER_CASE_SETS[args.set]
+    names = args.variants or list(variants)
     for series, g in phantoms().items():
         for name in names:
-            cfg = with_settings(base, PER_CASE_VARIANTS[name])
+            cfg = with_settings(base, variants[name])
             clock = time.perf_counter()
             res = register(g.images, cfg, seed=0)
             seconds = time.perf_counter() - clock
             c = landmark_columns(g.landmarks, res.displacement, res.inverse_displacement, g.spacing)
-            rows.append(_say({"series": series, "variant": name, "settings": args.base + PER_CASE_VARIANTS[name],
+            rows.append(_say({"series": series, "variant": name, "settings": args.base + variants[name],
                               "identity_mm": c["landmark_mm_before"], "mean_mm": c["landmark_mm_after"], "median_mm": c["landmark_median_after"],
                               "p95_mm": c["landmark_p95_after"], "seconds": seconds,
                               "folding_percent": res.summary["folding_percent_all"], "nmi": res.summary["nmi_after"]}))
@@ -221,7 +239,9 @@ def main(argv=None) -> list:
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("per-case", help="per-case registration of the two phantoms under setting variants")
     a.add_argument("--base", nargs="*", default=[], help="settings under every variant, e.g. model.jitter=false")
-    a.add_argument("--variants", nargs="*", choices=list(PER_CASE_VARIANTS), help="a subset (default: all)")
+    a.add_argument("--set", choices=list(PER_CASE_SETS), default="gap", help="gap: the phantom-gap probes (accuracy); "
+                   "speed: per-case speed knobs on the defaults")
+    a.add_argument("--variants", nargs="*", help="a subset of the set's variants (default: all)")
     b = sub.add_parser("finetune", help="fine-tuning variants on a trained network's held-out groups")
     b.add_argument("--config", required=True)
     b.add_argument("--checkpoint", required=True)
@@ -239,6 +259,9 @@ def main(argv=None) -> list:
     try:  # bad settings or inputs: one line and exit 2, before any work
         if args.command == "per-case":
             with_settings(Config(), args.base)
+            unknown = sorted(set(args.variants or ()) - set(PER_CASE_SETS[args.set]))
+            if unknown:
+                raise InputError(f"--variants: {unknown} not in --set {args.set}: expected some of {list(PER_CASE_SETS[args.set])}")
         elif args.command == "finetune":
             for path in (args.config, args.checkpoint):
                 if not Path(path).is_file():
@@ -251,7 +274,8 @@ def main(argv=None) -> list:
     rows = {"per-case": per_case, "finetune": finetune, "step-cost": step_cost}[args.command](args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"probes-{args.command}{'-' + args.set if args.command == 'finetune' else ''}.json",
+    named = args.command == "finetune" or (args.command == "per-case" and args.set != "gap")
+    write_json(out / f"probes-{args.command}{'-' + args.set if named else ''}.json",
                {"command": " ".join(sys.argv), "threads": args.threads, "rows": rows})
     return rows
 

@@ -116,6 +116,10 @@ def test_probes_apply_their_settings_and_report_each_row(tmp_path, monkeypatch, 
     for bad, message in ((["per-case", "--base", "steps=7"], "expected section.key=value (e.g. register.steps=240), got 'steps=7'"),
                          (["per-case", "--base", "model.jitter=maybe"], "model.jitter: expected true or false, got 'maybe' (str)"),
                          (["finetune", "--config", str(tmp_path / "none.yaml"), "--checkpoint", "x.pt"], f"no such file: {tmp_path / 'none.yaml'}"),
+                         (["per-case", "--set", "speed", "--variants", "64 bins"],
+                          "--variants: ['64 bins'] not in --set speed: expected some of ['defaults', '75 coarse steps', "
+                          "'30 full-resolution steps', '2 guard particles', 'pyramid 4-2-1', '65536 likelihood voxels', "
+                          "'integration on a 2x coarser grid', 'integration on the full grid', 'template reduction']"),
                          (["step-cost", "--steps", "0"], "--steps and --repeats: expected integers >= 1, got 0 and 2")):
         with pytest.raises(SystemExit) as exc:
             probes.main(bad + ["--out", str(tmp_path / "bad")])
@@ -129,6 +133,9 @@ def test_probes_apply_their_settings_and_report_each_row(tmp_path, monkeypatch, 
     assert all(0 < r["mean_mm"] < 0.7 * r["identity_mm"] for r in rows), rows
     saved = json.loads((tmp_path / "probes-per-case.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows, default=float))
+    speed = probes.main(["per-case", "--set", "speed", "--out", str(tmp_path), "--variants", "2 guard particles",
+                         "--base", "register.steps=20", "register.coarse_steps=40", "register.lr=0.3"])
+    assert speed[0]["settings"][-1] == "register.guard_particles=2" and (tmp_path / "probes-per-case-speed.json").is_file()
     monkeypatch.setattr(probes, "phantoms", lambda: {"synthetic-4dct": small})
     monkeypatch.setattr("groupmorph_pyro.data.load_mni152", lambda spacing: (_ for _ in ()).throw(ImportError("no nilearn")))
     cost = probes.main(["step-cost", "--out", str(tmp_path), "--steps", "1", "--repeats", "1"])
