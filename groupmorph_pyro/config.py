@@ -168,7 +168,7 @@ class RegisterConfig(_Section):
     schedule: str = "cosine"  # learning-rate schedule over each level's steps: "constant" or "cosine" (to 0)
     average: float = 0.3  # average the guide's parameters over this final fraction of each level's steps (0 = off)
     pyramid: list[int] = field(default_factory=lambda: [2, 1])  # per-case from zero: shrink factors, coarse to fine, ending in 1
-    coarse_steps: int = 150  # SVI steps at each coarse pyramid level (the full-resolution level runs `steps`)
+    coarse_steps: int = 75  # SVI steps at each coarse pyramid level (the full-resolution level runs `steps`; 150 before 2026-12-02)
     init_scale: float = 0.05  # initial posterior sd (voxels) when starting from zero
     likelihood_voxels: int = 0  # SVI steps estimate NMI/MI/SSD on this many random voxels per step (0 = all)
     guard_particles: int = 4  # particles of the ELBO estimates that decide whether a fit is kept
