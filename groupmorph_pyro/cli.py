@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "per-case SVI). Without: per-case SVI from zero, coarse to fine: register.coarse_steps (75) steps at "
                     "half resolution, then register.steps (60; --finetune-steps overrides) at full resolution "
                     "(Adam, cosine from register.lr = 1.0, parameters averaged over the last 30 %), then "
-                    "register.scale_steps (5) steps on the posterior sd alone. Outputs: warped images, world-mm "
+                    "the posterior sd is set to the prior's mean-field optimum (register.scale_steps, 0 by default, adds "
+                    "steps on it alone). Outputs: warped images, world-mm "
                     "displacements, det J and summary.json in --out.")
     r.add_argument("images", nargs="*", help="K 3D images (NIfTI), one per timepoint, in order")
     r.add_argument("--manifest", help="register every series of --split instead (resumable: finished series are skipped)")

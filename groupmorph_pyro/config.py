@@ -159,7 +159,7 @@ class RegisterConfig(_Section):
     finetune_optimizer: str = "sgd"  # that refinement's optimiser of the whitened mean: "sgd" (Nesterov momentum 0.9; needs finetune_map_mean) or "adam" (before 2026-12-02)
     scale_lr: float | None = None  # Adam step on log σ (peak of the schedule); null = lr
     scale_reset: bool = True  # after the mean's fit, set σ to the prior's mean-field optimum 1/sqrt(diag Λ)
-    scale_steps: int = 5  # then this many steps on log σ alone (mean fixed), at scale_phase_lr (0 = none)
+    scale_steps: int = 0  # then this many steps on log σ alone (mean fixed), at scale_phase_lr (0 = none; 5 before 2026-12-02: after the reset the guard rejected them on every Table 1 group)
     scale_phase_lr: float = 0.1  # Adam step on log σ in those steps (constant)
     map_mean: bool = True  # per-case from zero: fit the mean as a point estimate (MAP, a Delta guide) before the σ phase (false: mean and σ by SVI together, before 2026-12-02)
     finetune_map_mean: bool = True  # fine-tuning a network's posterior: the mean as a point estimate too, σ stays the network's unless finetune_scale_phase (false: SVI on both, before 2026-12-02)
