@@ -27,6 +27,7 @@ from .group import GroupTransform
 from .likelihoods import group_nmi, subsample_likelihood
 from .metrics import folding_percent, landmark_report
 from .model import CaseGuide, GroupMorphGuide, GroupMorphModel, build_model, serve_guide
+from .optim import Adam, NesterovSGD
 from .priors import DCTGaussianField
 from .posterior import landmark_posterior, sample_posterior, to_inference_data, uncertainty_maps
 from .preprocess import normalize_group, sliding_window
@@ -150,9 +151,9 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     scale_lr = settings.lr if settings.scale_lr is None else settings.scale_lr
     groups = [{"params": [guide.whitened], "lr": settings.lr}] if fit_mean else []
     if optimizer == "sgd":  # point=True: the mean is the only parameter
-        optim = torch.optim.SGD(groups, lr=settings.lr, momentum=SGD_MOMENTUM, nesterov=True)
+        optim = NesterovSGD(groups, momentum=SGD_MOMENTUM)
     else:
-        optim = torch.optim.Adam(groups + ([] if point else [{"params": [guide.log_scale], "lr": scale_lr}]))
+        optim = Adam(groups + ([] if point else [{"params": [guide.log_scale], "lr": scale_lr}]))
     peaks = [group["lr"] for group in optim.param_groups]
     cosine = settings.schedule == "cosine"
     average_from = int(steps) - int(round(settings.average * int(steps))) if settings.average else None
