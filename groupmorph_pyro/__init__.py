@@ -10,7 +10,7 @@ Layers, lowest first; a module imports only modules of lower layers (lazy import
    nibabel user), ``plots`` (the only matplotlib user)
 3. building blocks: ``group`` (GroupTransform: latents -> maps, inverse maps, det J, warped group),
    ``priors``, ``likelihoods``, ``networks``, ``metrics``, ``synthetic`` (phantoms), ``data``
-   (DIR-Lab, DICOM, manifests)
+   (DIR-Lab, DICOM, manifests), ``optim`` (the per-case fits' Adam and Nesterov SGD)
 4. model: ``model`` (Pyro model and guides), ``posterior`` (sampling, uncertainty, arviz),
    ``config``, ``outputs`` (what ``register`` writes), ``prepare`` (data sets -> NIfTI + manifest)
 5. inference: ``registration`` (prepare -> infer -> refine -> summarise -> sample), ``train``
@@ -36,7 +36,7 @@ def apply_registration(registration, source, target, **kwargs):
 LAYERS = (
     ("checks", "files", "results"),
     ("spatial", "preprocess", "volumes", "plots"),
-    ("group", "priors", "likelihoods", "networks", "metrics", "synthetic", "data"),
+    ("group", "priors", "likelihoods", "networks", "metrics", "synthetic", "data", "optim"),
     ("model", "posterior", "config", "outputs", "prepare"),
     ("registration", "train"),
     ("baselines", "batch", "transfer"),

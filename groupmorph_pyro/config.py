@@ -171,7 +171,7 @@ class RegisterConfig(_Section):
     coarse_steps: int = 75  # SVI steps at each coarse pyramid level (the full-resolution level runs `steps`; 150 before 2026-12-02)
     init_scale: float = 0.05  # initial posterior sd (voxels) when starting from zero
     likelihood_voxels: int = 0  # SVI steps estimate NMI/MI/SSD on this many random voxels per step (0 = all)
-    guard_particles: int = 4  # particles of the ELBO estimates that decide whether a fit is kept
+    guard_particles: int = 2  # particles of the ELBO estimates that decide whether a fit is kept (4 before 2026-12-02, 8 before 2026-12-01 19:45 UTC)
     window: list[int] = field(default_factory=list)  # amortised pass on tiles of this size (d, h, w); [] = whole volume
     overlap: float = 0.25  # tile overlap fraction for `window`
 

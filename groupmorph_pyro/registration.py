@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -26,7 +27,7 @@ from .config import FINETUNE_LR, Config, RegisterConfig
 from .group import GroupTransform
 from .likelihoods import group_nmi, subsample_likelihood
 from .metrics import folding_percent, landmark_report
-from .model import CaseGuide, GroupMorphGuide, GroupMorphModel, build_model, serve_guide
+from .model import CaseGuide, GroupMorphGuide, GroupMorphModel, build_model, has_map_loss, map_loss, serve_guide
 from .optim import Adam, NesterovSGD
 from .priors import DCTGaussianField
 from .posterior import landmark_posterior, sample_posterior, to_inference_data, uncertainty_maps
@@ -148,6 +149,9 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     step_likelihood = subsample_likelihood(model.likelihood, settings.likelihood_voxels)  # the SVI steps' (random voxels)
     step_model = model if step_likelihood is model.likelihood else model.with_likelihood(step_likelihood)
     loss_fn = (TraceMeanField_ELBO() if elbo == "meanfield" else Trace_ELBO()).differentiable_loss
+    if has_map_loss(step_model, guide):  # the same loss without Pyro's tracing (MAP steps: a point-estimate mean)
+        prior = step_model.prior_distribution(loc.shape[3:], loc.device)
+        loss_fn = functools.partial(map_loss, prior=prior)
     scale_lr = settings.lr if settings.scale_lr is None else settings.scale_lr
     groups = [{"params": [guide.whitened], "lr": settings.lr}] if fit_mean else []
     if optimizer == "sgd":  # point=True: the mean is the only parameter

@@ -49,8 +49,10 @@ def test_paper_defaults():
     for path in (p for p in CONFIGS if p.name.startswith("cpu_small")):  # their per-case lines, as measured
         assert load_config(path).register.coarse_steps == 150, path.name
         assert load_config(path).register.scale_steps == 5, path.name
+        assert load_config(path).register.guard_particles == 4, path.name
     assert Config().register.coarse_steps == 75  # the default since 2026-12-02 (issue 13)
     assert Config().register.scale_steps == 0  # the default since 2026-12-02 (issue 13)
+    assert Config().register.guard_particles == 2  # likewise
     assert (cfg.train.lr, cfg.train.iterations, cfg.train.patch_size) == (1e-5, 100000, [96, 96, 96])
     assert load_config(next(p for p in CONFIGS if p.name == "dirlab_4dct.yaml")).train.lr == 1e-5
     for name in ("dirlab_4dct.yaml", "breast_mr.yaml"):  # the paper's Gaussian Parzen window, pinned

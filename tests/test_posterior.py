@@ -1,5 +1,6 @@
 """Posterior sampling: maps, sample behaviour, fine-tuning guard, InferenceData, CLI."""
 import json
+import math
 
 import arviz as az
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
+from groupmorph_pyro.checks import InputError
 from groupmorph_pyro.cli import main
 from groupmorph_pyro.config import Config
 from groupmorph_pyro.data import write_landmarks
@@ -201,7 +203,8 @@ def test_iterate_averaging_returns_the_mean_of_the_last_iterates_and_cosine_ends
     x = normalize_group(group.images)
     loc, scale = torch.zeros(1, 2, 3, *x.shape[2:]), torch.full((1, 2, 3, *x.shape[2:]), 0.05)
     seen, lrs = [], []
-    step = torch.optim.Adam.step
+    from groupmorph_pyro.optim import Adam
+    step = Adam.step
 
     def recording_step(self, *args, **kwargs):
         out = step(self, *args, **kwargs)
@@ -209,7 +212,7 @@ def test_iterate_averaging_returns_the_mean_of_the_last_iterates_and_cosine_ends
         lrs.append(self.param_groups[0]["lr"])
         return out
 
-    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    monkeypatch.setattr(Adam, "step", recording_step)
     settings = RegisterConfig(lr=0.05, patience=0, schedule="cosine", average=0.5)
     guide, info = fit_case(model, x, 0, loc, scale, settings, steps=6)
     assert info["kept"] == "refined" and len(seen) == 6
@@ -390,3 +393,91 @@ def test_bad_point_estimates_are_refused():
     with pytest.raises(ValueError, match="point=True fits the mean"):
         fit_case(GroupMorphModel(3), torch.rand(1, 3, *SHAPE), 0, loc, torch.ones_like(loc), steps=1,
                  fit_mean=False, point=True)
+
+
+def _point_guide(model, shape, k_lat, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    axes = torch.meshgrid(*[torch.linspace(0, 1, n) for n in shape], indexing="ij")
+    smooth = torch.stack([torch.sin(3 * axes[0] + c) * torch.cos(2 * axes[1]) + axes[2] for c in range(3)])
+    loc = 0.6 * smooth[None, None] + 0.05 * torch.randn(1, k_lat, 3, *shape, generator=gen)  # varies in space
+    return CaseGuide(loc, torch.full_like(loc, 0.1), model.prior_distribution(shape), point=True)
+
+
+@pytest.mark.parametrize("prior_name, options", [("laplacian", {"lambda_v": 0.002}), ("bending", {})])
+def test_map_loss_equals_trace_elbo_and_its_prior_term_the_dense_density(prior_name, options):
+    """The per-case MAP step's loss (model.map_loss, no Pyro tracing, prior read off the whitened mean)
+    against Pyro's Trace_ELBO on the same point guide and jitter draw; its prior term against a dense
+    float64 Gaussian (the Laplacian prior with λ_v = 0.002 puts the guide's spectrum floor to work)."""
+    from groupmorph_pyro.model import has_map_loss, map_loss
+    from groupmorph_pyro.priors import make_prior
+    shape = (5, 6, 4)
+    model = GroupMorphModel(3, prior=make_prior(prior_name, **options), jitter=True)
+    x = torch.rand(1, 3, *shape, generator=torch.Generator().manual_seed(1))
+    guide = _point_guide(model, shape, 2)
+    assert has_map_loss(model, guide)
+    torch.manual_seed(5)
+    ours = map_loss(model, guide, x, 0)
+    ours.backward()
+    grad = guide.whitened.grad.clone()
+    guide.whitened.grad = None
+    torch.manual_seed(5)
+    ref = Trace_ELBO().differentiable_loss(model, guide, x, 0)
+    ref.backward()
+    assert torch.allclose(ours, ref, rtol=1e-5)
+    assert torch.allclose(grad, guide.whitened.grad, rtol=1e-4, atol=1e-6 * grad.abs().max())
+    prior = model.prior_distribution(shape)
+    mu = guide.distribution().mean.detach().double().reshape(2, 3, -1)
+    if prior_name == "laplacian":
+        lam = dense_precision(shape, 1.0, 0.002)
+    else:  # bending: λ_v I + λ_b L² (its defaults)
+        lap = dense_precision(shape, 1.0, 0.0)
+        lam = prior.lambda_v * torch.eye(lap.shape[0], dtype=torch.float64) + prior.lambda_b * lap @ lap
+    n = lam.shape[0]
+    dense = (-0.5 * torch.einsum("lci,ij,lcj->l", mu, lam, mu)
+             + 3 * (0.5 * torch.logdet(lam) - 0.5 * n * math.log(2 * math.pi)))
+    assert torch.allclose(guide.point_log_prior(prior).double()[0], dense, rtol=1e-5)
+
+
+def test_map_loss_is_refused_where_it_would_differ():
+    from groupmorph_pyro.model import has_map_loss, map_loss
+
+    class Extra(GroupMorphModel):
+        def forward(self, images, fixed=None):
+            return super().forward(images, fixed)
+
+    shape = (5, 6, 4)
+    model = GroupMorphModel(2)
+    guide = _point_guide(model, shape, 1)
+    svi = CaseGuide(guide.distribution().mean.detach(), torch.full((1, 1, 3, *shape), 0.1), model.prior_distribution(shape))
+
+    class Custom(torch.distributions.Independent):  # a prior without a DCT spectrum
+        def __init__(self, spatial_shape, device=None):
+            base = torch.distributions.Normal(torch.zeros(3, *spatial_shape), torch.ones(3, *spatial_shape))
+            super().__init__(base, 4)
+
+    assert has_map_loss(model, guide) and not has_map_loss(model, svi)
+    assert not has_map_loss(Extra(2), guide) and not has_map_loss(GroupMorphModel(2, prior=Custom), guide)
+    with pytest.raises(InputError, match="point=True"):
+        map_loss(model, svi, torch.rand(1, 2, *shape))
+    with pytest.raises(InputError, match="does not fit"):
+        map_loss(model, guide, torch.rand(1, 2, 6, 6, 4))
+
+
+def test_fit_case_takes_its_map_steps_with_map_loss(monkeypatch):
+    import groupmorph_pyro.registration as registration
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return registration.map_loss.__wrapped__(*args, **kwargs)
+
+    counted.__wrapped__ = registration.map_loss
+    monkeypatch.setattr(registration, "map_loss", counted)
+    shape = (6, 6, 6)
+    model = GroupMorphModel(2)
+    x = torch.rand(1, 2, *shape, generator=torch.Generator().manual_seed(0))
+    loc = torch.zeros(1, 1, 3, *shape)
+    fit_case(model, x, 0, loc, torch.full_like(loc, 0.05), RegisterConfig(), steps=3, point=True)
+    assert len(calls) == 3
+    fit_case(model, x, 0, loc, torch.full_like(loc, 0.05), RegisterConfig(), steps=3)  # SVI on mean and σ: Pyro's
+    assert len(calls) == 3
