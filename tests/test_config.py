@@ -50,9 +50,11 @@ def test_paper_defaults():
         assert load_config(path).register.coarse_steps == 150, path.name
         assert load_config(path).register.scale_steps == 5, path.name
         assert load_config(path).register.guard_particles == 4, path.name
+        assert load_config(path).model.histogram in ("bspline", "gaussian"), path.name
     assert Config().register.coarse_steps == 75  # the default since 2026-12-02 (issue 13)
     assert Config().register.scale_steps == 0  # the default since 2026-12-02 (issue 13)
     assert Config().register.guard_particles == 2  # likewise
+    assert Config().model.histogram == "quadratic"  # likewise
     assert (cfg.train.lr, cfg.train.iterations, cfg.train.patch_size) == (1e-5, 100000, [96, 96, 96])
     assert load_config(next(p for p in CONFIGS if p.name == "dirlab_4dct.yaml")).train.lr == 1e-5
     for name in ("dirlab_4dct.yaml", "breast_mr.yaml"):  # the paper's Gaussian Parzen window, pinned
@@ -72,7 +74,7 @@ def test_paper_defaults():
         ({"model": {"mode": "pairwise"}}, r"model.mode: expected one of"),
         ({"train": {"elbo": "renyi"}}, r"train.elbo"),
         ({"model": {"lambda_v": 0}}, r"model.prior_options.lambda_v: expected a finite number > 0, got 0"),
-        ({"model": {"histogram": "box"}}, r"model.histogram: expected one of \('gaussian', 'bspline'\), got 'box'"),
+        ({"model": {"histogram": "box"}}, r"model.histogram: expected one of \('gaussian', 'bspline', 'quadratic'\), got 'box'"),
         ({"register": {"likelihood_voxels": -5}}, r"register.likelihood_voxels: expected an integer >= 0, got -5"),
         ({"register": {"likelihood_voxels": 0.5}}, r"register.likelihood_voxels: expected an integer, got 0.5"),
         ({"model": {"integration_downsize": 0}}, r"model.integration_downsize: expected an integer >= 1, got 0"),
@@ -109,7 +111,7 @@ def test_histogram_setting_reaches_the_likelihood():
     from groupmorph_pyro.model import build_likelihood
 
     cfg = Config()
-    assert build_likelihood(cfg.model).options["histogram"] == "bspline"  # the default since issue 13 (faster)
+    assert build_likelihood(cfg.model).options["histogram"] == "quadratic"  # the default since 2026-12-02 (issue 13; cubic "bspline" before)
     cfg.model.histogram = "gaussian"
     assert build_likelihood(cfg.model).options["histogram"] == "gaussian"
     cfg.model.histogram = "bspline"

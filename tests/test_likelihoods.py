@@ -169,7 +169,7 @@ def test_subsampling_leaves_what_it_cannot_estimate_alone():
         (lambda: nmi(torch.rand(1, 4, 4, 4), torch.rand(1, 4, 4, 5)), r"equal shape"),
         (lambda: nmi(torch.rand(1, 8), torch.rand(1, 8), bins=1), r"bins"),
         (lambda: GroupNMI(beta=-1.0), r"beta"),
-        (lambda: GroupNMI(histogram="box"), r"histogram: expected one of \('gaussian', 'bspline'\), got 'box'"),
+        (lambda: GroupNMI(histogram="box"), r"histogram: expected one of \('gaussian', 'bspline', 'quadratic'\), got 'box'"),
         (lambda: nmi(torch.rand(1, 8), torch.rand(1, 8), histogram="box"), r"histogram"),
         (lambda: nmi(torch.rand(1, 8), torch.rand(1, 8), bins=1, histogram="bspline"), r"bins"),
     ],

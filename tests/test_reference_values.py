@@ -52,14 +52,25 @@ def _cubic_bspline(t):
     return 0.0
 
 
-def _bspline_weights_np(x, bins):
-    """Dense cubic B-spline weights: bin c centred at (c + 1/2)/bins, mass beyond the edges folded in."""
+def _quadratic_bspline(t):
+    t = abs(t)
+    if t < 0.5:
+        return 0.75 - t**2
+    if t < 1.5:
+        return (1.5 - t) ** 2 / 2
+    return 0.0
+
+
+def _bspline_weights_np(x, bins, kernel="bspline"):
+    """Dense B-spline weights (cubic, or ``kernel="quadratic"``): bin c centred at (c + 1/2)/bins,
+    mass beyond the edges folded in; every bin within 3 of the position is visited."""
+    spline = _quadratic_bspline if kernel == "quadratic" else _cubic_bspline
     x = np.clip(np.asarray(x, dtype=np.float64).ravel(), 0, 1)
     w = np.zeros((x.size, bins))
     for i, v in enumerate(x):
         s = v * bins - 0.5
-        for c in range(int(math.floor(s)) - 1, int(math.floor(s)) + 3):
-            w[i, min(max(c, 0), bins - 1)] += _cubic_bspline(s - c)
+        for c in range(int(math.floor(s)) - 3, int(math.floor(s)) + 4):
+            w[i, min(max(c, 0), bins - 1)] += spline(s - c)
     return w
 
 
@@ -85,20 +96,23 @@ def test_gaussian_nmi_and_mi_equal_a_float64_loop_reference(bins, sigma_ratio):
     assert float(group_nmi(group, bins, sigma_ratio)) == pytest.approx(want_nmi, rel=1e-4)
 
 
+@pytest.mark.parametrize("kernel, order", [("bspline", 3), ("quadratic", 2)])
 @pytest.mark.parametrize("bins", [4, 8, 32])
-def test_bspline_weights_and_bins_equal_the_closed_form_spline(bins):
-    x = torch.tensor([0.0, 0.013, 0.2, 0.5, 0.51, 0.77, 0.999, 1.0], dtype=torch.float64)
-    index, weight = bspline_weights(x, bins)
+def test_bspline_weights_and_bins_equal_the_closed_form_spline(bins, kernel, order):
+    x = torch.tensor([0.0, 0.013, 0.2, 0.5, 0.51, 0.77, 0.999, 1.0, 0.5 / bins, 1.5 / bins], dtype=torch.float64)
+    index, weight = bspline_weights(x, bins, order=order)
+    assert index.shape == (x.numel(), order + 1)
     dense = torch.zeros(x.numel(), bins, dtype=torch.float64).scatter_add_(1, index, weight)
-    assert np.allclose(dense.numpy(), _bspline_weights_np(x.numpy(), bins), atol=1e-12)
+    assert np.allclose(dense.numpy(), _bspline_weights_np(x.numpy(), bins, kernel), atol=1e-12)
 
 
-def test_bspline_nmi_equals_a_float64_loop_reference():
+@pytest.mark.parametrize("kernel", ["bspline", "quadratic"])
+def test_bspline_nmi_equals_a_float64_loop_reference(kernel):
     a, b = _images(seed=1)
-    want, want_mi = _nmi_mi_np(_bspline_weights_np(a, 8), _bspline_weights_np(b, 8))
+    want, want_mi = _nmi_mi_np(_bspline_weights_np(a, 8, kernel), _bspline_weights_np(b, 8, kernel))
     ta, tb = (torch.from_numpy(v).float()[None] for v in (a, b))
-    assert float(nmi(ta, tb, 8, histogram="bspline")) == pytest.approx(want, rel=1e-4)
-    assert float(mutual_information(ta, tb, 8, histogram="bspline")) == pytest.approx(want_mi, rel=1e-4)
+    assert float(nmi(ta, tb, 8, histogram=kernel)) == pytest.approx(want, rel=1e-4)
+    assert float(mutual_information(ta, tb, 8, histogram=kernel)) == pytest.approx(want_mi, rel=1e-4)
 
 
 def test_known_histograms_give_closed_form_values():
@@ -264,8 +278,9 @@ def test_sliding_window_with_a_pointwise_function_equals_the_untiled_result(wind
         assert torch.allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel", ["bspline", "quadratic"])
 @pytest.mark.parametrize("chunk", [7, 1 << 18])
-def test_bspline_joint_histograms_of_a_batch_equal_the_loop_reference_edges_chunks_and_gradient(monkeypatch, chunk):
+def test_bspline_joint_histograms_of_a_batch_equal_the_loop_reference_edges_chunks_and_gradient(monkeypatch, chunk, kernel):
     """The lean kernel (padded 4×4 taps folded onto the edge bins, accumulated chunk by chunk) on
     B = 2 groups of K = 3 with intensities at and beyond 0 and 1 (1–99 % clipping puts many voxels
     there): every pair's joint histogram equals the float64 loop reference, and its gradient equals
@@ -278,11 +293,11 @@ def test_bspline_joint_histograms_of_a_batch_equal_the_loop_reference_edges_chun
     bins = 6
 
     def reference(v):  # (B, K, N) -> (B, pairs, bins, bins)
-        return np.stack([np.stack([_bspline_weights_np(g[i], bins).T @ _bspline_weights_np(g[j], bins) / g.shape[-1]
+        return np.stack([np.stack([_bspline_weights_np(g[i], bins, kernel).T @ _bspline_weights_np(g[j], bins, kernel) / g.shape[-1]
                                    for i, j in ((0, 1), (0, 2), (1, 2))]) for g in v])
 
     t = torch.from_numpy(x).reshape(2, 3, 2, 4, 5).requires_grad_(True)
-    joint = joint_histograms(t, bins, histogram="bspline")
+    joint = joint_histograms(t, bins, histogram=kernel)
     assert np.allclose(joint.detach().numpy(), reference(x), atol=1e-12)
     weights = rng.normal(size=joint.shape)
     (joint * torch.from_numpy(weights)).sum().backward()
