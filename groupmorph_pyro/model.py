@@ -460,9 +460,9 @@ def map_loss(model: GroupMorphModel, guide: CaseGuide, images: torch.Tensor, fix
              prior: DCTGaussianField | None = None) -> torch.Tensor:
     """``−log p(x, z = μ)`` of a point-estimate guide, summed over the batch: Trace_ELBO's loss for it
     (the Delta's log q is 0), computed without Pyro's tracing and with the prior term read off the
-    whitened mean (:meth:`CaseGuide.point_log_prior`) — the per-case MAP step's objective, about
-    25 ms of a 150 ms step cheaper at 48³, K = 4 (measured 2026-12-02). Needs what
-    :func:`has_map_loss` checks.
+    whitened mean (:meth:`CaseGuide.point_log_prior`) — the per-case MAP step's objective: a step at
+    48³, K = 4 took 110 instead of 136 ms (medians of 10, 2026-12-02). Needs what :func:`has_map_loss`
+    checks.
 
     Args:
         model: a GroupMorphModel; guide: a ``CaseGuide(point=True)``; images: ``(B, K, D, H, W)``;

@@ -164,7 +164,7 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     averaged, n_avg = None, 0
     n_vox = images.shape[1:].numel()
     losses, ema, best, wait = [], None, float("inf"), 0
-    bar = tqdm(range(int(steps)), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(range(int(steps)), desc=desc, disable=not progress or not steps, leave=False)  # no bar for 0 steps (the σ phase by default)
     diverged = False
     for step in bar:
         if cosine:

@@ -96,7 +96,7 @@ def test_calibration_runs_with_model_settings_and_records_them(tmp_path):
     paper = calibration.main(base + ["--model", "prior=laplacian", "histogram=gaussian", "--out", str(tmp_path / "c.json")])
     default = calibration.main(base)
     assert paper[0]["model"] == {"prior": "laplacian", "histogram": "gaussian"}
-    assert default[0]["model"] == {"prior": "bending", "histogram": "bspline"}
+    assert default[0]["model"] == {"prior": "bending", "histogram": "quadratic"}
     assert json.loads((tmp_path / "c.json").read_text())[0]["model"]["prior"] == "laplacian"
     for row in paper + default:
         assert 0 <= row["coverage90_all"] <= 1 and 0 <= row["coverage90_moving"] <= 1 and row["mean_sd_voxels"] > 0
