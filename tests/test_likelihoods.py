@@ -172,6 +172,8 @@ def test_subsampling_leaves_what_it_cannot_estimate_alone():
         (lambda: GroupNMI(histogram="box"), r"histogram: expected one of \('gaussian', 'bspline', 'quadratic'\), got 'box'"),
         (lambda: nmi(torch.rand(1, 8), torch.rand(1, 8), histogram="box"), r"histogram"),
         (lambda: nmi(torch.rand(1, 8), torch.rand(1, 8), bins=1, histogram="bspline"), r"bins"),
+        (lambda: nmi(torch.rand(1, 8), torch.rand(1, 8), bins=1, histogram="quadratic"), r"bins"),
+        (lambda: bspline_weights(torch.rand(8), 8, order=4), r"expected order 2 or 3, got 4"),
     ],
 )
 def test_bad_input(call, match):
