@@ -127,7 +127,7 @@ def bspline_weights(x: torch.Tensor, bins: int = 32, derivative: bool = False, o
         ``[0, bins)``, so mass beyond the edge bins folds into them) and weights summing to 1 per voxel.
     """
     bins = _check_bins(bins)
-    if order not in (2, 3):
+    if order not in _ORDERS.values():
         raise InputError(f"bspline_weights: expected order 2 or 3, got {order!r}")
     first, *weights = _bspline_taps(x, bins, derivative, order)
     index = (first[..., None] + torch.arange(order + 1, device=x.device)).clamp_(0, bins - 1)

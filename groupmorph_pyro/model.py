@@ -470,11 +470,11 @@ def map_loss(model: GroupMorphModel, guide: CaseGuide, images: torch.Tensor, fix
     Returns:
         a scalar tensor (nats).
     """
-    if not has_map_loss(model, guide):
-        raise InputError("map_loss: expected a GroupMorphModel (forward not overridden, no recorded sites), a "
-                         "CaseGuide(point=True) and a model prior with a DCT spectrum")
     _check_images(images, model.num_timepoints)
     prior = model.prior_distribution(tuple(images.shape[2:]), images.device) if prior is None else prior
+    if not has_map_loss(model, guide, prior):
+        raise InputError("map_loss: expected a GroupMorphModel (forward not overridden, no recorded sites), a "
+                         "CaseGuide(point=True) and a model prior with a DCT spectrum")
     z = guide.distribution().mean
     if images.shape[0] != z.shape[0] or images.shape[2:] != z.shape[3:]:
         raise InputError(f"map_loss: guide {tuple(z.shape)} does not fit images {tuple(images.shape)}")
@@ -482,14 +482,16 @@ def map_loss(model: GroupMorphModel, guide: CaseGuide, images: torch.Tensor, fix
     return -(guide.point_log_prior(prior).sum() + log_lik.sum())
 
 
-def has_map_loss(model, guide) -> bool:
+def has_map_loss(model, guide, prior=None) -> bool:
     """Whether :func:`map_loss` equals Trace_ELBO's loss for ``(model, guide)``: the package's model
     (its ``forward`` not overridden by a subclass, no deterministic sites recorded), a point-estimate
-    :class:`CaseGuide` and a prior with a DCT spectrum (what the guide whitens with)."""
+    :class:`CaseGuide` and a prior with a DCT spectrum (what the guide whitens with); ``prior``: the
+    model's prior on the guide's grid when the caller has it (built here when None)."""
     if not (isinstance(model, GroupMorphModel) and type(model).forward is GroupMorphModel.forward
             and not model.record_deterministic and isinstance(guide, CaseGuide) and guide.point):
         return False
-    return isinstance(model.prior_distribution(tuple(guide.whitened.shape[3:])), DCTGaussianField)
+    prior = model.prior_distribution(tuple(guide.whitened.shape[3:])) if prior is None else prior
+    return isinstance(prior, DCTGaussianField)
 
 
 def build_likelihood(cfg) -> GroupSimilarity:

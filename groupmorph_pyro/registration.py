@@ -142,15 +142,15 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     if optimizer == "sgd" and not point:
         raise InputError("fit_case: optimizer='sgd' fits a point-estimate mean; it needs point=True (got False)")
     clock = time.perf_counter()
-    guide = CaseGuide(loc, scale, model.prior_distribution(loc.shape[3:], loc.device), point=point)
+    prior = model.prior_distribution(loc.shape[3:], loc.device)  # also the steps' model's (with_likelihood keeps it)
+    guide = CaseGuide(loc, scale, prior, point=point)
     initial = copy.deepcopy(guide.state_dict())
     before = elbo_loss(model, guide, images, fixed, eval_particles)
     guard_seconds = time.perf_counter() - clock
     step_likelihood = subsample_likelihood(model.likelihood, settings.likelihood_voxels)  # the SVI steps' (random voxels)
     step_model = model if step_likelihood is model.likelihood else model.with_likelihood(step_likelihood)
     loss_fn = (TraceMeanField_ELBO() if elbo == "meanfield" else Trace_ELBO()).differentiable_loss
-    if has_map_loss(step_model, guide):  # the same loss without Pyro's tracing (MAP steps: a point-estimate mean)
-        prior = step_model.prior_distribution(loc.shape[3:], loc.device)
+    if has_map_loss(step_model, guide, prior):  # the same loss without Pyro's tracing (MAP steps: a point-estimate mean)
         loss_fn = functools.partial(map_loss, prior=prior)
     scale_lr = settings.lr if settings.scale_lr is None else settings.scale_lr
     groups = [{"params": [guide.whitened], "lr": settings.lr}] if fit_mean else []

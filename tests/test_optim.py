@@ -70,9 +70,8 @@ def test_bad_optimizer_arguments_are_rejected(make, message):
 def test_a_per_case_fit_does_not_import_torch_dynamo():
     """The reason for these optimisers: torch.optim's first use imports torch._dynamo (seconds)."""
     code = ("import sys, torch\n"
-            "from groupmorph_pyro.config import RegisterConfig\n"
+            "from groupmorph_pyro.config import ModelConfig, RegisterConfig\n"
             "from groupmorph_pyro.model import build_model\n"
-            "from groupmorph_pyro.config import ModelConfig\n"
             "from groupmorph_pyro.registration import fit_case\n"
             "model = build_model(ModelConfig(num_timepoints=2))\n"
             "x = torch.rand(1, 2, 12, 12, 12)\n"
