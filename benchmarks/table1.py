@@ -186,32 +186,38 @@ def main(argv=None) -> list:
     for name, images, spacing, landmarks in datasets(args):
         cfg = Config()
         cfg.model.num_timepoints = images.shape[0]
+        voxel_prior = copy.deepcopy(cfg)  # the defaults before the prior's weights per mm (2026-12-02): in voxels
+        voxel_prior.model.prior_units, voxel_prior.model.prior_options = "voxel", {"lambda_b": 1.0, "lambda_v": 0.01}
         joint = copy.deepcopy(cfg)  # the defaults before the MAP mean (2026-12-02, issue 13): mean and σ by SVI together
         joint.register.map_mean = False
+        joint.model.prior_units, joint.model.prior_options = "voxel", {"lambda_b": 1.0, "lambda_v": 0.01}
         lattice = copy.deepcopy(joint)  # the defaults before the jittered likelihood (2026-12-02)
         lattice.model.jitter = False
         before = copy.deepcopy(lattice)  # the defaults before integration_downsize and the correlated σ (2026-12-01, 19:00)
         before.model.integration_downsize, before.register.covariance = 1, "diagonal"
         previous = copy.deepcopy(before)  # today's engine with the model defaults before 2026-12-01
-        previous.model.prior, previous.model.histogram = "laplacian", "gaussian"
+        previous.model.prior, previous.model.prior_options, previous.model.histogram = "laplacian", {}, "gaussian"
         legacy = copy.deepcopy(previous)  # the per-case engine before 2026-11-25 (as benchmarks/calibration.py --engine legacy)
         for key, value in LEGACY_ENGINE.items():
             setattr(legacy.register, key, value)
+        affine = np.diag([*spacing, 1.0])  # the voxel size, as the peers get it (the prior's weights are per mm)
         methods = {
             "identity": lambda: identity(images),
             "elastix (B-spline, NMI)": lambda: elastix_all_to_one(images, spacing, 0, elx),
             "elastix group-wise": lambda: elastix_groupwise(images, spacing, elx),
             "ants (affine + SyN, Mattes MI)": lambda: ants_all_to_one(images, spacing, 0, ants_settings),
             "voxelmorph-diff (K=2, per-case)": lambda: pairwise_groupmorph(images, cfg, 0, steps),
-            "groupmorph-diff all-to-one (per-case)": lambda: register(images, cfg, finetune_steps=steps),
-            "groupmorph-diff all-to-one (per-case, mean and σ by SVI together)": lambda: register(images, joint, finetune_steps=steps),
+            "groupmorph-diff all-to-one (per-case)": lambda: register(images, cfg, finetune_steps=steps, affine=affine),
+            "groupmorph-diff all-to-one (per-case, prior per voxel: λ_b 1, λ_v 0.01)":
+                lambda: register(images, voxel_prior, finetune_steps=steps, affine=affine),
+            "groupmorph-diff all-to-one (per-case, mean and σ by SVI together)": lambda: register(images, joint, finetune_steps=steps, affine=affine),
             "groupmorph-diff all-to-one (per-case, likelihood on the lattice: no jitter)":
-                lambda: register(images, lattice, finetune_steps=steps),
+                lambda: register(images, lattice, finetune_steps=steps, affine=affine),
             "groupmorph-diff all-to-one (per-case, before: full-grid integration, diagonal σ)":
-                lambda: register(images, before, finetune_steps=steps),
+                lambda: register(images, before, finetune_steps=steps, affine=affine),
             "groupmorph-diff all-to-one (per-case, Laplacian prior + Gaussian histogram)":
-                lambda: register(images, previous, finetune_steps=steps),
-            "groupmorph-diff all-to-one (per-case, legacy engine)": lambda: register(images, legacy, finetune_steps=steps),
+                lambda: register(images, previous, finetune_steps=steps, affine=affine),
+            "groupmorph-diff all-to-one (per-case, legacy engine)": lambda: register(images, legacy, finetune_steps=steps, affine=affine),
         }
         if args.checkpoint:
             from groupmorph_pyro.train import load_checkpoint

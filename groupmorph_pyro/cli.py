@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "register", help="register one group of K images, or every series of a manifest", formatter_class=fmt,
         description="Register one group. With --checkpoint: one amortised network pass (plus --finetune-steps of "
-                    "per-case SVI). Without: per-case SVI from zero, coarse to fine: register.coarse_steps (75) steps at "
+                    "per-case SVI). Without: per-case SVI from zero, coarse to fine: register.coarse_steps (50) steps at "
                     "half resolution, then register.steps (60; --finetune-steps overrides) at full resolution "
                     "(Adam, cosine from register.lr = 1.0, parameters averaged over the last 30 %), then "
                     "the posterior sd is set to the prior's mean-field optimum (register.scale_steps, 0 by default, adds "

@@ -16,9 +16,11 @@ from .checks import InputError, check_fraction, check_integer, check_positive
 from .group import MODES
 from .likelihoods import HISTOGRAMS, REDUCTIONS, SIMILARITIES
 from .networks import check_compile, check_precision
-from .priors import PRIORS, make_prior
+from .priors import PRIORS, SPACING_EXPONENTS, make_prior
 
-__all__ = ["ModelConfig", "TrainConfig", "DataConfig", "RegisterConfig", "RuntimeConfig", "Config", "load_config"]
+PRIOR_UNITS = ("mm", "voxel")  # model.prior_units
+
+__all__ = ["PRIOR_UNITS", "ModelConfig", "TrainConfig", "DataConfig", "RegisterConfig", "RuntimeConfig", "Config", "load_config"]
 
 
 class _Section:
@@ -42,7 +44,8 @@ class ModelConfig(_Section):
     integration_downsize: int = 3  # the squarings run on a grid this many times coarser (1 = full grid, the paper's)
     jitter: bool = True  # the likelihood reads the group on the lattice shifted by a random sub-voxel offset per step (false = the paper's; since 2026-12-02)
     prior: str = "bending"  # "bending" (λ_v I + λ_b L², default), "laplacian" (λ_v I + λ_u L, the paper's), "diagonal" (λ_v I)
-    prior_options: dict = field(default_factory=dict)  # the prior's weights, e.g. {lambda_u: 1.0, lambda_v: 0.01}
+    prior_options: dict = field(default_factory=dict)  # the prior's weights, e.g. {lambda_b: 6.0, lambda_v: 0.001}
+    prior_units: str = "mm"  # "mm": prior_options are per mm and scale with the group's voxel size (priors.voxel_prior_options); "voxel": as given (before 2026-12-02)
     likelihood: str = "nmi"  # "nmi", "mi", "lncc", "ssd" (see likelihoods.SIMILARITIES)
     reduction: str = "pairs"  # "pairs" (mean over i≠j, paper) or "template" (each vs the mean image)
     likelihood_options: dict = field(default_factory=dict)  # e.g. {window: 9} for lncc, {sigma: 0.1} for ssd
@@ -66,6 +69,11 @@ class ModelConfig(_Section):
         _check_switch("model.jitter", self.jitter)
         if self.prior not in PRIORS:
             raise InputError(f"model.prior: expected one of {list(PRIORS)}, got {self.prior!r}")
+        if self.prior_units not in PRIOR_UNITS:
+            raise InputError(f"model.prior_units: expected one of {list(PRIOR_UNITS)}, got {self.prior_units!r}")
+        if self.prior_units == "mm" and self.prior not in SPACING_EXPONENTS:
+            raise InputError(f"model.prior_units: 'mm' needs a prior of {sorted(SPACING_EXPONENTS)} (its weights' "
+                             f"spacing exponents), got prior {self.prior!r}; set model.prior_units: voxel")
         try:
             make_prior(self.prior, **PRIORS.check_options(self.prior, self.prior_options, "model.prior_options"))
         except InputError as exc:
@@ -168,7 +176,7 @@ class RegisterConfig(_Section):
     schedule: str = "cosine"  # learning-rate schedule over each level's steps: "constant" or "cosine" (to 0)
     average: float = 0.3  # average the guide's parameters over this final fraction of each level's steps (0 = off)
     pyramid: list[int] = field(default_factory=lambda: [2, 1])  # per-case from zero: shrink factors, coarse to fine, ending in 1
-    coarse_steps: int = 75  # SVI steps at each coarse pyramid level (the full-resolution level runs `steps`; 150 before 2026-12-02)
+    coarse_steps: int = 50  # SVI steps at each coarse pyramid level (the full-resolution level runs `steps`; 150 before 2026-12-02, then 75 until the prior per mm)
     init_scale: float = 0.05  # initial posterior sd (voxels) when starting from zero
     likelihood_voxels: int = 0  # SVI steps estimate NMI/MI/SSD on this many random voxels per step (0 = all)
     guard_particles: int = 2  # particles of the ELBO estimates that decide whether a fit is kept (4 before 2026-12-02, 8 before 2026-12-01 19:45 UTC)
@@ -360,6 +368,25 @@ def _migrate_prior_weights(model: dict, source: str) -> dict:
     model["prior"] = name  # such files predate the bending default: their prior was the Laplacian
     model.setdefault("integration_downsize", 1)  # and integration on the full grid
     model.setdefault("jitter", False)  # and the likelihood on the lattice
+    model.setdefault("prior_units", "voxel")  # and the prior's weights in voxel units
+    return model
+
+
+VOXEL_PRIOR_DEFAULTS = {"bending": {"lambda_b": 1.0, "lambda_v": 0.01}}
+"""The built-in priors' default weights before ``model.prior_units`` (2026-12-02), in voxel units."""
+
+
+def migrate_voxel_prior(model: dict) -> dict:
+    """A checkpoint's model section written before ``model.prior_units`` (2026-12-02): its prior's
+    weights were in voxel units and, where not given, the defaults then (:data:`VOXEL_PRIOR_DEFAULTS`),
+    so it rebuilds as trained. Sections that have ``prior_units``, or the legacy weight keys
+    (:func:`_migrate_prior_weights` handles those), are returned unchanged."""
+    model = dict(model or {})
+    if "prior_units" in model or any(k in model for k in _LEGACY_PRIOR_KEYS):
+        return model
+    defaults = VOXEL_PRIOR_DEFAULTS.get(model.get("prior", ModelConfig.prior), {})
+    model["prior_options"] = {**defaults, **(model.get("prior_options") or {})}
+    model["prior_units"] = "voxel"
     return model
 
 

@@ -23,9 +23,9 @@ from .group import GroupTransform, check_mode, latent_indices, relative_to_fixed
 from .likelihoods import GroupNMI, GroupSimilarity, check_likelihood
 from .networks import UNet3D, check_compile, check_precision, network_autocast
 from .preprocess import crop_to_shape, pad_to_multiple
-from .priors import CorrelatedNormal, DCTGaussianField, LaplacianNormal, dct3, idct3, make_prior
+from .priors import CorrelatedNormal, DCTGaussianField, LaplacianNormal, dct3, idct3, make_prior, voxel_prior_options
 
-__all__ = ["LocalParamsModule", "GroupMorphModel", "GroupMorphGuide", "FixedFrameGuide", "serve_guide", "CaseGuide", "build_model", "build_guide",
+__all__ = ["LocalParamsModule", "GroupMorphModel", "GroupMorphGuide", "FixedFrameGuide", "serve_guide", "CaseGuide", "build_model", "prior_options_for", "build_guide",
            "build_likelihood", "map_loss", "has_map_loss"]
 
 
@@ -505,11 +505,25 @@ def build_likelihood(cfg) -> GroupSimilarity:
     return GroupSimilarity(cfg.likelihood, cfg.reduction, cfg.beta, **options)
 
 
-def build_model(cfg, likelihood: Callable | None = None, prior: Callable | None = None) -> GroupMorphModel:
-    """Model from a :class:`~groupmorph_pyro.config.ModelConfig`; ``likelihood``/``prior`` override it."""
+def prior_options_for(cfg, spacing=None) -> dict:
+    """The voxel-unit weights of the prior a :class:`~groupmorph_pyro.config.ModelConfig` names, for a
+    group with voxel size ``spacing`` (mm, 3 axes; None = 1 mm): ``cfg.prior_options`` as given with
+    ``prior_units: voxel``, scaled by :func:`~groupmorph_pyro.priors.voxel_prior_options` with ``mm``."""
+    if cfg.prior_units == "voxel":
+        return dict(cfg.prior_options)
+    return voxel_prior_options(cfg.prior, cfg.prior_options, (1.0, 1.0, 1.0) if spacing is None else spacing)
+
+
+def build_model(cfg, likelihood: Callable | None = None, prior: Callable | None = None,
+                spacing=None) -> GroupMorphModel:
+    """Model from a :class:`~groupmorph_pyro.config.ModelConfig`; ``likelihood``/``prior`` override it.
+
+    ``spacing``: the group's voxel size (mm, 3 axes; None = 1 mm), which sets the prior's voxel-unit
+    weights when ``cfg.prior_units`` is ``"mm"`` (:func:`prior_options_for`); a ``prior`` given here is
+    used as it is."""
     return GroupMorphModel(
         cfg.num_timepoints, cfg.mode, cfg.diffeomorphic, cfg.integration_steps,
-        prior=prior or make_prior(cfg.prior, **cfg.prior_options),
+        prior=prior or make_prior(cfg.prior, **prior_options_for(cfg, spacing)),
         likelihood=likelihood or build_likelihood(cfg), integration_downsize=cfg.integration_downsize,
         jitter=cfg.jitter,
     )

@@ -228,11 +228,13 @@ def prepare(images, config: Config | None = None, guide: GroupMorphGuide | None 
     if finetune_steps is not None and (int(finetune_steps) != finetune_steps or finetune_steps < 0):
         raise InputError(f"finetune_steps: expected an integer >= 0, got {finetune_steps!r}")
     steps = config.register.steps if finetune_steps is None and guide is None else int(finetune_steps or 0)
-    model = build_model(mcfg, likelihood=likelihood, prior=prior)
-    transform = model.transform(fixed, chunk="auto")  # validates fixed against the mode (all-to-one: default 0)
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise InputError(f"affine: expected a 4x4 voxel -> world matrix, got shape {affine.shape}")
+    if not np.isfinite(affine).all():
+        raise InputError("affine: expected finite entries, got NaN/inf")
+    model = build_model(mcfg, likelihood=likelihood, prior=prior, spacing=affine_spacing(affine))  # prior per mm
+    transform = model.transform(fixed, chunk="auto")  # validates fixed against the mode (all-to-one: default 0)
     if landmarks is not None:
         landmarks = np.asarray(landmarks, dtype=np.float64)
         if landmarks.ndim != 3 or landmarks.shape[0] != k or landmarks.shape[2] != 3:
@@ -572,7 +574,8 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
         landmarks: ``(K, L, 3)`` 0-based voxel coordinates: landmark distances in the summary
             (before/after fine-tuning) and, with ``samples``, the landmarks' posterior.
         affine: voxel -> world matrix (default identity: 1 mm voxels) giving the spacing for landmark
-            distances and uncertainty maps, and the frame of landmark posteriors.
+            distances and uncertainty maps, the frame of landmark posteriors and, with
+            ``model.prior_units: mm`` (the default), the prior's weights per voxel.
         seed: seeds Pyro's random streams (torch, numpy, random) for a reproducible result.
     Returns:
         :class:`RegistrationResult` (posterior-mean fields; posterior products when ``samples``).

@@ -34,7 +34,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 from .checks import InputError, resolve_device
-from .config import Config, RuntimeConfig
+from .config import Config, RuntimeConfig, migrate_voxel_prior
 from .data import entry_landmarks, split_entries
 from .files import atomic_write, atomic_write_text
 from .group import check_mode
@@ -261,6 +261,7 @@ def load_checkpoint(path, device="cpu") -> tuple[Config, GroupMorphGuide, dict]:
         saved = dict(state["config"])
         # options a checkpoint written before them (2026-12-01 / -02) was trained without: the full grid, the lattice
         saved["model"] = {"integration_downsize": 1, "jitter": False, **(saved.get("model") or {})}
+        saved["model"] = migrate_voxel_prior(saved["model"])  # and the prior's weights in voxels (-02)
         cfg = Config.from_dict(saved, source=str(path))
         cfg.runtime = RuntimeConfig()
         guide = build_guide(cfg.model)

@@ -102,7 +102,7 @@ def test_table1_benchmark_smoke(tmp_path):
     spec.loader.exec_module(module)
     trained = importlib.util.find_spec("voxelmorph") is not None
     rows = module.main(["--smoke", "--out", str(tmp_path)] + (["--train-iterations", "2"] if trained else []))
-    assert len(rows) == 2 * (14 if trained else 11)
+    assert len(rows) == 2 * (15 if trained else 12)
     if trained:  # the three trained rows, checkpoints written and reused (not retrained) on a rerun
         assert {"groupmorph-diff all-to-one (trained)", "voxelmorph-diff (K=2, trained)",
                 "voxelmorph package (VxmPairwise, trained)"} <= {r["method"] for r in rows}

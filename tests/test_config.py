@@ -51,10 +51,18 @@ def test_paper_defaults():
         assert load_config(path).register.scale_steps == 5, path.name
         assert load_config(path).register.guard_particles == 4, path.name
         assert load_config(path).model.histogram in ("bspline", "gaussian"), path.name
-    assert Config().register.coarse_steps == 75  # the default since 2026-12-02 (issue 13)
+    assert Config().register.coarse_steps == 50  # the default since 2026-12-02 (issue 13; 75 earlier that day)
     assert Config().register.scale_steps == 0  # the default since 2026-12-02 (issue 13)
     assert Config().register.guard_particles == 2  # likewise
     assert Config().model.histogram == "quadratic"  # likewise
+    assert Config().model.prior_units == "mm"  # the default since 2026-12-02 (issue 13), with these weights per mm
+    assert PRIORS.options("bending") == {"lambda_b": 6.0, "lambda_v": 0.001}  # (1 and 0.01 in voxels before)
+    for path in CONFIGS:  # every shipped config but the smoke test keeps the weights it was written / measured with
+        model = load_config(path).model
+        if path.name != "smoke.yaml":
+            assert model.prior_units == "voxel", path.name
+        if model.prior == "bending" and path.name != "smoke.yaml":
+            assert model.prior_options == {"lambda_b": 1.0, "lambda_v": 0.01}, path.name
     assert (cfg.train.lr, cfg.train.iterations, cfg.train.patch_size) == (1e-5, 100000, [96, 96, 96])
     assert load_config(next(p for p in CONFIGS if p.name == "dirlab_4dct.yaml")).train.lr == 1e-5
     for name in ("dirlab_4dct.yaml", "breast_mr.yaml"):  # the paper's Gaussian Parzen window, pinned

@@ -92,6 +92,14 @@ def test_a_checkpoint_from_before_integration_downsize_keeps_full_grid_integrati
     torch.save(state, tmp_path / "older.pt")
     cfg, _, _ = load_checkpoint(tmp_path / "older.pt")
     assert cfg.model.jitter is False and build_model(cfg.model).jitter is False
+    assert state["config"]["model"]["prior_units"] == "mm"  # written with the prior's weights per mm: kept
+    assert (cfg.model.prior_units, cfg.model.prior_options) == ("mm", {})
+    del state["config"]["model"]["prior_units"]  # written before (2026-12-02): voxel units, the defaults then
+    torch.save(state, tmp_path / "oldest.pt")
+    cfg, _, _ = load_checkpoint(tmp_path / "oldest.pt")
+    assert (cfg.model.prior_units, cfg.model.prior_options) == ("voxel", {"lambda_b": 1.0, "lambda_v": 0.01})
+    prior = build_model(cfg.model, spacing=(2.0, 2.0, 2.0)).prior((4, 4, 4))
+    assert (prior.lambda_b, prior.lambda_v) == (1.0, 0.01)
 
 
 def test_not_a_checkpoint(tmp_path):
