@@ -80,7 +80,7 @@ def main(argv=None) -> list:
             model.update(prior="laplacian", histogram="gaussian", integration_downsize=1, jitter=False)  # that engine's model
         cfg = Config.from_dict({"model": model, "register": register}, "--set")
         pyro.set_rng_seed(args.seed)
-        group = prepare(g.images, cfg, fixed=0)
+        group = prepare(g.images, cfg, fixed=0, affine=g.affine)  # the phantom's voxel size (the prior's weights are per mm)
         posterior, info = refine(group, infer(group))
         model, guide = group.model, posterior.guide
         draws = sample_posterior(model, guide, group.x, 0, args.samples)

@@ -85,10 +85,11 @@ def training_groups(name, args) -> list:
     return [torch.from_numpy(np.stack([percentile_normalize(a) for a in g])) for g in raw]
 
 
-def trained_rows(name, images, groups, args) -> dict:
+def trained_rows(name, images, groups, args, spacing=(1.0, 1.0, 1.0)) -> dict:
     """Train (or resume / reuse) the three amortised networks; returns {method: run()}.
 
     With a manifest every series shares one set of networks (trained on its ``train`` split).
+    ``spacing``: the series' voxel size (mm), taken for the training groups' too (the prior's weights are per mm).
     """
     from groupmorph_pyro.peers import VoxelMorphSettings, load_voxelmorph, train_voxelmorph, voxelmorph_all_to_one
     from groupmorph_pyro.train import CHECKPOINT_NAME, load_checkpoint, train
@@ -98,20 +99,20 @@ def trained_rows(name, images, groups, args) -> dict:
     patch = [min(args.patch, n) for n in shape]
     rows = {}
     pairs = [g[[i, j]] for g in groups for i in range(k) for j in range(i + 1, k)]
-    for label, folder, kk, lambda_v, data in (("groupmorph-diff all-to-one (trained)", "groupmorph", k, 0.01, groups),
-                                              ("voxelmorph-diff (K=2, trained)", "pairwise", 2, 1e-6, pairs)):
+    for label, folder, kk, data in (("groupmorph-diff all-to-one (trained)", "groupmorph", k, groups),
+                                    ("voxelmorph-diff (K=2, trained)", "pairwise", 2, pairs)):
         cfg = Config()
-        cfg.model.num_timepoints, cfg.model.prior_options = kk, {"lambda_v": lambda_v}
-        if kk == 2:  # VoxelMorph's diffusion regulariser (as baselines.pairwise_groupmorph)
-            cfg.model.prior = "laplacian"
+        cfg.model.num_timepoints = kk
+        if kk == 2:  # VoxelMorph's diffusion regulariser, per voxel (as baselines.pairwise_groupmorph)
+            cfg.model.prior, cfg.model.prior_options, cfg.model.prior_units = "laplacian", {"lambda_v": 1e-6}, "voxel"
         cfg.train.iterations, cfg.train.lr, cfg.train.patch_size = args.train_iterations, args.train_lr, patch
         cfg.train.checkpoint_every, cfg.train.device = 50, "cpu"
         cfg.train.output_dir = str(root / folder)
         ckpt = Path(cfg.train.output_dir) / CHECKPOINT_NAME
-        train(cfg, resume=ckpt.exists(), groups=data, progress=not args.smoke)
+        train(cfg, resume=ckpt.exists(), groups=data, progress=not args.smoke, spacing=spacing)
         ckpt_cfg, guide, _ = load_checkpoint(ckpt)
         if folder == "groupmorph":
-            rows[label] = lambda c=ckpt_cfg, g=guide: register(images, c, g)
+            rows[label] = lambda c=ckpt_cfg, g=guide: register(images, c, g, affine=np.diag([*spacing, 1.0]))
         else:
             rows[label] = lambda c=ckpt_cfg, g=guide: pairwise_groupmorph(images, c, 0, 0, guide=g)
     vxm_path = root / "voxelmorph.pt"
@@ -223,7 +224,7 @@ def main(argv=None) -> list:
             from groupmorph_pyro.train import load_checkpoint
 
             ckpt_cfg, guide, _ = load_checkpoint(args.checkpoint)
-            methods["groupmorph-diff all-to-one (amortised)"] = lambda: register(images, ckpt_cfg, guide)
+            methods["groupmorph-diff all-to-one (amortised)"] = lambda: register(images, ckpt_cfg, guide, affine=affine)
         if args.pairwise_checkpoint:
             from groupmorph_pyro.train import load_checkpoint
 
@@ -233,7 +234,7 @@ def main(argv=None) -> list:
             key = "manifest" if args.manifest else name
             if key not in train_sets:
                 train_sets[key] = training_groups(name, args)
-            methods.update(trained_rows(name, images, train_sets[key], args))
+            methods.update(trained_rows(name, images, train_sets[key], args, spacing))
         if args.methods:
             methods = {m: run for m, run in methods.items() if any(m.startswith(p) for p in args.methods)}
         figure = {}

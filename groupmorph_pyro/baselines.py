@@ -229,7 +229,8 @@ def pairwise_groupmorph(images, config: Config | None = None, fixed: int = 0, st
     """VoxelMorph(-diff) baseline: K = 2 all-to-one model applied to each pair (fixed, k).
 
     Without ``guide``: per-case SVI (``steps``) under the Laplacian prior (VoxelMorph's diffusion
-    regulariser; λ_u from ``config`` when its prior is the Laplacian, else 1) with λ_v = ``lambda_v``.
+    regulariser; λ_u from ``config`` when its prior is the Laplacian, else 1) with λ_v = ``lambda_v``,
+    both per voxel (``model.prior_units: voxel``, as VoxelMorph's).
     With ``guide``: a trained K = 2 network (train one with ``model.num_timepoints: 2``,
     ``model.prior: laplacian`` and ``model.prior_options: {lambda_v: 1e-6}``; pass its checkpoint's config),
     plus ``steps`` of fine-tuning if given. ``config.model.diffeomorphic`` selects VoxelMorph-diff
@@ -245,6 +246,7 @@ def pairwise_groupmorph(images, config: Config | None = None, fixed: int = 0, st
     if guide is None:  # VoxelMorph's diffusion regulariser: the Laplacian prior, whatever the package default
         lambda_u = cfg.model.prior_options.get("lambda_u", 1.0) if cfg.model.prior == "laplacian" else 1.0
         cfg.model.prior, cfg.model.prior_options = "laplacian", {"lambda_u": lambda_u, "lambda_v": lambda_v}
+        cfg.model.prior_units = "voxel"  # VoxelMorph's weights are per voxel, whatever the spacing
     cfg.model.num_timepoints, cfg.model.mode = 2, "all-to-one"
     cfg.register.covariance = "diagonal"  # VoxelMorph's posterior is a diagonal Normal
     disp = np.zeros((k, 3, *images.shape[1:]), np.float32)

@@ -45,7 +45,7 @@ from .preprocess import extract_patch, normalize_group, random_patch_corner
 from .synthetic import breathing_phantom
 from .volumes import affine_spacing, load_group
 
-__all__ = ["load_training_groups", "save_checkpoint", "load_checkpoint", "train", "train_or_load",
+__all__ = ["load_training_groups", "load_training_data", "save_checkpoint", "load_checkpoint", "train", "train_or_load",
            "init_distributed", "distributed_rank", "svi_loss", "ema_update", "CHECKPOINT_NAME", "HeldOutGroup",
            "validation_phantoms", "load_validation_groups", "validate_guide", "write_validation", "VALIDATION_COLUMNS"]
 
@@ -104,25 +104,41 @@ def _gather_rng(world: int) -> list:
 
 def load_training_groups(cfg: Config) -> list[torch.Tensor]:
     """Training groups as ``(K, D, H, W)`` float32 tensors in [0, 1] (1–99 percentile normalised)."""
+    return load_training_data(cfg)[0]
+
+
+def load_training_data(cfg: Config) -> tuple[list[torch.Tensor], tuple]:
+    """Training groups (as :func:`load_training_groups`) and their voxel size (mm, 3 axes), which sets
+    the prior's weights per voxel in training (``model.prior_units: mm``): the files' headers, the
+    phantoms' ``spacing``. With ``prior_units: mm`` the groups must share one voxel size (geometric means
+    within 1 %): training builds one prior."""
     k = cfg.model.num_timepoints
-    raw = []
+    raw, spacings = [], []
     paths_list = [list(p) for p in cfg.data.groups]
     if cfg.data.manifest:
         paths_list += [e.images for e in split_entries(cfg.data.manifest, cfg.data.split, k)]
     for paths in paths_list:
-        images, _, _ = load_group(paths)
+        images, affine, _ = load_group(paths)
         if images.shape[0] != k:
             raise InputError(f"data.groups: group {paths} has {images.shape[0]} images, model.num_timepoints is {k}")
         raw.append(images)
+        spacings.append(affine_spacing(affine))
     syn = dict(cfg.data.synthetic)
     if syn:
         n = int(syn.pop("num_groups", 4))
         seed = int(syn.pop("seed", 0))
         for i in range(n):
-            raw.append(breathing_phantom(num_timepoints=k, seed=seed + i, **syn).images)
+            g = breathing_phantom(num_timepoints=k, seed=seed + i, **syn)
+            raw.append(g.images)
+            spacings.append(tuple(g.spacing))
     if not raw:
         raise InputError("data: no training groups (set data.groups or data.synthetic)")
-    return [normalize_group(g, cfg.data.percentiles)[0] for g in raw]
+    means = [float(np.prod(sp)) ** (1.0 / 3.0) for sp in spacings]
+    if cfg.model.prior_units == "mm" and max(means) > 1.01 * min(means):
+        raise InputError(f"data: the training groups' voxel sizes differ ({min(means):.3g} to {max(means):.3g} mm, "
+                         "geometric means of the axes); with model.prior_units: mm training builds one prior: "
+                         "resample the groups to one voxel size, or set model.prior_units: voxel")
+    return [normalize_group(g, cfg.data.percentiles)[0] for g in raw], spacings[0]
 
 
 @dataclass
@@ -284,7 +300,7 @@ def svi_loss(elbo, model, guide, x: torch.Tensor, fixed) -> torch.Tensor:
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list | None = None,
-          stop_at: int | None = None, device=None) -> Path:
+          stop_at: int | None = None, device=None, spacing=None) -> Path:
     """Train the amortised guide by SVI on random patches; returns the checkpoint path.
 
     Each iteration draws ``batch_size`` groups, one random patch location per group (shared by its K
@@ -292,7 +308,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
     ``resume=True`` continues from ``<output_dir>/last.pt`` (its model config must match; the
     optimiser, learning-rate schedule and random streams continue exactly). ``stop_at`` ends this
     run after that iteration with a checkpoint (for time-sliced jobs); resume later to finish.
-    ``groups``: preloaded ``(K, D, H, W)`` tensors in [0, 1] instead of ``cfg.data``.
+    ``groups``: preloaded ``(K, D, H, W)`` tensors in [0, 1] instead of ``cfg.data``; ``spacing``: their
+    voxel size (mm, 3 axes; None = 1 mm), which sets the prior's weights per voxel with
+    ``model.prior_units: mm`` (from ``cfg.data``: the groups' own, :func:`load_training_data`).
     ``device``: overrides ``train.device`` (a distributed run passes :func:`init_distributed`'s).
     The loss is the negative ELBO per group (mean over the batch; across processes too).
     """
@@ -301,11 +319,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
     ckpt_path = out / CHECKPOINT_NAME
     device = torch.device(device) if device is not None else resolve_device(tcfg.device)
     rank, world = distributed_rank()
-    groups = groups if groups is not None else load_training_groups(cfg)
+    if groups is None:
+        groups, spacing = load_training_data(cfg)
     pyro.set_rng_seed(tcfg.seed + rank)
     gen = torch.Generator().manual_seed(tcfg.seed)  # same on every rank: all draw the same global batch
 
-    model = build_model(mcfg)
+    model = build_model(mcfg, spacing=spacing)  # the prior's weights per voxel at the training groups' voxel size
     guide = build_guide(mcfg).to(device)
     optim = torch.optim.Adam(guide.parameters(), lr=tcfg.lr, betas=tuple(tcfg.adam_betas))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=tcfg.iterations)

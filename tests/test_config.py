@@ -141,9 +141,10 @@ def test_pairwise_baseline_uses_its_tiny_lambda_v():
 
     seen = []
     real = baselines.register
-    baselines.register = lambda images, cfg, *a, **k: seen.append((cfg.model.prior, cfg.model.prior_options)) or real(images, cfg, *a, **k)
+    baselines.register = lambda images, cfg, *a, **k: seen.append((cfg.model.prior, cfg.model.prior_options,
+                                                                  cfg.model.prior_units)) or real(images, cfg, *a, **k)
     try:
         baselines.pairwise_groupmorph(np.random.default_rng(0).random((2, 8, 8, 8)).astype("float32"), steps=1)
     finally:
         baselines.register = real
-    assert seen and seen[0] == ("laplacian", {"lambda_u": 1.0, "lambda_v": 1e-6})  # VoxelMorph's diffusion regulariser
+    assert seen and seen[0] == ("laplacian", {"lambda_u": 1.0, "lambda_v": 1e-6}, "voxel")  # VoxelMorph's diffusion regulariser, per voxel

@@ -105,3 +105,40 @@ def test_weights_in_mm_need_a_prior_with_spacing_exponents():
         assert build_model(cfg.model, spacing=(3.0,) * 3).prior((4, 4, 4)).lambda_v == 0.01
     finally:
         PRIORS._entries.pop("test-prior-units-custom")
+
+
+def _write_group(folder, spacing, k=3, shape=(12, 12, 12)):
+    from groupmorph_pyro.volumes import save_nifti
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(str(folder)))
+    paths = []
+    for t in range(k):
+        paths.append(str(folder / f"t{t}.nii.gz"))
+        save_nifti(paths[-1], rng.random(shape), np.diag([*spacing, 1.0]))
+    return paths
+
+
+def test_training_builds_its_prior_at_the_training_groups_voxel_size(tmp_path, monkeypatch):
+    import groupmorph_pyro.train as train_module
+
+    cfg = Config().with_timepoints(3)
+    cfg.data.synthetic = {"num_groups": 2, "shape": [20, 20, 20], "num_landmarks": 2}
+    groups, spacing = train_module.load_training_data(cfg)
+    assert len(groups) == 2 and spacing == (2.0, 2.0, 2.5)  # breathing_phantom's voxels
+    cfg.data.synthetic = {}
+    cfg.data.groups = [_write_group(tmp_path / "a", (1.5, 1.5, 3.0)), _write_group(tmp_path / "b", (1.5, 1.5, 3.0))]
+    assert train_module.load_training_data(cfg)[1] == pytest.approx((1.5, 1.5, 3.0))
+    seen = []
+    real = train_module.build_model
+    monkeypatch.setattr(train_module, "build_model", lambda mcfg, **kw: seen.append(kw.get("spacing")) or real(mcfg, **kw))
+    cfg.model.encoder, cfg.model.decoder = [4], [4]
+    cfg.train.iterations, cfg.train.patch_size, cfg.train.device = 1, [8, 8, 8], "cpu"
+    cfg.train.output_dir = str(tmp_path / "run")
+    train_module.train(cfg, progress=False)
+    assert seen[0] == pytest.approx((1.5, 1.5, 3.0))
+    cfg.data.groups.append(_write_group(tmp_path / "c", (1.0, 1.0, 1.0)))  # another voxel size
+    with pytest.raises(InputError, match=r"training groups' voxel sizes differ \(1 to 1.89 mm.*set model.prior_units: voxel"):
+        train_module.load_training_data(cfg)
+    cfg.model.prior_units = "voxel"  # the weights as given: any mix
+    assert len(train_module.load_training_data(cfg)[0]) == 3
