@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--shape", type=int, nargs=3, default=[512, 512, 136], help="grid (D H W)")
     p.add_argument("--timepoints", type=int, default=6)
-    p.add_argument("--histogram", default="gaussian", choices=["gaussian", "bspline"], help="model.histogram")
+    p.add_argument("--histogram", default="gaussian", choices=["gaussian", "bspline", "quadratic"], help="model.histogram")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
     p.add_argument("--per-case-steps", type=int, default=2, help="per-case variant: SVI steps per phase (>= 1)")
     p.add_argument("--smoke", action="store_true")
