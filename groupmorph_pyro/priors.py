@@ -25,7 +25,7 @@ from .checks import InputError, Registry, check_positive, check_spatial_shape
 __all__ = [
     "DCTGaussianField", "LaplacianNormal", "BendingNormal", "PRIORS", "make_prior", "CorrelatedNormal",
     "dct_matrix", "dct3", "idct3", "laplacian_eigenvalues", "laplacian_quadratic_form", "apply_laplacian",
-    "SPACING_EXPONENTS", "voxel_prior_options",
+    "SPACING_EXPONENTS", "mean_voxel_size", "voxel_prior_options",
 ]
 
 
@@ -395,6 +395,15 @@ SPACING_EXPONENTS = {"bending": {"lambda_b": -2, "lambda_v": 2}, "laplacian": {"
 given per mm (``model.prior_units: mm``): the voxel-unit weight is ``weight · h**exponent``."""
 
 
+def mean_voxel_size(spacing) -> float:
+    """The voxel size ``h`` (mm) the prior's weights per mm use: the geometric mean of ``spacing``,
+    3 voxel sizes > 0 (mm) along the array axes."""
+    values = tuple(float(v) for v in spacing) if spacing is not None else ()
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"spacing: expected 3 voxel sizes > 0 (mm), got {spacing!r}")
+    return math.prod(values) ** (1.0 / 3.0)
+
+
 def voxel_prior_options(name: str, options: dict, spacing) -> dict:
     """The voxel-unit weights of prior ``name`` whose ``options`` are given in physical units (mm).
 
@@ -407,7 +416,7 @@ def voxel_prior_options(name: str, options: dict, spacing) -> dict:
 
     i.e. ``weight · h**SPACING_EXPONENTS[name][weight]``. At 1 mm the weights are unchanged. So a
     coarser scan of the same anatomy gets a weaker curvature penalty per voxel: the same smoothness
-    in mm. Anisotropic voxels use the geometric mean of the spacing as ``h`` (the grid operators stay
+    in mm. Anisotropic voxels use the geometric mean of the spacing as ``h`` (:func:`mean_voxel_size`; the grid operators stay
     isotropic in voxels).
 
     Args:
@@ -419,10 +428,7 @@ def voxel_prior_options(name: str, options: dict, spacing) -> dict:
     if name not in SPACING_EXPONENTS:
         raise InputError(f"prior {name!r}: weights in mm need its spacing exponents; known for "
                          f"{sorted(SPACING_EXPONENTS)} (set model.prior_units: voxel for other priors)")
-    values = tuple(float(v) for v in spacing) if spacing is not None else ()
-    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise InputError(f"spacing: expected 3 voxel sizes > 0 (mm), got {spacing!r}")
-    h = math.prod(values) ** (1.0 / 3.0)
+    h = mean_voxel_size(spacing)
     merged = {**PRIORS.options(name), **PRIORS.check_options(name, dict(options), "model.prior_options")}
     return {key: value * h ** SPACING_EXPONENTS[name].get(key, 0) for key, value in merged.items()}
 

@@ -42,6 +42,7 @@ from .likelihoods import group_nmi
 from .metrics import landmark_distances
 from .model import GroupMorphGuide, build_guide, build_model
 from .preprocess import extract_patch, normalize_group, random_patch_corner
+from .priors import mean_voxel_size
 from .synthetic import breathing_phantom
 from .volumes import affine_spacing, load_group
 
@@ -133,7 +134,7 @@ def load_training_data(cfg: Config) -> tuple[list[torch.Tensor], tuple]:
             spacings.append(tuple(g.spacing))
     if not raw:
         raise InputError("data: no training groups (set data.groups or data.synthetic)")
-    means = [float(np.prod(sp)) ** (1.0 / 3.0) for sp in spacings]
+    means = [mean_voxel_size(sp) for sp in spacings]
     if cfg.model.prior_units == "mm" and max(means) > 1.01 * min(means):
         raise InputError(f"data: the training groups' voxel sizes differ ({min(means):.3g} to {max(means):.3g} mm, "
                          "geometric means of the axes); with model.prior_units: mm training builds one prior: "
