@@ -202,7 +202,28 @@ BAD_CONFIGS = {  # YAML text -> expected message (key, expected type, value)
     "likelihood_voxels: -1": ("register:\n  likelihood_voxels: -1\n", r"register.likelihood_voxels: expected an integer >= 0, got -1"),
     "lambda_u under the bending default": ("model:\n  prior_options: {lambda_u: 2}\n", r"set model.prior: laplacian"),
     "prior option typo": ("model:\n  prior: laplacian\n  prior_options: {lamda_u: 2}\n", r"prior 'laplacian' has no option\(s\) \[.lamda_u.\]"),
+    "prior_units: cm": ("model:\n  prior_units: cm\n", r"model.prior_units: expected one of \['mm', 'voxel'\], got 'cm'"),
 }
+
+
+def test_training_groups_of_different_voxel_sizes_exit_2_before_training(tmp_path, capsys):
+    """With the prior's weights per mm, training builds one prior: groups of two voxel sizes stop
+    `groupmorph train` with one line before any step, and write nothing."""
+    groups = []
+    for name, spacing in (("a", 1.0), ("b", 2.0)):
+        g = breathing_phantom((16,) * 3, 2, num_landmarks=2, seed=1)
+        paths = [tmp_path / name / f"t{k}.nii.gz" for k in range(2)]
+        paths[0].parent.mkdir()
+        for k, path in enumerate(paths):
+            nib.save(nib.Nifti1Image(g.images[k], np.diag([spacing] * 3 + [1.0])), path)
+        groups.append([str(path) for path in paths])
+    cfg, out = tmp_path / "c.yaml", tmp_path / "out"
+    cfg.write_text(f"model:\n  num_timepoints: 2\ndata:\n  groups: {groups}\n"  # one step if the check were missing
+                   "train:\n  iterations: 1\n  patch_size: [8, 8, 8]\n  device: cpu\n")
+    rc = main(["train", "--config", str(cfg), "--output-dir", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "training groups' voxel sizes differ (1 to 2 mm" in err, err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
