@@ -273,7 +273,7 @@ class GroupTransform:
         """``(displacements (B, K, 3, D, H, W), warped group (B, K, D, H, W))`` for latents ``z`` and
         images ``(B, K, D, H, W)``: what the likelihood sees. All-to-one: the fixed image is passed
         through as it is (``φ_p = Id``; with ``jitter``, read at ``p + δ``), only the K − 1 others are warped."""
-        delta = (torch.rand(3).sub_(0.5).tolist() if self.jitter else None)  # voxels, one offset per call
+        delta = self.draw_offset()  # voxels, one offset per call
         if self.mode != "all-to-one":
             disp = self.displacements(z)
             return disp, self.warp(images, disp if delta is None else self._shifted(disp, delta))
@@ -282,12 +282,42 @@ class GroupTransform:
         disp = assemble_fields(moving, self.num_timepoints, self.mode, self.fixed)
         if images.shape[:2] != disp.shape[:2] or images.shape[2:] != disp.shape[3:]:
             raise InputError(f"images {tuple(images.shape)} do not match the displacements {tuple(disp.shape)}")
+        warped = self._warp_moving(moving, images[:, self.latent_indices], delta)
+        return disp, self.with_fixed(warped, images, delta)
+
+    def draw_offset(self) -> list | None:
+        """The sub-voxel offset δ ~ U(−½, ½)³ (voxels) of one likelihood evaluation with ``jitter``
+        (torch's global generator), else None."""
+        return torch.rand(3).sub_(0.5).tolist() if self.jitter else None
+
+    def warp_latents(self, z: torch.Tensor, images: torch.Tensor, delta: list | None = None) -> torch.Tensor:
+        """All-to-one: the moving timepoints of latents ``z`` ``(B, n, 3, D, H, W)`` (any n of the K − 1,
+        e.g. one chunk of them), ``x_k ∘ φ_k`` for their images ``(B, n, D, H, W)``, read at ``p + δ``
+        for an offset from :meth:`draw_offset` (None: on the lattice). Each map depends on its own
+        latent only, so the group's warped moving images are these chunks side by side; with
+        :meth:`with_fixed` they are what :meth:`__call__` gives for one δ."""
+        if self.mode != "all-to-one":
+            raise InputError(f"warp_latents: needs all-to-one mode (each map from its own latent), got {self.mode!r}")
+        if z.dim() != 6 or z.shape[2] != 3 or images.shape[:2] != z.shape[:2] or images.shape[2:] != z.shape[3:]:
+            raise InputError(f"warp_latents: expected latents (B, n, 3, D, H, W) and images (B, n, D, H, W) of one "
+                             f"(B, n) and grid, got {tuple(z.shape)} and {tuple(images.shape)}")
+        return self._warp_moving(self._forward(z), images, delta)
+
+    def _warp_moving(self, moving: torch.Tensor, images: torch.Tensor, delta: list | None) -> torch.Tensor:
+        if delta is not None:
+            moving = self._shifted(moving, delta)
+        return self.warp(images, moving)
+
+    def with_fixed(self, warped_moving: torch.Tensor, images: torch.Tensor, delta: list | None = None) -> torch.Tensor:
+        """All-to-one: the whole warped group ``(B, K, D, H, W)`` from its K − 1 warped moving images
+        ``(B, K − 1, D, H, W)`` (latent order) and the group ``images``: the fixed image inserted as it
+        is (``φ_p = Id``; read at ``p + δ`` with an offset)."""
         fixed_image = images[:, self.fixed]
         if delta is not None:
-            moving, fixed_image = self._shifted(moving, delta), shift_field(fixed_image, delta, check=False)
-        warped = list(self.warp(images[:, self.latent_indices], moving).unbind(1))
+            fixed_image = shift_field(fixed_image, delta, check=False)
+        warped = list(warped_moving.unbind(1))
         warped.insert(self.fixed, fixed_image)
-        return disp, torch.stack(warped, dim=1)
+        return torch.stack(warped, dim=1)
 
     @staticmethod
     def _shifted(disp: torch.Tensor, delta: list) -> torch.Tensor:

@@ -19,14 +19,15 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroParam
 
 from .checks import InputError, check_arity, check_bool, check_integer, check_positive, check_tensor
-from .group import GroupTransform, check_mode, latent_indices, relative_to_fixed, warp_group
+from .group import GroupTransform, check_mode, latent_indices, relative_to_fixed, timepoints_per_batch, warp_group
 from .likelihoods import GroupNMI, GroupSimilarity, check_likelihood
 from .networks import UNet3D, check_compile, check_precision, network_autocast
 from .preprocess import crop_to_shape, pad_to_multiple
-from .priors import CorrelatedNormal, DCTGaussianField, LaplacianNormal, dct3, idct3, make_prior, voxel_prior_options
+from .priors import (CorrelatedNormal, DCTGaussianField, LaplacianNormal, compact, dct3, idct3, make_prior,
+                     voxel_prior_options)
 
 __all__ = ["LocalParamsModule", "GroupMorphModel", "GroupMorphGuide", "FixedFrameGuide", "serve_guide", "CaseGuide", "build_model", "prior_options_for", "build_guide",
-           "build_likelihood", "map_loss", "has_map_loss"]
+           "build_likelihood", "map_loss", "has_map_loss", "latent_chunk", "chunked_map_loss", "chunked_elbo_loss"]
 
 
 class LocalParamsModule(PyroModule):
@@ -381,13 +382,19 @@ class CaseGuide(LocalParamsModule):
         point: True for a point estimate: q is a Delta at the mean (SVI with it is MAP estimation of
             the mean: the ELBO becomes the log joint at μ); σ is kept but neither used nor changed.
             Not with ``spectrum``.
+        compact: False (the default) stores log σ and the log spectrum per voxel, latent and component
+            (parameters to optimise); True keeps them in the broadcastable shape given (a σ shared by
+            every latent and component stays one ``(D, H, W)`` grid: :func:`~groupmorph_pyro.priors.compact`),
+            for posteriors whose σ is not optimised (a point estimate, or the σ phase without steps),
+            which saves 2 × 3·K_lat floats per voxel at full resolution. Same distribution either way.
     """
 
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor, prior=None, spectrum: torch.Tensor | None = None,
-                 point: bool = False):
+                 point: bool = False, compact: bool = False):
         super().__init__()
         check_tensor("loc", loc, ndim=6, layout="(B, K_lat, 3, D, H, W)")
         self.point = check_bool("point", point)
+        self.compact = check_bool("compact", compact)
         if point and spectrum is not None:
             raise InputError("CaseGuide: a point estimate (point=True) has no spectrum; got one")
         if not isinstance(prior, DCTGaussianField):
@@ -398,14 +405,32 @@ class CaseGuide(LocalParamsModule):
         eig = eig + (_MIN_EIGENVALUE - eig.min()).clamp_min(0.0)
         self.register_buffer("_eig", eig.to(loc.dtype), persistent=False)
         self.whitened = PyroParam(dct3(loc.detach()) * self._sqrt_eig(loc))
-        self.log_scale = PyroParam(torch.broadcast_to(scale.detach(), loc.shape).log().clone())
+        self.log_scale = PyroParam(self._stored_log("scale", scale, loc))
         if spectrum is not None:
             if not torch.isfinite(spectrum).all() or (spectrum <= 0).any():
                 raise InputError("CaseGuide: expected a finite spectrum > 0, got min "
                                  f"{float(spectrum.min()) if spectrum.numel() else 'empty'}")
-            self.log_spectrum = PyroParam(torch.broadcast_to(spectrum.detach().to(loc.dtype), loc.shape).log().clone())
+            self.log_spectrum = PyroParam(self._stored_log("spectrum", spectrum, loc))
         else:
             self.log_spectrum = None
+
+    def _stored_log(self, name: str, value: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+        """``log value`` broadcast to loc's shape: per voxel, or (``compact``) as small as it broadcasts."""
+        try:
+            value = torch.broadcast_to(value.detach().to(loc.dtype), loc.shape)
+        except RuntimeError:
+            raise InputError(f"CaseGuide: {name} {tuple(value.shape)} does not broadcast to loc {tuple(loc.shape)}") from None
+        return compact(value).log() if self.compact else value.log().clone()
+
+    def _latents(self, tensor: torch.Tensor, latents) -> torch.Tensor:
+        """``tensor`` (``(B, K_lat or 1, ...)``) restricted to the latent timepoints ``latents`` (a slice; None: all)."""
+        return tensor if latents is None or tensor.shape[1] == 1 else tensor[:, latents]
+
+    def mean(self, whitened: torch.Tensor | None = None) -> torch.Tensor:
+        """μ = IDCT(w / sqrt(λ')) ``(B, n, 3, D, H, W)`` (voxels) of the whitened mean ``w`` (default the
+        guide's; or a slice of its latents)."""
+        w = self.whitened if whitened is None else whitened
+        return idct3(w / self._sqrt_eig(w))
 
     def _sqrt_eig(self, ref: torch.Tensor) -> torch.Tensor:
         return self._eig.to(ref.device, ref.dtype).sqrt()
@@ -415,25 +440,27 @@ class CaseGuide(LocalParamsModule):
         """True for the :class:`~groupmorph_pyro.priors.CorrelatedNormal` family (a spectrum is set)."""
         return self.log_spectrum is not None
 
-    def distribution(self) -> dist.TorchDistribution:
+    def distribution(self, latents: slice | None = None) -> dist.TorchDistribution:
         """q(z): ``Normal(μ, σ).to_event(4)``, ``CorrelatedNormal(μ, σ, s)`` or (``point``) ``Delta(μ)``,
-        batch ``(B, K_lat)``."""
-        w = self.whitened
-        loc = idct3(w / self._sqrt_eig(w))
+        batch ``(B, K_lat)``; with ``latents`` (a slice) the factor of those latent timepoints only
+        (the latents are independent under q), batch ``(B, n)``."""
+        loc = self.mean(self._latents(self.whitened, latents))
         if self.point:
             return dist.Delta(loc, event_dim=4)
+        scale = self._latents(self.log_scale, latents).exp()
         if self.correlated:
-            return CorrelatedNormal(loc, self.log_scale.exp(), self.log_spectrum.exp())
-        return dist.Normal(loc, self.log_scale.exp()).to_event(4)
+            return CorrelatedNormal(loc, scale, self._latents(self.log_spectrum, latents).exp())
+        return dist.Normal(loc, scale).to_event(4)
 
-    def point_log_prior(self, prior: DCTGaussianField) -> torch.Tensor:
+    def point_log_prior(self, prior: DCTGaussianField, whitened: torch.Tensor | None = None) -> torch.Tensor:
         """``log p(μ)`` ``(B, K_lat)`` under ``prior`` (the DCT prior this guide was whitened with), read off the
         whitened mean: ``μ̂ = w / sqrt(λ')`` in the DCT basis, so ``μᵀΛμ = Σ_k (λ(k) / λ'(k)) w(k)²`` (``λ'``
-        the floored spectrum, equal to ``λ`` above the floor); no transform of μ, no stencil."""
+        the floored spectrum, equal to ``λ`` above the floor); no transform of μ, no stencil. ``whitened``:
+        the guide's (default) or a slice of its latents, ``(B, n, 3, D, H, W)`` -> ``(B, n)``."""
         if not isinstance(prior, DCTGaussianField) or tuple(prior.spatial_shape) != tuple(self.whitened.shape[3:]):
             raise InputError(f"point_log_prior: expected the DCT prior on the guide's grid {tuple(self.whitened.shape[3:])}, "
                              f"got {type(prior).__name__} on {tuple(getattr(prior, 'spatial_shape', ()))}")
-        w = self.whitened
+        w = self.whitened if whitened is None else whitened
         ratio = prior.precision_eigenvalues(w.device, torch.float64) / self._eig.to(w.device, torch.float64)
         quadratic = (w.pow(2) * ratio.to(w.dtype)).sum(dim=(-4, -3, -2, -1))
         n = w.shape[-4:].numel()
@@ -444,7 +471,8 @@ class CaseGuide(LocalParamsModule):
         """``(loc, scale)``, each ``(B, K_lat, 3, D, H, W)`` in voxels; scale is the marginal sd (for a
         point estimate: the stored σ, which its fit leaves unchanged)."""
         q = self.distribution()
-        return (q.mean, q.variance.sqrt()) if self.correlated else (q.mean, self.log_scale.exp())
+        sd = compact(q.variance).sqrt() if self.correlated else self.log_scale.exp()  # compact: once per distinct σ
+        return q.mean, sd.expand_as(q.mean)
 
     def forward(self, images: torch.Tensor, fixed: int | None = None) -> torch.Tensor:
         q = self.distribution()
@@ -492,6 +520,136 @@ def has_map_loss(model, guide, prior=None) -> bool:
         return False
     prior = model.prior_distribution(tuple(guide.whitened.shape[3:])) if prior is None else prior
     return isinstance(prior, DCTGaussianField)
+
+
+def latent_chunk(model, guide, spatial_shape) -> int | None:
+    """Latent timepoints at a time of the memory-bounded per-case path (:func:`chunked_map_loss`,
+    :func:`chunked_elbo_loss`): :func:`~groupmorph_pyro.group.timepoints_per_batch` of the grid (the
+    maps :class:`~groupmorph_pyro.group.GroupTransform` integrates together under ``chunk="auto"``)
+    when that is fewer than the guide's latents and the path applies: the package's model (``forward``
+    not overridden, no recorded sites) in all-to-one mode and a :class:`CaseGuide`. None otherwise
+    (small grids: one batch, Pyro's ELBO and :func:`map_loss`, which are faster).
+
+    Args:
+        spatial_shape: ``(D, H, W)`` of the grid the guide lives on.
+    """
+    if not _chunkable(model, guide):
+        return None
+    chunk = timepoints_per_batch(spatial_shape)
+    return chunk if chunk < guide.whitened.shape[1] else None
+
+
+def _chunkable(model, guide) -> bool:
+    """Whether the chunked per-case path computes what Pyro's ELBO of ``(model, guide)`` would."""
+    return (isinstance(model, GroupMorphModel) and type(model).forward is GroupMorphModel.forward
+            and not model.record_deterministic and model.mode == "all-to-one" and isinstance(guide, CaseGuide))
+
+
+def _latent_slices(num_latent: int, chunk: int) -> list[slice]:
+    chunk = check_integer("chunk", chunk, 1)
+    return [slice(start, min(start + chunk, num_latent)) for start in range(0, num_latent, chunk)]
+
+
+def _checked_log_lik(model: GroupMorphModel, warped: torch.Tensor) -> torch.Tensor:
+    log_lik = model.likelihood(warped)
+    if not isinstance(log_lik, torch.Tensor) or log_lik.shape != (warped.shape[0],):
+        got = tuple(log_lik.shape) if isinstance(log_lik, torch.Tensor) else type(log_lik).__name__
+        raise InputError(f"likelihood: expected a tensor of shape (B,) = ({warped.shape[0]},), got {got}")
+    return log_lik
+
+
+def chunked_map_loss(model: GroupMorphModel, guide: CaseGuide, images: torch.Tensor, fixed: int | None = None,
+                     prior: DCTGaussianField | None = None, chunk: int = 1) -> torch.Tensor:
+    """:func:`map_loss` and its gradient, ``chunk`` latent timepoints at a time: the memory-bounded
+    per-case MAP step of full-resolution grids (512×512×136). Returns the loss (a detached scalar,
+    nats) and **accumulates its gradient into** ``guide.whitened.grad`` itself (call no ``backward``).
+
+    In all-to-one mode each moving image depends on its own latent only, and the likelihood on the
+    latents only through the warped group. So: (1) without autograd, each chunk's mean is
+    integrated and its images warped (one jitter offset δ for the whole evaluation); (2) the
+    likelihood of the assembled group is differentiated with respect to the warped images only
+    (``K`` floats per voxel); (3) each chunk is recomputed with autograd and back-propagated with its
+    part of that gradient, plus its prior term. Autograd never holds more than one chunk's graph,
+    at the cost of a second forward pass of the maps. Same value and gradient as
+    ``map_loss(...).backward()`` for the same random draws (tests/test_chunked.py).
+
+    Args:
+        model: the package's GroupMorphModel in all-to-one mode; guide: a ``CaseGuide(point=True)``;
+        images: ``(B, K, D, H, W)``; prior: the model's prior on the grid (built when None); chunk: >= 1.
+    """
+    _check_images(images, model.num_timepoints)
+    prior = model.prior_distribution(tuple(images.shape[2:]), images.device) if prior is None else prior
+    if not (has_map_loss(model, guide, prior) and _chunkable(model, guide)):
+        raise InputError("chunked_map_loss: expected the package's GroupMorphModel in all-to-one mode, a "
+                         "CaseGuide(point=True) and a model prior with a DCT spectrum")
+    w = guide.whitened
+    if images.shape[0] != w.shape[0] or images.shape[2:] != w.shape[3:]:
+        raise InputError(f"chunked_map_loss: guide {tuple(w.shape)} does not fit images {tuple(images.shape)}")
+    transform = model.transform(fixed, jitter=model.jitter)
+    idx, parts = transform.latent_indices, _latent_slices(w.shape[1], chunk)
+    delta = transform.draw_offset()  # before the likelihood's own draws, as in the model's forward
+    with torch.no_grad():
+        moving = torch.cat([transform.warp_latents(guide.mean(w[:, part]), images[:, idx[part]], delta)
+                            for part in parts], dim=1)
+    warped = transform.with_fixed(moving, images, delta).requires_grad_()
+    del moving
+    neg_log_lik = -_checked_log_lik(model, warped).sum()
+    neg_log_lik.backward()
+    upstream, loss = warped.grad, neg_log_lik.detach()
+    del warped
+    if w.grad is None:
+        w.grad = torch.zeros_like(w)
+    for part in parts:
+        w_part = w[:, part].detach().requires_grad_()
+        warped_part = transform.warp_latents(guide.mean(w_part), images[:, idx[part]], delta)
+        log_prior = guide.point_log_prior(prior, w_part).sum()
+        ((upstream[:, idx[part]] * warped_part).sum() - log_prior).backward()
+        w.grad[:, part] += w_part.grad
+        loss = loss - log_prior.detach()
+    return loss
+
+
+def chunked_elbo_loss(model: GroupMorphModel, guide: CaseGuide, images: torch.Tensor, fixed: int | None = None,
+                      prior=None, particles: int = 1, chunk: int = 1) -> torch.Tensor:
+    """Trace_ELBO's loss ``−(log p(x, z) − log q(z))`` for a :class:`CaseGuide`, averaged over
+    ``particles`` draws ``z ~ q``, summed over the batch, computed ``chunk`` latent timepoints at a
+    time (call it under ``torch.no_grad()``): q and the prior factor over the latents and, in
+    all-to-one mode, each moving image depends on its own latent, so a particle's latents are drawn,
+    scored and used to warp their images chunk by chunk, and only the warped group (``K`` floats per
+    voxel) is held for the likelihood. The memory-bounded guard of full-resolution grids
+    (:func:`~groupmorph_pyro.registration.elbo_loss`); the same estimator as Trace_ELBO (noise drawn in
+    another order, so another draw for one seed).
+
+    Args:
+        model: the package's GroupMorphModel in all-to-one mode; guide: a CaseGuide (any family);
+        images: ``(B, K, D, H, W)``; prior: the model's prior on the grid (built when None);
+        particles, chunk: >= 1.
+    Returns:
+        a scalar tensor (nats).
+    """
+    _check_images(images, model.num_timepoints)
+    if not _chunkable(model, guide):
+        raise InputError("chunked_elbo_loss: expected the package's GroupMorphModel in all-to-one mode and a CaseGuide")
+    w = guide.whitened
+    if images.shape[0] != w.shape[0] or images.shape[2:] != w.shape[3:]:
+        raise InputError(f"chunked_elbo_loss: guide {tuple(w.shape)} does not fit images {tuple(images.shape)}")
+    prior = model.prior_distribution(tuple(images.shape[2:]), images.device) if prior is None else prior
+    transform = model.transform(fixed, jitter=model.jitter)
+    idx, parts = transform.latent_indices, _latent_slices(w.shape[1], chunk)
+    total = images.new_zeros(())
+    for _ in range(check_integer("particles", particles, 1)):
+        delta = transform.draw_offset()
+        moving, log_ratio = [], images.new_zeros(())
+        for part in parts:
+            q = guide.distribution(part)
+            z = q.rsample()
+            log_ratio = log_ratio + (prior.log_prob(z) - q.log_prob(z)).sum()
+            moving.append(transform.warp_latents(z, images[:, idx[part]], delta))
+            del z, q
+        warped = transform.with_fixed(torch.cat(moving, dim=1), images, delta)
+        del moving
+        total = total - (_checked_log_lik(model, warped).sum() + log_ratio)
+    return total / particles
 
 
 def build_likelihood(cfg) -> GroupSimilarity:

@@ -25,7 +25,7 @@ from .checks import InputError, Registry, check_positive, check_spatial_shape
 __all__ = [
     "DCTGaussianField", "LaplacianNormal", "BendingNormal", "PRIORS", "make_prior", "CorrelatedNormal",
     "dct_matrix", "dct3", "idct3", "laplacian_eigenvalues", "laplacian_quadratic_form", "apply_laplacian",
-    "SPACING_EXPONENTS", "mean_voxel_size", "voxel_prior_options",
+    "SPACING_EXPONENTS", "mean_voxel_size", "voxel_prior_options", "compact",
 ]
 
 
@@ -196,6 +196,27 @@ class DCTGaussianField(TorchDistribution):
         return h.expand(self.batch_shape)
 
 
+def compact(tensor: torch.Tensor) -> torch.Tensor:
+    """The smallest view of ``tensor`` that broadcasts back to it: size 1 along every dim it is
+    expanded over (stride 0), e.g. ``(1, 1, 1, D, H, W)`` for a ``(D, H, W)`` grid expanded to
+    ``(B, K_lat, 3, D, H, W)``. Full tensors come back unchanged. Lets per-voxel operations on a
+    posterior's σ or spectrum run once per distinct value instead of once per latent and component."""
+    for dim in range(tensor.dim()):
+        if tensor.shape[dim] > 1 and tensor.stride(dim) == 0:
+            tensor = tensor.narrow(dim, 0, 1)
+    return tensor
+
+
+def _event_sum(values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum over the last 4 (event) dims of ``values`` broadcast to ``shape``, without materialising
+    it: each summed dim of size 1 counts ``shape[d]`` times. Returns ``shape[:-4]``."""
+    values = values.reshape((1,) * (len(shape) - values.dim()) + tuple(values.shape))
+    repeats = 1
+    for dim in range(-4, 0):
+        repeats *= shape[dim] if values.shape[dim] == 1 else 1
+    return (values.sum(dim=(-4, -3, -2, -1)) * repeats).expand(shape[:-4])
+
+
 def dct_marginal_variance(spectrum_sq: torch.Tensor) -> torch.Tensor:
     """Per-voxel variance of ``IDCT(s ⊙ ε)``, ε white: ``Σ_k s_k² C_k(i)²`` with ``C`` the 3D DCT.
 
@@ -236,6 +257,8 @@ class CorrelatedNormal(TorchDistribution):
             raise InputError(f"CorrelatedNormal: scale {tuple(scale.shape)} and spectrum {tuple(spectrum.shape)} "
                              f"must broadcast to loc {tuple(loc.shape)}")
         self.loc, self.scale, self.spectrum = loc, scale.expand(shape), spectrum.expand(shape)
+        # the broadcast-free versions (a σ or spectrum shared by latents and components stays one grid)
+        self._scale, self._spectrum = compact(self.scale), compact(self.spectrum)
         super().__init__(shape[:-4], shape[-4:], validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
@@ -250,7 +273,8 @@ class CorrelatedNormal(TorchDistribution):
     @property
     def variance(self):
         """Marginal variance per voxel and component, ``a_i² Σ_k s_k² C_k(i)²`` (voxels²)."""
-        return self.scale.pow(2) * dct_marginal_variance(self.spectrum.pow(2))
+        grid = self._spectrum.expand(*self._spectrum.shape[:-3], *self.event_shape[-3:])  # the DCT needs the grid
+        return (self._scale.pow(2) * dct_marginal_variance(grid.pow(2))).expand(self.loc.shape)
 
     def rsample(self, sample_shape=torch.Size()):
         eps = torch.randn(torch.Size(sample_shape) + self.loc.shape, device=self.loc.device, dtype=self.loc.dtype)
@@ -266,7 +290,8 @@ class CorrelatedNormal(TorchDistribution):
 
     def _log_det_sqrt(self) -> torch.Tensor:
         """``½ log|S| = Σ log a + Σ log s`` over the event, shape = batch shape."""
-        return (self.scale.log() + self.spectrum.log()).sum(dim=(-4, -3, -2, -1))
+        shape = self.loc.shape
+        return _event_sum(self._scale.log(), shape) + _event_sum(self._spectrum.log(), shape)
 
     def entropy(self):
         return 0.5 * self.event_shape.numel() * (1.0 + math.log(2 * math.pi)) + self._log_det_sqrt()

@@ -27,9 +27,10 @@ from .config import FINETUNE_LR, Config, RegisterConfig
 from .group import GroupTransform
 from .likelihoods import group_nmi, subsample_likelihood
 from .metrics import folding_percent, landmark_report
-from .model import CaseGuide, GroupMorphGuide, GroupMorphModel, build_model, has_map_loss, map_loss, serve_guide
+from .model import (CaseGuide, GroupMorphGuide, GroupMorphModel, build_model, chunked_elbo_loss, chunked_map_loss,
+                    has_map_loss, latent_chunk, map_loss, serve_guide)
 from .optim import Adam, NesterovSGD
-from .priors import DCTGaussianField
+from .priors import DCTGaussianField, compact
 from .posterior import landmark_posterior, sample_posterior, to_inference_data, uncertainty_maps
 from .preprocess import normalize_group, sliding_window
 from .results import RegistrationResult
@@ -81,14 +82,20 @@ class Posterior:
     guide: object = None
 
 
-def elbo_loss(model, guide, images: torch.Tensor, fixed, particles: int = 8, seed: int = 0) -> float:
+def elbo_loss(model, guide, images: torch.Tensor, fixed, particles: int = 8, seed: int = 0,
+              chunk: int | None = None) -> float:
     """Negative ELBO per voxel, averaged over ``particles`` draws with a fixed seed (common random
     numbers, so two guides are compared on the same noise). Leaves the global RNG untouched. Runs
     without autograd: no graph is kept (measured at 64×64×34, K = 6: 1747 instead of 4212 bytes per
-    voxel added at the peak of a 4-particle estimate, more than an SVI step's 3983)."""
+    voxel added at the peak of a 4-particle estimate, more than an SVI step's 3983). ``chunk``: latent
+    timepoints at a time (:func:`~groupmorph_pyro.model.chunked_elbo_loss`, a CaseGuide in all-to-one
+    mode; :func:`~groupmorph_pyro.model.latent_chunk` decides); None: Pyro's Trace_ELBO in one batch."""
     with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
-        loss = Trace_ELBO(num_particles=particles).loss(model, guide, images, fixed)
+        if chunk is None:
+            loss = Trace_ELBO(num_particles=particles).loss(model, guide, images, fixed)
+        else:
+            loss = float(chunked_elbo_loss(model, guide, images, fixed, particles=particles, chunk=chunk))
     return loss / images.shape[1:].numel()
 
 
@@ -143,14 +150,19 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
         raise InputError("fit_case: optimizer='sgd' fits a point-estimate mean; it needs point=True (got False)")
     clock = time.perf_counter()
     prior = model.prior_distribution(loc.shape[3:], loc.device)  # also the steps' model's (with_likelihood keeps it)
-    guide = CaseGuide(loc, scale, prior, point=point)
-    initial = copy.deepcopy(guide.state_dict())
-    before = elbo_loss(model, guide, images, fixed, eval_particles)
+    # σ per voxel only when its steps change it (a point estimate, or no steps, keep the shape given)
+    new_guide = functools.partial(CaseGuide, loc, scale, prior, point=point, compact=point or not steps)
+    guide = new_guide()  # the initial posterior; rebuilt from (loc, scale) if the guard keeps it
+    chunk = latent_chunk(model, guide, loc.shape[3:])  # full-resolution grids: a few latents at a time
+    before = elbo_loss(model, guide, images, fixed, eval_particles, chunk=chunk)
     guard_seconds = time.perf_counter() - clock
     step_likelihood = subsample_likelihood(model.likelihood, settings.likelihood_voxels)  # the SVI steps' (random voxels)
     step_model = model if step_likelihood is model.likelihood else model.with_likelihood(step_likelihood)
     loss_fn = (TraceMeanField_ELBO() if elbo == "meanfield" else Trace_ELBO()).differentiable_loss
-    if has_map_loss(step_model, guide, prior):  # the same loss without Pyro's tracing (MAP steps: a point-estimate mean)
+    chunked = chunk is not None and has_map_loss(step_model, guide, prior)
+    if chunked:  # value and gradient, one chunk of latents at a time (it back-propagates itself)
+        loss_fn = functools.partial(chunked_map_loss, prior=prior, chunk=chunk)
+    elif has_map_loss(step_model, guide, prior):  # the same loss without Pyro's tracing (MAP steps: a point-estimate mean)
         loss_fn = functools.partial(map_loss, prior=prior)
     scale_lr = settings.lr if settings.scale_lr is None else settings.scale_lr
     groups = [{"params": [guide.whitened], "lr": settings.lr}] if fit_mean else []
@@ -177,12 +189,17 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
         if not torch.isfinite(loss):  # diverged: stop, the guard below restores the initial posterior
             diverged = True
             break
-        loss.backward()
+        if not chunked:
+            loss.backward()
         optim.step()
-        if average_from is not None and step >= average_from:
+        if average_from is not None and step >= average_from:  # running mean of the optimised parameters, in place
             n_avg += 1
-            current = [p.detach().clone() for p in guide.parameters()]  # (whitened, log_scale)
-            averaged = current if averaged is None else [a + (c - a) / n_avg for a, c in zip(averaged, current)]
+            fitted = [p for group in optim.param_groups for p in group["params"]]
+            if averaged is None:
+                averaged = [p.detach().clone() for p in fitted]
+            else:
+                for a, p in zip(averaged, fitted):
+                    a.add_(p.detach().sub(a).div_(n_avg))
         losses.append(loss.detach().item() / n_vox)
         ema = losses[-1] if ema is None else 0.9 * ema + 0.1 * losses[-1]
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -194,19 +211,21 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
             break  # the warm-up of 2 x patience lets the early transient pass
     if averaged is not None and not diverged:
         with torch.no_grad():
-            for p, a in zip(guide.parameters(), averaged):
+            for p, a in zip([p for group in optim.param_groups for p in group["params"]], averaged):
                 p.copy_(a)
+        del averaged
     if losses or diverged:
         guard_clock = time.perf_counter()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Encountered NaN")
-            after = elbo_loss(model, guide, images, fixed, eval_particles)
+            after = elbo_loss(model, guide, images, fixed, eval_particles, chunk=chunk)
         guard_seconds += time.perf_counter() - guard_clock
     else:  # no step taken (steps=0): the guide is the initial one, whose ELBO is already known
         after = before
     kept = "refined"
     if not after <= before:  # also catches NaN
-        guide.load_state_dict(initial)
+        del optim, guide
+        guide = new_guide()
         after, kept = before, "initial"
     info = {"losses": losses, "steps_run": len(losses), "elbo_loss_before": before, "elbo_loss_after": after,
             "kept": kept, "diverged": diverged, "seconds": time.perf_counter() - clock, "guard_seconds": guard_seconds}
@@ -250,8 +269,9 @@ def infer(group: PreparedGroup, guide: GroupMorphGuide | None = None) -> Posteri
     ``register.window`` is set), or N(0, ``register.init_scale``²) without a network."""
     cfg = group.config
     if guide is None:
-        loc = torch.zeros(1, group.transform.num_latent, 3, *group.x.shape[2:], device=group.device)
-        return Posterior(loc, torch.full_like(loc, cfg.register.init_scale))
+        zero = torch.zeros((1,) * 6, device=group.device)  # expanded views: no memory per voxel
+        shape = (1, group.transform.num_latent, 3, *group.x.shape[2:])
+        return Posterior(zero.expand(shape), torch.full_like(zero, cfg.register.init_scale).expand(shape))
     guide = guide.to(group.device).eval().set_runtime(**cfg.runtime.options())
     with torch.no_grad():
         if cfg.register.window:
@@ -376,9 +396,10 @@ def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGui
             loc, sigma = guide.distribution_params()
             modulation, spectrum, curvature = correlated_start(prior, sigma)
         # no steps: on the calibration phantom 5 more σ-phase steps changed neither its ELBO nor its coverage
-        corr = CaseGuide(loc, modulation, prior, spectrum)
+        corr = CaseGuide(loc, modulation, prior, spectrum, compact=True)  # no steps: σ and s as they broadcast
         guard_clock = time.perf_counter()
-        corr_loss = elbo_loss(model, corr, images, fixed, settings.guard_particles)
+        corr_loss = elbo_loss(model, corr, images, fixed, settings.guard_particles,
+                              chunk=latent_chunk(model, corr, loc.shape[3:]))
         seconds = time.perf_counter() - clock
         report["correlated"] = {"elbo_loss": corr_loss, "seconds": seconds, "curvature_median": float(curvature.median())}
         report["seconds"] += seconds
@@ -407,16 +428,19 @@ def correlated_start(prior: DCTGaussianField, sigma: torch.Tensor) -> tuple[torc
     if tuple(sigma.shape[-3:]) != tuple(prior.spatial_shape) or sigma.dim() != 6:
         raise InputError(f"correlated_start: expected sigma (B, K_lat, 3, {', '.join(map(str, prior.spatial_shape))}), "
                          f"got {tuple(sigma.shape)}")
+    shape = sigma.shape
+    sigma = compact(sigma)  # a σ shared by latents or components (e.g. the σ phase's reset) is computed once
     if not torch.isfinite(sigma).all() or (sigma <= 0).any():
         raise InputError("correlated_start: expected a finite sigma > 0")
     diag = prior.precision_diagonal(sigma.device, torch.float64)  # (D, H, W)
     eig = prior.precision_eigenvalues(sigma.device, torch.float64)  # (D, H, W)
-    excess = (sigma.double().pow(-2) - diag).flatten(3)  # (B, K_lat, 3, N)
-    h = excess.median(dim=-1).values.clamp_min(0.0)  # (B, K_lat, 3)
+    excess = (sigma.double().pow(-2) - diag).expand(*sigma.shape[:3], *diag.shape).flatten(3)  # (B', K', 3', N)
+    h = excess.median(dim=-1).values.clamp_min(0.0)  # (B', K', 3'): 1 along the dims σ is shared over
     hb = h[..., None, None, None]
     spectrum = (eig + hb).rsqrt()
     modulation = sigma.double() * (diag + hb).sqrt()
-    return modulation.to(sigma.dtype), spectrum.to(sigma.dtype), h.to(sigma.dtype)
+    return (modulation.to(sigma.dtype).expand(shape), spectrum.to(sigma.dtype).expand(shape),  # views
+            h.to(sigma.dtype).expand(shape[:3]))
 
 
 MIN_LEVEL_SIZE = 12  # voxels: coarser pyramid levels are skipped
@@ -499,8 +523,9 @@ def summarise(group: PreparedGroup, posterior: Posterior, disp: torch.Tensor, se
         "model": copy.deepcopy(vars(mcfg)),
     }
     cpu = lambda v: v.detach().cpu().numpy()  # noqa: E731
-    result = RegistrationResult(cpu(warped), cpu(disp[0]), cpu(inv[0]), cpu(jac), cpu(posterior.loc[0]),
-                                cpu(posterior.scale[0]), summary)
+    own = lambda v: cpu(v.contiguous())  # noqa: E731  (an expanded σ or start becomes an array of its own)
+    result = RegistrationResult(cpu(warped), cpu(disp[0]), cpu(inv[0]), cpu(jac), own(posterior.loc[0]),
+                                own(posterior.scale[0]), summary)
     if group.landmarks is not None:
         summary["landmarks"] = landmark_report(group.landmarks, result.displacement, result.inverse_displacement,
                                                group.spacing)
@@ -516,14 +541,21 @@ def _finetune_report(group: PreparedGroup, start: Posterior, finetune: dict, nmi
     for key in ("levels", "scale_phase"):  # coarse levels and the σ steps, each with its seconds
         if key in finetune:
             report[key] = finetune[key]
-    with torch.no_grad():
-        disp0 = group.transform.displacements(start.loc)
-        nmi0 = nmi(disp0)
+    identity = not compact(start.loc).any()  # the start from zero: its maps are the identity, already reported
+    if identity:
+        nmi0 = summary["nmi_before"]
+    else:
+        with torch.no_grad():
+            disp0 = group.transform.displacements(start.loc)
+            nmi0 = nmi(disp0)
     report.update(nmi_before=nmi0, nmi_after=summary["nmi_after"], nmi_gain=summary["nmi_after"] - nmi0)
     if group.landmarks is not None:
-        with torch.no_grad():
-            inv0 = group.transform.inverse_displacements(start.loc)
-        before = landmark_report(group.landmarks, disp0[0].cpu(), inv0[0].cpu(), group.spacing)["registered"]
+        if identity:
+            before = summary["landmarks"]["identity"]
+        else:
+            with torch.no_grad():
+                inv0 = group.transform.inverse_displacements(start.loc)
+            before = landmark_report(group.landmarks, disp0[0].cpu(), inv0[0].cpu(), group.spacing)["registered"]
         report.update(landmarks_before_mm=before["mean_mm"],
                       landmarks_after_mm=summary["landmarks"]["registered"]["mean_mm"])
     return report
