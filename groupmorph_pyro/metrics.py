@@ -19,7 +19,9 @@ def map_landmarks(landmarks: torch.Tensor, disp: torch.Tensor, inverse_disp: tor
         landmarks: ``(K, L, 3)`` voxel coordinates (0-based) of L landmarks in each image.
         disp: ``(K, 3, D, H, W)`` ``φ_k − Id`` in voxels; inverse_disp: ``φ_k⁻¹ − Id``, same shape.
     Returns:
-        ``(K, K, L, 3)``: entry ``[i, j]`` is landmark set j mapped into image i (voxels).
+        ``(K, K, L, 3)``: entry ``[i, j]`` is landmark set j mapped into image i (voxels), in the
+        promoted dtype of landmarks and fields (each field is converted one timepoint at a time, so
+        float64 landmarks on float32 full-resolution fields cost 3 doubles per voxel, not K·6).
     """
     check_tensor("landmarks", landmarks, ndim=3, layout="(K, L, 3)")
     k = landmarks.shape[0]
@@ -28,10 +30,12 @@ def map_landmarks(landmarks: torch.Tensor, disp: torch.Tensor, inverse_disp: tor
             f"map_landmarks: expected landmarks (K, L, 3) and fields (K, 3, D, H, W) with the same K, "
             f"got {tuple(landmarks.shape)}, {tuple(disp.shape)}, {tuple(inverse_disp.shape)}"
         )
-    common = map_points(landmarks.to(disp.dtype), inverse_disp)  # (K, L, 3): l_j in the common frame
+    dtype = torch.promote_types(landmarks.dtype, disp.dtype)
+    common = torch.cat([map_points(landmarks[j : j + 1].to(dtype), inverse_disp[j : j + 1].to(dtype))
+                        for j in range(k)])  # (K, L, 3): l_j in the common frame
     out = []
     for i in range(k):
-        fields = disp[i : i + 1].expand(k, *disp.shape[1:])
+        fields = disp[i : i + 1].to(dtype).expand(k, *disp.shape[1:])
         out.append(map_points(common, fields))  # (K=j, L, 3) in image i
     return torch.stack(out, dim=0)
 
@@ -54,7 +58,7 @@ def landmark_distances(landmarks, disp=None, inverse_disp=None, spacing=(1.0, 1.
     if disp is None:
         mapped = lm[None, :].expand(k, k, *lm.shape[1:])
     else:
-        mapped = map_landmarks(lm, torch.as_tensor(disp).double(), torch.as_tensor(inverse_disp).double())
+        mapped = map_landmarks(lm, torch.as_tensor(disp), torch.as_tensor(inverse_disp))  # float64 (lm's), per timepoint
     diff = (mapped - lm[:, None]) * spacing  # [i, j] - l_i
     dist = diff.norm(dim=-1)  # (K, K, L)
     rows = [dist[i, j] for i in range(k) for j in range(k) if i != j]

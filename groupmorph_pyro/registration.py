@@ -214,6 +214,8 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
             for p, a in zip([p for group in optim.param_groups for p in group["params"]], averaged):
                 p.copy_(a)
         del averaged
+    optim.zero_grad()  # the guard below needs neither the gradients nor the optimiser's moments
+    del optim
     if losses or diverged:
         guard_clock = time.perf_counter()
         with warnings.catch_warnings():
@@ -224,7 +226,7 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
         after = before
     kept = "refined"
     if not after <= before:  # also catches NaN
-        del optim, guide
+        del guide
         guide = new_guide()
         after, kept = before, "initial"
     info = {"losses": losses, "steps_run": len(losses), "elbo_loss_before": before, "elbo_loss_after": after,
@@ -327,10 +329,12 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
         loc, levels = fit_pyramid(group.model, group.x, group.fixed, start.loc, cfg, group.config.train.elbo, progress,
                                   point)
         start = Posterior(loc, start.scale)
+        del loc
     case, info = fit_case(group.model, group.x, group.fixed, start.loc, start.scale, cfg,
                           group.steps, group.config.train.elbo, progress, point=point, optimizer=optimizer)
     info["map_mean"], info["optimizer"] = point, optimizer
-    if (cfg.scale_reset or cfg.scale_steps) and (start.guide is None or cfg.finetune_scale_phase):
+    from_network, start = start.guide is not None, None  # the start's fields are not needed any more (memory)
+    if (cfg.scale_reset or cfg.scale_steps) and (not from_network or cfg.finetune_scale_phase):
         case, info["scale_phase"] = fit_scale(group.model, group.x, group.fixed, case, cfg, group.config.train.elbo,
                                               progress)
         info["elbo_loss_after"] = info["scale_phase"]["elbo_loss_after"]
