@@ -89,6 +89,11 @@ def child(spec: dict) -> dict:
     res = register(images, cfg, guide, device=device, landmarks=landmarks, affine=affine)
     wall = time.perf_counter() - start
     out = {"wall_seconds": wall, "fields_seconds": res.summary["seconds"]}
+    fit = res.summary.get("finetune")
+    if fit:  # per-case: where the time went (coarse levels, full-resolution steps and guards, σ phase)
+        out["phase_seconds"] = {"levels": [level["seconds"] for level in fit.get("levels", [])],
+                                "full_resolution": fit["seconds"], "full_resolution_guards": fit["guard_seconds"],
+                                "sigma_phase": fit.get("scale_phase", {}).get("seconds")}
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         out["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
