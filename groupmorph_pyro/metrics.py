@@ -20,8 +20,8 @@ def map_landmarks(landmarks: torch.Tensor, disp: torch.Tensor, inverse_disp: tor
         disp: ``(K, 3, D, H, W)`` ``φ_k − Id`` in voxels; inverse_disp: ``φ_k⁻¹ − Id``, same shape.
     Returns:
         ``(K, K, L, 3)``: entry ``[i, j]`` is landmark set j mapped into image i (voxels), in the
-        promoted dtype of landmarks and fields (each field is converted one timepoint at a time, so
-        float64 landmarks on float32 full-resolution fields cost 3 doubles per voxel, not K·6).
+        promoted dtype of landmarks and fields (each field is converted and sampled one timepoint at a
+        time, so float64 landmarks on float32 full-resolution fields cost 3 doubles per voxel, not K·6).
     """
     check_tensor("landmarks", landmarks, ndim=3, layout="(K, L, 3)")
     k = landmarks.shape[0]
@@ -35,9 +35,9 @@ def map_landmarks(landmarks: torch.Tensor, disp: torch.Tensor, inverse_disp: tor
                         for j in range(k)])  # (K, L, 3): l_j in the common frame
     out = []
     for i in range(k):
-        fields = disp[i : i + 1].to(dtype).expand(k, *disp.shape[1:])
-        out.append(map_points(common, fields))  # (K=j, L, 3) in image i
-    return torch.stack(out, dim=0)
+        field = disp[i : i + 1].to(dtype)  # one field, sampled at each set's points in turn (an expanded
+        out.append(torch.cat([map_points(common[j : j + 1], field) for j in range(k)]))  # batch would copy it K times
+    return torch.stack(out, dim=0)  # [i, j]: set j in image i
 
 
 def landmark_distances(landmarks, disp=None, inverse_disp=None, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:

@@ -132,13 +132,8 @@ class GroupMorphModel(PyroModule):
     def _log_likelihood(self, transform: GroupTransform, z: torch.Tensor, images: torch.Tensor):
         """``(disp, log p(x | z))``: the maps of ``z`` ``(B, K_lat, 3, D, H, W)`` and the likelihood ``(B,)``
         of the group they warp (:meth:`forward`'s, and :func:`map_loss`'s)."""
-        b = images.shape[0]
         disp, warped = transform(z, images)
-        log_lik = self.likelihood(warped)
-        if not isinstance(log_lik, torch.Tensor) or log_lik.shape != (b,):
-            got = tuple(log_lik.shape) if isinstance(log_lik, torch.Tensor) else type(log_lik).__name__
-            raise InputError(f"likelihood: expected a tensor of shape (B,) = ({b},), got {got}")
-        return disp, log_lik
+        return disp, _checked_log_lik(self, warped)
 
     def with_likelihood(self, likelihood: Callable) -> "GroupMorphModel":
         """A copy of this model (same prior, mode, variant) whose likelihood is ``likelihood``
@@ -551,6 +546,7 @@ def _latent_slices(num_latent: int, chunk: int) -> list[slice]:
 
 
 def _checked_log_lik(model: GroupMorphModel, warped: torch.Tensor) -> torch.Tensor:
+    """The model's likelihood of the warped group ``(B, K, D, H, W)``, checked to be ``(B,)``."""
     log_lik = model.likelihood(warped)
     if not isinstance(log_lik, torch.Tensor) or log_lik.shape != (warped.shape[0],):
         got = tuple(log_lik.shape) if isinstance(log_lik, torch.Tensor) else type(log_lik).__name__

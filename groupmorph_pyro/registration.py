@@ -527,7 +527,7 @@ def summarise(group: PreparedGroup, posterior: Posterior, disp: torch.Tensor, se
         "model": copy.deepcopy(vars(mcfg)),
     }
     cpu = lambda v: v.detach().cpu().numpy()  # noqa: E731
-    own = lambda v: cpu(v.contiguous())  # noqa: E731  (an expanded σ or start becomes an array of its own)
+    own = lambda v: cpu(v.contiguous() if 0 in v.stride() else v)  # noqa: E731  (an expanded σ or start: its own array)
     result = RegistrationResult(cpu(warped), cpu(disp[0]), cpu(inv[0]), cpu(jac), own(posterior.loc[0]),
                                 own(posterior.scale[0]), summary)
     if group.landmarks is not None:
@@ -629,6 +629,8 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
         f"{group.steps} full-resolution steps)" if group.steps else "no network and no per-case steps: identity posterior")
     start = infer(group, guide)
     posterior, finetune = refine(group, start, progress)
+    if not samples:  # only sampling needs the guide (a per-case one holds its whitened mean: memory)
+        posterior = Posterior(posterior.loc, posterior.scale)
     with torch.no_grad():
         disp = group.transform.displacements(posterior.loc)
     if group.device.type == "cuda":
