@@ -171,6 +171,7 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     else:
         optim = Adam(groups + ([] if point else [{"params": [guide.log_scale], "lr": scale_lr}]))
     peaks = [group["lr"] for group in optim.param_groups]
+    fitted = [p for group in optim.param_groups for p in group["params"]]  # the optimised parameters (averaged)
     cosine = settings.schedule == "cosine"
     average_from = int(steps) - int(round(settings.average * int(steps))) if settings.average else None
     averaged, n_avg = None, 0
@@ -194,7 +195,6 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
         optim.step()
         if average_from is not None and step >= average_from:  # running mean of the optimised parameters, in place
             n_avg += 1
-            fitted = [p for group in optim.param_groups for p in group["params"]]
             if averaged is None:
                 averaged = [p.detach().clone() for p in fitted]
             else:
@@ -211,7 +211,7 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
             break  # the warm-up of 2 x patience lets the early transient pass
     if averaged is not None and not diverged:
         with torch.no_grad():
-            for p, a in zip([p for group in optim.param_groups for p in group["params"]], averaged):
+            for p, a in zip(fitted, averaged):
                 p.copy_(a)
         del averaged
     optim.zero_grad()  # the guard below needs neither the gradients nor the optimiser's moments
