@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "half resolution, then register.steps (60; --finetune-steps overrides) at full resolution "
                     "(Adam, cosine from register.lr = 1.0, parameters averaged over the last 30 %), then "
                     "the posterior sd is set to the prior's mean-field optimum (register.scale_steps, 0 by default, adds "
-                    "steps on it alone). Outputs: warped images, world-mm "
+                    "steps on it alone). Images with more voxels per timepoint than register.fit_voxels (2^19) are "
+                    "fitted on a control grid: the same levels on resampled images, then register.sample_steps (200) "
+                    "steps reading the full-resolution images at register.sample_points (131072) random points each. "
+                    "Outputs: warped images, world-mm "
                     "displacements, det J and summary.json in --out.")
     r.add_argument("images", nargs="*", help="K 3D images (NIfTI), one per timepoint, in order")
     r.add_argument("--manifest", help="register every series of --split instead (resumable: finished series are skipped)")

@@ -179,6 +179,9 @@ class RegisterConfig(_Section):
     coarse_steps: int = 50  # SVI steps at each coarse pyramid level (the full-resolution level runs `steps`; 150 before 2026-12-02, then 75 until the prior per mm)
     init_scale: float = 0.05  # initial posterior sd (voxels) when starting from zero
     likelihood_voxels: int = 0  # SVI steps estimate NMI/MI/SSD on this many random voxels per step (0 = all)
+    fit_voxels: int = 524288  # per-case from zero: largest latent grid (voxels per timepoint); larger images get a control grid this size or smaller (0 = the image grid)
+    sample_points: int = 131072  # on a control grid, the likelihood reads the full-resolution images at this many random points per evaluation
+    sample_steps: int = 200  # on a control grid, steps of the last phase (the one reading the images at sample_points); `steps` on the image grid
     guard_particles: int = 2  # particles of the ELBO estimates that decide whether a fit is kept (4 before 2026-12-02, 8 before 2026-12-01 19:45 UTC)
     window: list[int] = field(default_factory=list)  # amortised pass on tiles of this size (d, h, w); [] = whole volume
     overlap: float = 0.25  # tile overlap fraction for `window`
@@ -188,11 +191,16 @@ class RegisterConfig(_Section):
         return FINETUNE_LR[self.finetune_optimizer] if self.finetune_lr is None else float(self.finetune_lr)
 
     def validate(self):
-        for name in ("steps", "patience", "coarse_steps", "scale_steps", "likelihood_voxels", "guard_particles"):
+        for name in ("steps", "patience", "coarse_steps", "scale_steps", "likelihood_voxels", "guard_particles",
+                     "fit_voxels", "sample_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"register.{name}: expected an integer >= 0, got {value!r}")
         check_integer("register.guard_particles", self.guard_particles, 1)
+        check_integer("register.sample_points", self.sample_points, 1)
+        if self.fit_voxels and self.fit_voxels < 4 ** 3:
+            raise InputError(f"register.fit_voxels: expected 0 (the image grid) or at least 64 (a 4x4x4 control grid), "
+                             f"got {self.fit_voxels!r}")
         check_positive("register.lr", self.lr)
         if self.finetune_lr is not None:
             check_positive("register.finetune_lr", self.finetune_lr)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from .checks import InputError, check_bool, check_integer
-from .spatial import (directional_derivative, integrate_velocity, invert_displacement, jacobian_determinant, shift_field,
-                      warp)
+from .checks import InputError, check_bool, check_integer, check_tensor
+from .spatial import (directional_derivative, integrate_velocity, invert_displacement, jacobian_determinant,
+                      resize_displacement, sample, shift_field, warp)
 
 __all__ = ["MODES", "GroupTransform", "check_mode", "latent_indices", "assemble_fields", "relative_to_fixed", "displacements",
            "inverse_displacements", "jacobians", "warp_group", "timepoints_per_batch"]
@@ -233,7 +233,10 @@ class GroupTransform:
         return len(self.latent_indices)
 
     def _chunk(self, tensor: torch.Tensor):
-        return timepoints_per_batch(tensor.shape[-3:]) if self.chunk == "auto" else self.chunk
+        return self._chunk_for(tensor.shape[-3:])
+
+    def _chunk_for(self, spatial_shape):
+        return timepoints_per_batch(spatial_shape) if self.chunk == "auto" else self.chunk
 
     def fields(self, z: torch.Tensor) -> torch.Tensor:
         """Per-timepoint fields ``(B, K, 3, D, H, W)`` (voxels) from latents ``(B, K_lat, 3, D, H, W)``."""
@@ -251,14 +254,53 @@ class GroupTransform:
     def _forward(self, v: torch.Tensor) -> torch.Tensor:
         return displacements(v, self.diffeomorphic, self.integration_steps, self._chunk(v), self.integration_downsize)
 
-    def displacements(self, z: torch.Tensor) -> torch.Tensor:
-        """``φ_k − Id`` in voxels, ``(B, K, 3, D, H, W)``, from latents ``z``."""
-        return self._maps(z, self._forward)
+    def displacements(self, z: torch.Tensor, shape=None) -> torch.Tensor:
+        """``φ_k − Id`` in voxels, ``(B, K, 3, D, H, W)``, from latents ``z``. ``shape``: the image grid
+        when ``z`` lives on a coarser control grid over the same extent (the maps integrated there, then
+        :meth:`resized`); None: z's grid."""
+        return self.resized(self._maps(z, self._forward), shape)
 
-    def inverse_displacements(self, z: torch.Tensor) -> torch.Tensor:
-        """``φ_k⁻¹ − Id`` in voxels, ``(B, K, 3, D, H, W)``: ``exp(−v_k)``, or a fixed-point inverse."""
-        return self._maps(z, lambda v: inverse_displacements(v, self.diffeomorphic, self.integration_steps,
-                                                             self._chunk(v), self.integration_downsize))
+    def inverse_displacements(self, z: torch.Tensor, shape=None) -> torch.Tensor:
+        """``φ_k⁻¹ − Id`` in voxels, ``(B, K, 3, D, H, W)``: ``exp(−v_k)``, or a fixed-point inverse
+        (``shape`` as :meth:`displacements`)."""
+        return self.resized(self._maps(z, lambda v: inverse_displacements(
+            v, self.diffeomorphic, self.integration_steps, self._chunk(v), self.integration_downsize)), shape)
+
+    def resized(self, disp: torch.Tensor, shape=None) -> torch.Tensor:
+        """Maps ``(B, K, 3, d, h, w)`` on a control grid moved to the grid ``shape`` over the same extent
+        (:func:`~groupmorph_pyro.spatial.resize_displacement`: trilinear, in that grid's voxels), a few
+        maps at a time (``chunk``); returned as they are when ``shape`` is None or their own grid."""
+        if shape is None or tuple(int(n) for n in shape) == tuple(disp.shape[3:]):
+            return disp
+        shape = tuple(int(n) for n in shape)
+        return _per_timepoint(lambda d: resize_displacement(d, shape), disp, chunk=self._chunk_for(shape))
+
+    def read_group(self, disp: torch.Tensor, images: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """The group in the common frame read at ``points``: ``x_k(φ_k(p))`` for every timepoint k, the
+        maps ``disp`` given on a control grid over the images' extent (the image grid itself or a
+        coarser one; interpolated at the points, trilinear, and rescaled to image voxels). Only the
+        points are warped: the cost is set by their number and the control grid, not the image grid.
+
+        Args:
+            disp: ``(B, K, 3, d, h, w)`` maps (:meth:`displacements` of the latents; control voxels);
+            images: ``(B, K, D, H, W)``; points: ``(S, 3)`` image voxel coordinates (e.g.
+            :func:`~groupmorph_pyro.spatial.random_points`).
+        Returns:
+            ``(B, K, S)`` intensities; at lattice points, :meth:`warp` of ``resized(disp, (D, H, W))`` there.
+        """
+        check_tensor("points", points, ndim=2, layout="(S, 3)")
+        if (points.shape[1] != 3 or images.dim() != 5 or disp.dim() != 6 or disp.shape[2] != 3
+                or images.shape[:2] != disp.shape[:2]):
+            raise InputError(f"read_group: expected maps (B, K, 3, d, h, w), images (B, K, D, H, W) of one (B, K) "
+                             f"and points (S, 3), got {tuple(disp.shape)}, {tuple(images.shape)} and {tuple(points.shape)}")
+        b, k = images.shape[:2]
+        grid, fine = disp.shape[3:], images.shape[2:]
+        ratio = torch.tensor([(c - 1) / (n - 1) if n > 1 else 1.0 for c, n in zip(grid, fine)],
+                             device=points.device, dtype=points.dtype)  # control voxels per image voxel
+        at = (points * ratio).t()[None, :, :, None, None].expand(b * k, 3, len(points), 1, 1)
+        moved = sample(disp.reshape(b * k, 3, *grid), at) / ratio.view(1, 3, 1, 1, 1)  # (B·K, 3, S, 1, 1), image voxels
+        coords = points.t()[None, :, :, None, None] + moved
+        return sample(images.reshape(b * k, 1, *fine), coords).reshape(b, k, len(points))
 
     def jacobians(self, disp: torch.Tensor) -> torch.Tensor:
         """``det Jφ_k``, ``(B, K, D, H, W)``, from displacements ``(B, K, 3, D, H, W)`` (voxels)."""

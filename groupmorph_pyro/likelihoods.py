@@ -42,7 +42,7 @@ __all__ = [
     "parzen_weights", "bspline_weights", "joint_histograms", "nmi", "mutual_information", "lncc", "ssd", "group_nmi",
     "HISTOGRAMS",
     "SIMILARITIES", "REDUCTIONS", "GroupSimilarity", "GroupNMI", "check_likelihood",
-    "ORDER_FREE", "SubsampledLikelihood", "subsample_likelihood",
+    "ORDER_FREE", "SubsampledLikelihood", "subsample_likelihood", "sampled_log_likelihood",
 ]
 
 _EPS = 1e-10
@@ -432,8 +432,29 @@ class SubsampledLikelihood:
         if n <= self.voxels:
             return self.likelihood(warped)
         index = torch.randint(n, (self.voxels,), device=warped.device)
-        drawn = warped.reshape(b, k, n).index_select(-1, index).reshape(b, k, 1, 1, self.voxels)
-        return self.likelihood.beta * n * self.likelihood.similarity(drawn)
+        return sampled_log_likelihood(self.likelihood, warped.reshape(b, k, n).index_select(-1, index), n)
+
+
+def sampled_log_likelihood(likelihood: GroupSimilarity, values: torch.Tensor, voxels: int) -> torch.Tensor:
+    """``β · voxels · reduce(sim)`` of a group read at ``S`` sample points: the group likelihood of a
+    grid of ``voxels`` voxels estimated from the intensities at those points (consistent, with the
+    ``≈ 1/S`` upward bias of a Parzen histogram's NMI; see :class:`SubsampledLikelihood`).
+
+    Args:
+        likelihood: a :class:`GroupSimilarity` whose similarity is in :data:`ORDER_FREE`;
+        values: ``(B, K, S)`` intensities of the K images at the same S points; voxels: N >= 1.
+    Returns:
+        ``(B,)`` log-likelihood estimate.
+    """
+    if not getattr(likelihood, "order_free", False) or not isinstance(likelihood, GroupSimilarity):
+        name = getattr(likelihood, "name", type(likelihood).__name__)
+        raise InputError(f"sampled likelihood: expected a GroupSimilarity with a similarity in {ORDER_FREE} "
+                         f"(they ignore where voxels are), got {name!r}")
+    if not isinstance(values, torch.Tensor) or values.dim() != 3 or values.shape[1] < 2:
+        raise InputError(f"sampled likelihood: expected values (B, K >= 2, S), got "
+                         f"{tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__}")
+    b, k, s = values.shape
+    return likelihood.beta * check_integer("voxels", voxels, 1) * likelihood.similarity(values.reshape(b, k, 1, 1, s))
 
 
 def subsample_likelihood(likelihood, voxels: int):

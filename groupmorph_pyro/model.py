@@ -20,11 +20,12 @@ from pyro.nn import PyroModule, PyroParam
 
 from .checks import InputError, check_arity, check_bool, check_integer, check_positive, check_tensor
 from .group import GroupTransform, check_mode, latent_indices, relative_to_fixed, timepoints_per_batch, warp_group
-from .likelihoods import GroupNMI, GroupSimilarity, check_likelihood
+from .likelihoods import ORDER_FREE, GroupNMI, GroupSimilarity, check_likelihood, sampled_log_likelihood
 from .networks import UNet3D, check_compile, check_precision, network_autocast
 from .preprocess import crop_to_shape, pad_to_multiple
-from .priors import (CorrelatedNormal, DCTGaussianField, LaplacianNormal, compact, dct3, idct3, make_prior,
-                     voxel_prior_options)
+from .priors import (CorrelatedNormal, DCTGaussianField, LaplacianNormal, compact, control_grid_options, dct3, idct3,
+                     make_prior, voxel_prior_options)
+from .spatial import level_shape, random_points
 
 __all__ = ["LocalParamsModule", "GroupMorphModel", "GroupMorphGuide", "FixedFrameGuide", "serve_guide", "CaseGuide", "build_model", "prior_options_for", "build_guide",
            "build_likelihood", "map_loss", "has_map_loss", "latent_chunk", "chunked_map_loss", "chunked_elbo_loss"]
@@ -85,13 +86,23 @@ class GroupMorphModel(PyroModule):
         likelihood: callable ``likelihood(warped: (B, K, D, H, W)) -> (B,)`` log-likelihood up to a
             constant (e.g. :class:`~groupmorph_pyro.likelihoods.GroupSimilarity`); default
             :class:`GroupNMI` with β = 1.
+        control_factor: 1 (the default): the latents live on the image grid; f > 1: on the control grid
+            f times coarser (:meth:`latent_shape`), each map integrated there (the squarings on a grid
+            ``integration_downsize / f`` times coarser still, at least 1) and interpolated wherever
+            the images are read. Needs ``points``.
+        points: 0 (the default): the likelihood sees the whole warped group; S >= 1: each evaluation
+            reads the group at S points drawn uniformly inside the grid, only those points warped
+            (:meth:`~groupmorph_pyro.group.GroupTransform.read_group`), and the likelihood of the whole
+            grid is estimated from them (``β · N_vox · similarity`` of the samples; a similarity of
+            :data:`~groupmorph_pyro.likelihoods.ORDER_FREE`). Its cost is set by S and the latent grid,
+            not by the image grid; the random points also do ``jitter``'s work, which is then unused.
 
     Both are checked when the model is built (signature) and when it runs (shapes).
     """
 
     def __init__(self, num_timepoints: int, mode: str = "all-to-one", diffeomorphic: bool = True,
                  integration_steps: int = 7, prior: Callable | None = None, likelihood: Callable | None = None,
-                 integration_downsize: int = 1, jitter: bool = False):
+                 integration_downsize: int = 1, jitter: bool = False, control_factor: int = 1, points: int = 0):
         super().__init__()
         check_mode(mode, num_timepoints, None if mode == "all-moving" else 0)
         self.num_timepoints = int(num_timepoints)
@@ -100,40 +111,66 @@ class GroupMorphModel(PyroModule):
         self.integration_steps = int(integration_steps)
         self.integration_downsize = check_integer("integration_downsize", integration_downsize, 1)
         self.jitter = check_bool("jitter", jitter)
+        self.control_factor = check_integer("control_factor", control_factor, 1)
+        self.points = check_integer("points", points, 0)
+        if self.control_factor > 1 and not self.points:
+            raise InputError(f"control_factor {self.control_factor}: the likelihood of a control-grid model reads the "
+                             f"images at sample points; expected points >= 1, got 0")
         if prior is not None:
             check_arity("prior", prior, 2, "prior(spatial_shape: tuple, device) -> distribution with event (3, D, H, W)")
         if likelihood is not None:
             check_likelihood(likelihood)
         self.prior = prior or make_prior("laplacian")
         self.likelihood = likelihood or GroupNMI()
+        if self.points and not getattr(self.likelihood, "order_free", False):
+            raise InputError(f"points: a likelihood read at sample points needs a similarity in {ORDER_FREE}, got "
+                             f"{getattr(self.likelihood, 'name', type(self.likelihood).__name__)!r}")
         self.record_deterministic = False  # set by posterior sampling: adds "displacement" and "jacobian" sites
+
+    def latent_shape(self, spatial_shape) -> tuple:
+        """The grid of the latent fields for images on ``spatial_shape`` ``(D, H, W)``: the same grid, or
+        with ``control_factor`` f > 1 the control grid f times coarser (:func:`~groupmorph_pyro.spatial.level_shape`)."""
+        return level_shape(tuple(spatial_shape), self.control_factor)
 
     def forward(self, images: torch.Tensor, fixed: int | None = None) -> torch.Tensor:
         """Run the generative story on ``images`` ``(B, K, D, H, W)`` in [0, 1].
 
         Returns:
-            ``(B, K, 3, D, H, W)`` displacements ``φ_k − Id`` in voxels.
+            ``(B, K, 3, d, h, w)`` displacements ``φ_k − Id`` on the latent grid (:meth:`latent_shape`:
+            the image grid unless ``control_factor`` > 1), in its voxels.
         """
         _check_images(images, self.num_timepoints)
         transform = self.transform(fixed, jitter=self.jitter)
         b = images.shape[0]
-        prior = self.prior_distribution(tuple(images.shape[2:]), images.device)
+        prior = self.prior_distribution(self.latent_shape(images.shape[2:]), images.device)
         with pyro.plate("groups", b, dim=-2):
             with pyro.plate("timepoints", transform.num_latent, dim=-1):
                 z = pyro.sample("z", prior)
             disp, log_lik = self._log_likelihood(transform, z, images)
             pyro.factor("likelihood", log_lik.unsqueeze(-1))
-        if self.record_deterministic:  # outside the plates: whole-tensor events
+        if self.record_deterministic:  # outside the plates: whole-tensor events, on the image grid
+            disp = transform.resized(disp, images.shape[2:])
             pyro.deterministic("displacement", disp, event_dim=disp.dim())
             jac = transform.jacobians(disp)
             pyro.deterministic("jacobian", jac, event_dim=jac.dim())
         return disp
 
     def _log_likelihood(self, transform: GroupTransform, z: torch.Tensor, images: torch.Tensor):
-        """``(disp, log p(x | z))``: the maps of ``z`` ``(B, K_lat, 3, D, H, W)`` and the likelihood ``(B,)``
-        of the group they warp (:meth:`forward`'s, and :func:`map_loss`'s)."""
-        disp, warped = transform(z, images)
-        return disp, _checked_log_lik(self, warped)
+        """``(disp, log p(x | z))``: the maps of ``z`` ``(B, K_lat, 3, d, h, w)`` on its grid and the
+        likelihood ``(B,)`` of the group they warp (:meth:`forward`'s, and :func:`map_loss`'s). With
+        ``points`` S, the group is read at S points drawn anew per call
+        (:meth:`~groupmorph_pyro.group.GroupTransform.read_group`) and the likelihood of the whole grid
+        estimated from them (:func:`~groupmorph_pyro.likelihoods.sampled_log_likelihood`)."""
+        if tuple(z.shape[3:]) != self.latent_shape(images.shape[2:]):
+            raise InputError(f"latents {tuple(z.shape)} are not on the latent grid {self.latent_shape(images.shape[2:])} "
+                             f"of images {tuple(images.shape)} (control_factor {self.control_factor})")
+        if not self.points:
+            disp, warped = transform(z, images)
+            return disp, _checked_log_lik(self, warped)
+        disp = transform.displacements(z)
+        points = random_points(images.shape[2:], self.points, images.device, images.dtype)
+        values = transform.read_group(disp, images, points)
+        return disp, sampled_log_likelihood(self.likelihood, values, images.shape[2:].numel())
 
     def with_likelihood(self, likelihood: Callable) -> "GroupMorphModel":
         """A copy of this model (same prior, mode, variant) whose likelihood is ``likelihood``
@@ -148,8 +185,9 @@ class GroupMorphModel(PyroModule):
         (all-to-one; None = 0) under this model's mode and variant; ``chunk`` and ``jitter`` as in
         GroupTransform (the model's own likelihood passes ``self.jitter``; reports and validation
         read the group on the lattice)."""
+        downsize = max(1, round(self.integration_downsize / self.control_factor))  # the squarings' grid in image voxels
         return GroupTransform(self.num_timepoints, self.mode, fixed, self.diffeomorphic, self.integration_steps, chunk,
-                              self.integration_downsize, jitter)
+                              downsize, jitter)
 
     def prior_distribution(self, spatial_shape, device=None):
         """The prior of one latent field on a ``(D, H, W)`` grid (event shape ``(3, D, H, W)``), checked."""
@@ -471,7 +509,7 @@ class CaseGuide(LocalParamsModule):
 
     def forward(self, images: torch.Tensor, fixed: int | None = None) -> torch.Tensor:
         q = self.distribution()
-        if images.shape[0] != q.batch_shape[0] or images.shape[2:] != q.event_shape[1:]:
+        if images.shape[0] != q.batch_shape[0] or any(c > n for c, n in zip(q.event_shape[1:], images.shape[2:])):
             raise InputError(f"CaseGuide: parameters {tuple(q.batch_shape + q.event_shape)} do not fit images "
                              f"{tuple(images.shape)}")
         with pyro.plate("groups", q.batch_shape[0], dim=-2):
@@ -494,12 +532,12 @@ def map_loss(model: GroupMorphModel, guide: CaseGuide, images: torch.Tensor, fix
         a scalar tensor (nats).
     """
     _check_images(images, model.num_timepoints)
-    prior = model.prior_distribution(tuple(images.shape[2:]), images.device) if prior is None else prior
+    prior = model.prior_distribution(model.latent_shape(images.shape[2:]), images.device) if prior is None else prior
     if not has_map_loss(model, guide, prior):
         raise InputError("map_loss: expected a GroupMorphModel (forward not overridden, no recorded sites), a "
                          "CaseGuide(point=True) and a model prior with a DCT spectrum")
     z = guide.distribution().mean
-    if images.shape[0] != z.shape[0] or images.shape[2:] != z.shape[3:]:
+    if images.shape[0] != z.shape[0] or tuple(z.shape[3:]) != model.latent_shape(images.shape[2:]):
         raise InputError(f"map_loss: guide {tuple(z.shape)} does not fit images {tuple(images.shape)}")
     _, log_lik = model._log_likelihood(model.transform(fixed, jitter=model.jitter), z, images)
     return -(guide.point_log_prior(prior).sum() + log_lik.sum())
@@ -537,7 +575,8 @@ def latent_chunk(model, guide, spatial_shape) -> int | None:
 def _chunkable(model, guide) -> bool:
     """Whether the chunked per-case path computes what Pyro's ELBO of ``(model, guide)`` would."""
     return (isinstance(model, GroupMorphModel) and type(model).forward is GroupMorphModel.forward
-            and not model.record_deterministic and model.mode == "all-to-one" and isinstance(guide, CaseGuide))
+            and not model.record_deterministic and model.mode == "all-to-one" and not model.points
+            and isinstance(guide, CaseGuide))
 
 
 def _latent_slices(num_latent: int, chunk: int) -> list[slice]:
@@ -669,17 +708,26 @@ def prior_options_for(cfg, spacing=None) -> dict:
 
 
 def build_model(cfg, likelihood: Callable | None = None, prior: Callable | None = None,
-                spacing=None) -> GroupMorphModel:
+                spacing=None, control_factor: int = 1, points: int = 0) -> GroupMorphModel:
     """Model from a :class:`~groupmorph_pyro.config.ModelConfig`; ``likelihood``/``prior`` override it.
 
     ``spacing``: the group's voxel size (mm, 3 axes; None = 1 mm), which sets the prior's voxel-unit
     weights when ``cfg.prior_units`` is ``"mm"`` (:func:`prior_options_for`); a ``prior`` given here is
-    used as it is."""
+    used as it is. ``control_factor`` f > 1: the latents live on the control grid f times coarser,
+    under the config's prior with its weights moved there
+    (:func:`~groupmorph_pyro.priors.control_grid_options`; a ``prior`` given here is refused), and the
+    likelihood reads the images at ``points`` random points per evaluation (see :class:`GroupMorphModel`)."""
+    options = prior_options_for(cfg, spacing)
+    if check_integer("control_factor", control_factor, 1) > 1:
+        if prior is not None:
+            raise InputError("control_factor: a control grid moves the config's prior weights to it; a custom prior "
+                             "callable cannot be moved (use control_factor 1)")
+        options = control_grid_options(cfg.prior, options, control_factor)
     return GroupMorphModel(
         cfg.num_timepoints, cfg.mode, cfg.diffeomorphic, cfg.integration_steps,
-        prior=prior or make_prior(cfg.prior, **prior_options_for(cfg, spacing)),
+        prior=prior or make_prior(cfg.prior, **options),
         likelihood=likelihood or build_likelihood(cfg), integration_downsize=cfg.integration_downsize,
-        jitter=cfg.jitter,
+        jitter=cfg.jitter, control_factor=control_factor, points=points,
     )
 
 

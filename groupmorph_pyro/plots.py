@@ -5,7 +5,7 @@ import numpy as np
 
 from .files import atomic_write
 
-__all__ = ["uncertainty_figure", "comparison_figure", "learning_curve_figure", "foreground_mask"]
+__all__ = ["uncertainty_figure", "comparison_figure", "learning_curve_figure", "scaling_figure", "foreground_mask"]
 
 
 def _middle_slice(vol: np.ndarray, axis: int = 2) -> np.ndarray:
@@ -111,3 +111,26 @@ def _save(fig, path, plt) -> None:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         plt.close(fig)
+
+
+def scaling_figure(path, runs: list, title: str = "per-case registration cost, 2 CPU threads") -> None:
+    """Wall seconds of each method against the group's voxels × K, log–log, one line per method
+    (``runs``: dicts with ``method``, ``voxels``, ``timepoints``, ``seconds``, as
+    ``benchmarks/scale.py`` writes them). Written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in runs)):
+        points = sorted((r["voxels"] * r["timepoints"], r["seconds"]) for r in runs if r["method"] == method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=f"C{i}", label=method)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("voxels × timepoints")
+    ax.set_ylabel("wall seconds (whole group)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    _save(fig, path, plt)

@@ -20,12 +20,12 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch.distributions import Independent, Normal, register_kl
 
-from .checks import InputError, Registry, check_positive, check_spatial_shape
+from .checks import InputError, Registry, check_integer, check_positive, check_spatial_shape
 
 __all__ = [
     "DCTGaussianField", "LaplacianNormal", "BendingNormal", "PRIORS", "make_prior", "CorrelatedNormal",
     "dct_matrix", "dct3", "idct3", "laplacian_eigenvalues", "laplacian_quadratic_form", "apply_laplacian",
-    "SPACING_EXPONENTS", "mean_voxel_size", "voxel_prior_options", "compact",
+    "SPACING_EXPONENTS", "mean_voxel_size", "voxel_prior_options", "control_grid_options", "compact",
 ]
 
 
@@ -456,6 +456,27 @@ def voxel_prior_options(name: str, options: dict, spacing) -> dict:
     h = mean_voxel_size(spacing)
     merged = {**PRIORS.options(name), **PRIORS.check_options(name, dict(options), "model.prior_options")}
     return {key: value * h ** SPACING_EXPONENTS[name].get(key, 0) for key, value in merged.items()}
+
+
+def control_grid_options(name: str, options: dict, factor: int) -> dict:
+    """The weights of prior ``name`` on a control grid ``factor`` times coarser than the image grid
+    (:func:`~groupmorph_pyro.spatial.level_shape`), from its weights per image voxel ``options``.
+
+    A smooth field ``u`` (image voxels) held on the control grid as ``u_c = u / f`` (control voxels)
+    has, per image voxel, the energy its control-grid samples give with the grid spacing ``f``
+    (:func:`voxel_prior_options` with ``h = f``); one control voxel stands for ``f³`` image voxels.
+    So ``weight_c = weight · f**(exponent + 3)``: bending ``λ_b f``, ``λ_v f⁵``; Laplacian ``λ_u f³``.
+    The prior on the control grid then matches the image grid's for fields smooth on the control
+    grid's scale, and so does its balance with the likelihood of the whole image grid.
+
+    Args:
+        name: a prior of :data:`SPACING_EXPONENTS`; options: its weights per image voxel (missing
+            ones take the entry's defaults); factor: integer f >= 1 (1 returns the options complete).
+    Returns:
+        the complete options on the control grid.
+    """
+    factor = check_integer("factor", factor, 1)
+    return {key: value * factor ** 3 for key, value in voxel_prior_options(name, options, (factor,) * 3).items()}
 
 
 def make_prior(name: str = "laplacian", **options):

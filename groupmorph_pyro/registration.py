@@ -22,7 +22,7 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
-from .checks import InputError
+from .checks import InputError, check_integer
 from .config import FINETUNE_LR, Config, RegisterConfig
 from .group import GroupTransform
 from .likelihoods import group_nmi, subsample_likelihood
@@ -30,15 +30,16 @@ from .metrics import folding_percent, landmark_report
 from .model import (CaseGuide, GroupMorphGuide, GroupMorphModel, build_model, chunked_elbo_loss, chunked_map_loss,
                     has_map_loss, latent_chunk, map_loss, serve_guide)
 from .optim import Adam, NesterovSGD
-from .priors import DCTGaussianField, compact
+from .priors import SPACING_EXPONENTS, DCTGaussianField, compact
 from .posterior import landmark_posterior, sample_posterior, to_inference_data, uncertainty_maps
 from .preprocess import normalize_group, sliding_window
 from .results import RegistrationResult
-from .spatial import level_shape, resample_grid, resize_displacement
+from .spatial import control_factor, level_shape, resample_grid, resize_displacement
 from .volumes import affine_spacing
 
 __all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "fit_case", "fit_pyramid", "fit_scale", "correlated_start", "prepare",
-           "infer", "refine", "summarise", "add_posterior_samples", "register"]
+           "fit_model", "level_model", "posterior_transform", "infer", "refine", "summarise", "add_posterior_samples",
+           "register"]
 
 
 @dataclass
@@ -50,8 +51,10 @@ class PreparedGroup:
         x: ``(1, K, D, H, W)`` normalised to [0, 1] (what the model and network see), on ``device``;
         config: the settings; model: the Pyro model; transform: its GroupTransform for ``fixed``
         (chunked for full-resolution grids); fixed: fixed timepoint (None in all-moving mode);
-        steps: per-case SVI steps (0: none); landmarks: ``(K, L, 3)`` voxels or None;
-        affine: 4x4 voxel -> world (mm).
+        steps: per-case SVI steps of the last phase (0: none); landmarks: ``(K, L, 3)`` voxels or None;
+        affine: 4x4 voxel -> world (mm); fit_model: the model the per-case fit from zero ends on:
+        ``model`` itself, or for images larger than ``register.fit_voxels`` its twin on a control grid
+        (:func:`fit_model`).
     """
 
     images: np.ndarray
@@ -65,21 +68,30 @@ class PreparedGroup:
     device: torch.device
     landmarks: np.ndarray | None
     affine: np.ndarray
+    fit_model: GroupMorphModel | None = None
 
     @property
     def spacing(self) -> tuple:
         """Voxel size in mm along the array axes (column norms of the affine)."""
         return affine_spacing(self.affine)
 
+    @property
+    def shape(self) -> tuple:
+        """The image grid ``(D, H, W)``."""
+        return tuple(self.x.shape[2:])
+
 
 @dataclass
 class Posterior:
-    """The posterior over the latent fields: ``loc``, ``scale`` ``(1, K_lat, 3, D, H, W)`` (voxels) and
-    the guide that samples it (the amortised network, a per-case guide, or None: N(loc, scale²))."""
+    """The posterior over the latent fields: ``loc``, ``scale`` ``(1, K_lat, 3, d, h, w)`` on the latent
+    grid of ``model`` (its voxels), the guide that samples it (the amortised network, a per-case guide,
+    or None: N(loc, scale²)) and the model it is a posterior of (None: the group's ``model``, on the
+    image grid; a control-grid model after a per-case fit of a large group)."""
 
     loc: torch.Tensor
     scale: torch.Tensor
     guide: object = None
+    model: GroupMorphModel | None = None
 
 
 def elbo_loss(model, guide, images: torch.Tensor, fixed, particles: int = 8, seed: int = 0,
@@ -248,7 +260,6 @@ def prepare(images, config: Config | None = None, guide: GroupMorphGuide | None 
         raise InputError(f"images: expected finite intensities, got {int((~np.isfinite(images)).sum())} NaN/inf voxels")
     if finetune_steps is not None and (int(finetune_steps) != finetune_steps or finetune_steps < 0):
         raise InputError(f"finetune_steps: expected an integer >= 0, got {finetune_steps!r}")
-    steps = config.register.steps if finetune_steps is None and guide is None else int(finetune_steps or 0)
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise InputError(f"affine: expected a 4x4 voxel -> world matrix, got shape {affine.shape}")
@@ -263,7 +274,28 @@ def prepare(images, config: Config | None = None, guide: GroupMorphGuide | None 
     device = torch.device(device)
     x = normalize_group(images, config.data.percentiles).to(device)
     raw = torch.from_numpy(images)[None].to(device)
-    return PreparedGroup(images, raw, x, config, model, transform, transform.fixed, steps, device, landmarks, affine)
+    fitted = fit_model(model, config, images.shape[1:], affine_spacing(affine), guide is None and prior is None)
+    default_steps = config.register.sample_steps if fitted.control_factor > 1 else config.register.steps
+    steps = default_steps if finetune_steps is None and guide is None else int(finetune_steps or 0)
+    return PreparedGroup(images, raw, x, config, model, transform, transform.fixed, steps, device, landmarks, affine,
+                         fitted)
+
+
+def fit_model(model: GroupMorphModel, config: Config, shape, spacing, from_zero: bool = True) -> GroupMorphModel:
+    """The model a per-case fit from zero ends on: for images on ``shape`` ``(D, H, W)`` with more voxels
+    than ``register.fit_voxels``, ``model``'s twin whose latents live on the control grid of
+    :func:`~groupmorph_pyro.spatial.control_factor` (its prior's weights moved there, its likelihood
+    reading the full-resolution images at ``register.sample_points`` random points per step: see
+    :class:`~groupmorph_pyro.model.GroupMorphModel`); ``model`` itself otherwise, i.e. for grids within
+    the budget, for fine-tuning a network's posterior (``from_zero`` False, also for a custom prior),
+    for likelihoods that need whole images (``lncc``, custom ones) or ``register.likelihood_voxels``, and
+    for priors registered without spacing exponents."""
+    factor = control_factor(shape, config.register.fit_voxels) if from_zero else 1
+    if (factor == 1 or not getattr(model.likelihood, "order_free", False) or config.register.likelihood_voxels
+            or config.model.prior not in SPACING_EXPONENTS):
+        return model
+    return build_model(config.model, likelihood=model.likelihood, spacing=spacing, control_factor=factor,
+                       points=config.register.sample_points)
 
 
 def infer(group: PreparedGroup, guide: GroupMorphGuide | None = None) -> Posterior:
@@ -272,8 +304,9 @@ def infer(group: PreparedGroup, guide: GroupMorphGuide | None = None) -> Posteri
     cfg = group.config
     if guide is None:
         zero = torch.zeros((1,) * 6, device=group.device)  # expanded views: no memory per voxel
-        shape = (1, group.transform.num_latent, 3, *group.x.shape[2:])
-        return Posterior(zero.expand(shape), torch.full_like(zero, cfg.register.init_scale).expand(shape))
+        model = group.fit_model or group.model
+        shape = (1, group.transform.num_latent, 3, *model.latent_shape(group.shape))
+        return Posterior(zero.expand(shape), torch.full_like(zero, cfg.register.init_scale).expand(shape), model=model)
     guide = guide.to(group.device).eval().set_runtime(**cfg.runtime.options())
     with torch.no_grad():
         if cfg.register.window:
@@ -325,24 +358,37 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
         cfg, optimizer = dataclasses.replace(cfg, lr=cfg.finetune_step()), cfg.finetune_optimizer
     levels = []
     point = map_mean(group, start)
+    model = start.model or group.model  # the model on the latents' grid (a control grid for large images)
     if start.guide is None and len(cfg.pyramid) > 1:
         loc, levels = fit_pyramid(group.model, group.x, group.fixed, start.loc, cfg, group.config.train.elbo, progress,
-                                  point)
-        start = Posterior(loc, start.scale)
+                                  point, factor=model.control_factor,
+                                  level_model=functools.partial(level_model, group) if model.control_factor > 1 else None)
+        start = Posterior(loc, start.scale, model=model)
         del loc
-    case, info = fit_case(group.model, group.x, group.fixed, start.loc, start.scale, cfg,
+    case, info = fit_case(model, group.x, group.fixed, start.loc, start.scale, cfg,
                           group.steps, group.config.train.elbo, progress, point=point, optimizer=optimizer)
     info["map_mean"], info["optimizer"] = point, optimizer
     from_network, start = start.guide is not None, None  # the start's fields are not needed any more (memory)
     if (cfg.scale_reset or cfg.scale_steps) and (not from_network or cfg.finetune_scale_phase):
-        case, info["scale_phase"] = fit_scale(group.model, group.x, group.fixed, case, cfg, group.config.train.elbo,
+        case, info["scale_phase"] = fit_scale(model, group.x, group.fixed, case, cfg, group.config.train.elbo,
                                               progress)
         info["elbo_loss_after"] = info["scale_phase"]["elbo_loss_after"]
     if levels:
         info["levels"] = levels
     with torch.no_grad():
         loc, scale = case.distribution_params()
-    return Posterior(loc, scale, case), info
+    return Posterior(loc, scale, case, model), info
+
+
+def level_model(group: PreparedGroup, factor: int) -> GroupMorphModel:
+    """The model of a coarse pyramid level ``factor`` times coarser than the images when the fit ends
+    on a control grid (:func:`fit_model`): the group's model as for images of that level's voxel size
+    (``model.prior_units: mm``: the prior's weights per mm at ``factor`` × the voxel size; ``voxel``:
+    the group's model), the likelihood over the level's whole grid."""
+    if group.config.model.prior_units != "mm":
+        return group.model
+    spacing = tuple(factor * h for h in group.spacing)
+    return build_model(group.config.model, likelihood=group.model.likelihood, spacing=spacing)
 
 
 def map_mean(group: PreparedGroup, start: Posterior) -> bool:
@@ -354,7 +400,8 @@ def map_mean(group: PreparedGroup, start: Posterior) -> bool:
     cfg = group.config.register
     if start.guide is not None:
         return bool(cfg.finetune_map_mean)
-    return cfg.map_mean and _resets_scale(group.model.prior_distribution(start.loc.shape[3:], group.device), cfg)
+    model = start.model or group.model
+    return cfg.map_mean and _resets_scale(model.prior_distribution(start.loc.shape[3:], group.device), cfg)
 
 
 def _resets_scale(prior, settings: RegisterConfig) -> bool:
@@ -451,7 +498,8 @@ MIN_LEVEL_SIZE = 12  # voxels: coarser pyramid levels are skipped
 
 
 def fit_pyramid(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Tensor, settings: RegisterConfig,
-                elbo: str = "trace", progress: bool = False, point: bool = False) -> tuple[torch.Tensor, list]:
+                elbo: str = "trace", progress: bool = False, point: bool = False, factor: int = 1,
+                level_model=None) -> tuple[torch.Tensor, list]:
     """Coarse-to-fine start for per-case SVI: the same model on coarser grids.
 
     For each shrink factor f of ``settings.pyramid`` except the last (1): the images are blurred and
@@ -463,28 +511,36 @@ def fit_pyramid(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.
     estimate, MAP, as :func:`fit_case`). A coarse step costs about
     f³ times less than a full-resolution one, and the coarse grids see large motions as small ones.
 
+    With ``factor`` f > 1 (the fit ends on a control grid f times coarser, :func:`fit_model`) the
+    levels are ``settings.pyramid`` times f, the last one the control grid itself (its images
+    resampled there, ``coarse_steps`` steps), each level's model is ``level_model(level factor)``
+    (default ``model``) and the mean is returned on the control grid.
+
     Args:
-        images: ``(1, K, D, H, W)`` in [0, 1]; loc: ``(1, K_lat, 3, D, H, W)`` starting mean (voxels).
+        images: ``(1, K, D, H, W)`` in [0, 1]; loc: ``(1, K_lat, 3, d, h, w)`` starting mean (voxels of its grid).
     Returns:
-        (the mean on the full grid, ``(1, K_lat, 3, D, H, W)`` voxels; per-level reports
-        ``{"factor", "shape", "steps_run", "kept", "seconds", "guard_seconds"}``).
+        (the mean on the grid f times coarser than the images, ``(1, K_lat, 3, d, h, w)`` voxels; per-level
+        reports ``{"factor", "shape", "steps_run", "kept", "seconds", "guard_seconds"}``).
     """
     full = tuple(images.shape[2:])
     reports = []
-    for factor in settings.pyramid[:-1]:
-        shape = level_shape(full, factor)
+    factor = check_integer("factor", factor, 1)
+    for level in settings.pyramid if factor > 1 else settings.pyramid[:-1]:
+        level = int(level) * factor
+        shape = level_shape(full, level)
         if min(shape) < MIN_LEVEL_SIZE:
             continue  # too coarse to hold the anatomy (small volumes run the finer levels only)
         level_loc = _resize_latents(loc, shape)
         scale = torch.full_like(level_loc, settings.init_scale)
-        case, info = fit_case(model, resample_grid(images, shape), fixed, level_loc, scale, settings,
-                              settings.coarse_steps, elbo, progress, desc=f"per-case SVI, level 1/{factor}", point=point)
+        case, info = fit_case(level_model(level) if level_model else model, resample_grid(images, shape), fixed,
+                              level_loc, scale, settings, settings.coarse_steps, elbo, progress,
+                              desc=f"per-case SVI, level 1/{level}", point=point)
         with torch.no_grad():
             loc = case.distribution_params()[0]
-        reports.append({"factor": int(factor), "shape": list(shape), "steps_run": info["steps_run"], "kept": info["kept"],
+        reports.append({"factor": level, "shape": list(shape), "steps_run": info["steps_run"], "kept": info["kept"],
                         "seconds": info["seconds"], "guard_seconds": info["guard_seconds"]})
     with torch.no_grad():
-        return _resize_latents(loc, full), reports
+        return _resize_latents(loc, level_shape(full, factor)), reports
 
 
 def _resize_latents(loc: torch.Tensor, shape) -> torch.Tensor:
@@ -505,12 +561,13 @@ def summarise(group: PreparedGroup, posterior: Posterior, disp: torch.Tensor, se
     """
     mcfg, t = group.config.model, group.transform
     nmi = lambda d: float(group_nmi(t.warp(group.x, d), mcfg.bins, histogram=mcfg.histogram)[0])  # noqa: E731
-    with torch.no_grad():
-        inv = t.inverse_displacements(posterior.loc)
-        warped = t.warp(group.raw, disp)[0]
-        jac = t.jacobians(disp)[0]
+    model = posterior.model or group.model
+    with torch.no_grad():  # NMI first: its warped group is freed before the other full-resolution outputs exist
         nmi_before = float(group_nmi(group.x, mcfg.bins, histogram=mcfg.histogram)[0])
         nmi_after = nmi(disp)
+        inv = posterior_transform(group, posterior).inverse_displacements(posterior.loc, group.shape)
+        warped = t.warp(group.raw, disp)[0]
+        jac = t.jacobians(disp)[0]
     summary = {
         "seconds": seconds,
         "nmi_before": nmi_before,
@@ -525,6 +582,9 @@ def summarise(group: PreparedGroup, posterior: Posterior, disp: torch.Tensor, se
         "diffeomorphic": mcfg.diffeomorphic,
         "device": str(group.device),
         "model": copy.deepcopy(vars(mcfg)),
+        "latent_grid": list(posterior.loc.shape[3:]),
+        "control_factor": model.control_factor,
+        "sample_points": model.points,
     }
     cpu = lambda v: v.detach().cpu().numpy()  # noqa: E731
     own = lambda v: cpu(v.contiguous() if 0 in v.stride() else v)  # noqa: E731  (an expanded σ or start: its own array)
@@ -565,14 +625,21 @@ def _finetune_report(group: PreparedGroup, start: Posterior, finetune: dict, nmi
     return report
 
 
+def posterior_transform(group: PreparedGroup, posterior: Posterior):
+    """The :class:`~groupmorph_pyro.group.GroupTransform` of the posterior's model (its latent grid's
+    integration), computing a few maps at a time on full-resolution grids."""
+    return (posterior.model or group.model).transform(group.fixed, chunk="auto")
+
+
 def add_posterior_samples(group: PreparedGroup, posterior: Posterior, result: RegistrationResult, samples: int) -> None:
     """Draw ``samples`` joint posterior samples and add uncertainty maps, the landmarks' posterior
-    and arviz InferenceData to ``result`` (and their headline numbers to its summary)."""
-    guide = posterior.guide
+    and arviz InferenceData to ``result`` (and their headline numbers to its summary). Samples of a
+    posterior on a control grid are drawn there and their maps moved to the image grid."""
+    guide, model = posterior.guide, posterior.model or group.model
     if guide is None:  # no network and no per-case steps: sample the starting posterior N(loc, scale²)
         guide = CaseGuide(posterior.loc, posterior.scale,
-                          group.model.prior_distribution(posterior.loc.shape[3:], posterior.loc.device))
-    draws = sample_posterior(group.model, guide, group.x, group.fixed, samples)
+                          model.prior_distribution(posterior.loc.shape[3:], posterior.loc.device))
+    draws = sample_posterior(model, guide, group.x, group.fixed, samples)
     result.uncertainty = uncertainty_maps(draws, group.raw, group.spacing, group.transform)
     positions = None
     if group.landmarks is not None:
@@ -594,7 +661,11 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     With ``guide`` (trained): one amortised pass gives the posterior; ``finetune_steps > 0`` then
     refines it by per-case SVI. Without ``guide``: per-case SVI from zero, coarse to fine
     (``config.register.pyramid``), then ``finetune_steps`` (default ``config.register.steps``)
-    full-resolution steps and the σ steps (:func:`refine`).
+    full-resolution steps and the σ steps (:func:`refine`). Images with more voxels per timepoint
+    than ``config.register.fit_voxels`` are fitted on a control grid (:func:`fit_model`): the pyramid's
+    levels, the control grid's own among them, on resampled images, then ``finetune_steps`` (default
+    ``config.register.sample_steps``) steps reading the full-resolution images at
+    ``config.register.sample_points`` random points each; the maps are computed at full resolution once.
 
     Args:
         images: ``(K, D, H, W)`` raw intensities (numpy or tensor), same grid.
@@ -624,15 +695,13 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     say = _stage if progress else (lambda message: None)
     pyro.set_rng_seed(seed)
     clock = time.perf_counter()
-    levels = " -> ".join(f"1/{f}" if f > 1 else "full" for f in group.config.register.pyramid)
-    say("amortised network pass" if guide is not None else f"per-case SVI from zero (resolutions {levels}; "
-        f"{group.steps} full-resolution steps)" if group.steps else "no network and no per-case steps: identity posterior")
+    say(_plan(group, guide))
     start = infer(group, guide)
     posterior, finetune = refine(group, start, progress)
     if not samples:  # only sampling needs the guide (a per-case one holds its whitened mean: memory)
-        posterior = Posterior(posterior.loc, posterior.scale)
+        posterior = Posterior(posterior.loc, posterior.scale, model=posterior.model)
     with torch.no_grad():
-        disp = group.transform.displacements(posterior.loc)
+        disp = posterior_transform(group, posterior).displacements(posterior.loc, group.shape)
     if group.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - clock
@@ -642,6 +711,21 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
         say(f"drawing {samples} posterior samples (uncertainty maps, landmark posterior)")
         add_posterior_samples(group, posterior, result, samples)
     return result
+
+
+def _plan(group: PreparedGroup, guide) -> str:
+    """What :func:`register` is about to do, in one line."""
+    if guide is not None:
+        return "amortised network pass"
+    if not group.steps:
+        return "no network and no per-case steps: identity posterior"
+    f = group.fit_model.control_factor
+    levels = " -> ".join(f"1/{p * f}" if p * f > 1 else "full" for p in group.config.register.pyramid)
+    if f == 1:
+        return f"per-case SVI from zero (resolutions {levels}; {group.steps} full-resolution steps)"
+    grid = "x".join(map(str, group.fit_model.latent_shape(group.shape)))
+    return (f"per-case SVI from zero on a control grid 1/{f} ({grid}; resolutions {levels}), then {group.steps} steps "
+            f"reading the full-resolution images at {group.fit_model.points} points each")
 
 
 def _stage(message: str) -> None:

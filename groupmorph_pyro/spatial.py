@@ -33,6 +33,8 @@ __all__ = [
     "jacobian_determinant",
     "map_points",
     "level_shape",
+    "control_factor",
+    "random_points",
     "resample_grid",
     "resize_displacement",
     "shift_field",
@@ -281,6 +283,45 @@ def level_shape(spatial_shape: Sequence[int], factor: int) -> tuple:
     if int(factor) != factor or factor < 1:
         raise InputError(f"pyramid factor: expected an integer >= 1, got {factor!r}")
     return tuple(max(4, int(round((n - 1) / factor)) + 1) if factor > 1 else int(n) for n in spatial_shape)
+
+
+def control_factor(spatial_shape: Sequence[int], max_voxels: int) -> int:
+    """The smallest pyramid factor f whose grid (:func:`level_shape`) has at most ``max_voxels``
+    voxels: 1 for grids within the budget (and for ``max_voxels`` 0, no budget), larger for larger
+    grids (512×512×136 within 2¹⁹ voxels: f = 5, a 103×103×28 grid)."""
+    shape = tuple(int(n) for n in spatial_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"control_factor: expected a 3D shape of positive sizes, got {spatial_shape!r}")
+    budget = check_integer("max_voxels", max_voxels, 0)
+    factor = 1
+    while budget and math.prod(level_shape(shape, factor)) > budget and factor < max(shape):
+        factor += 1
+    return factor
+
+
+def random_points(spatial_shape: Sequence[int], count: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """About ``count`` points spread over the grid by stratified sampling: the extent ``[0, n − 1]``
+    of each axis is cut into ``c`` equal cells (``c`` proportional to the extent, their product
+    ``≈ count``) and one point is drawn uniformly inside each cell (continuous coordinates, between
+    voxel centres too), from torch's global generator (Pyro's seed fixes them). Every region is
+    sampled in every draw, so an average over the points varies less between draws than over as
+    many independent uniform points.
+
+    Returns:
+        ``(S, 3)`` voxel coordinates, ``S = c_D · c_H · c_W`` (within a few percent of ``count``).
+    """
+    shape = tuple(int(n) for n in spatial_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"random_points: expected a 3D shape of positive sizes, got {spatial_shape!r}")
+    count = check_integer("count", count, 1)
+    extent = [max(n - 1, 0) for n in shape]
+    spread = [e for e in extent if e > 0]
+    density = (count / math.prod(spread)) ** (1.0 / len(spread)) if spread else 0.0
+    cells = [max(1, int(round(e * density))) if e > 0 else 1 for e in extent]
+    axes = [torch.arange(c, device=device, dtype=dtype) for c in cells]
+    corner = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (S, 3) cell indices
+    size = torch.tensor([e / c for e, c in zip(extent, cells)], device=device, dtype=dtype)
+    return (corner + torch.rand(corner.shape, device=device, dtype=dtype)) * size
 
 
 def _gaussian_blur(volume: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:

@@ -141,3 +141,31 @@ def test_probes_apply_their_settings_and_report_each_row(tmp_path, monkeypatch, 
     cost = probes.main(["step-cost", "--out", str(tmp_path), "--steps", "1", "--repeats", "1"])
     assert [(r["series"], r["jitter"]) for r in cost] == [("synthetic-4dct", True), ("synthetic-4dct", False)]
     assert all(r["seconds_per_step"] > 0 for r in cost)
+
+
+def test_scale_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/scale.py runs GroupMorph (forced onto a control grid) and both peers in child processes,
+    writes its JSON with command, commit and machine, the ratios and the figure."""
+    pytest.importorskip("itk")
+    pytest.importorskip("ants")
+    report = _load("scale").main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "scale.json").read_text())
+    assert saved["command"].startswith("python benchmarks/scale.py --smoke") and saved["commit"] and saved["machine"]["threads"] == 2
+    runs = {r["method"]: r for r in saved["runs"]}
+    assert set(runs) == {"groupmorph", "elastix", "ants"} and not any("failed" in r for r in runs.values())
+    assert runs["groupmorph"]["control_factor"] > 1  # the smoke settings put it on a control grid
+    for r in runs.values():
+        assert r["seconds"] > 0 and r["peak_gib"] > 0 and r["landmark_mm_after"] > 0
+    ratio = {r["peer"]: r for r in saved["ratios"]}
+    assert ratio["elastix"]["time_ratio"] == pytest.approx(runs["groupmorph"]["seconds"] / runs["elastix"]["seconds"])
+    assert ratio["ants"]["mean_ratio"] == pytest.approx(runs["groupmorph"]["landmark_mm_after"] / runs["ants"]["landmark_mm_after"])
+    assert (tmp_path / "scale.png").stat().st_size > 0
+    assert "| case | peer |" in capsys.readouterr().out
+    assert report["runs"] == saved["runs"]
+
+
+def test_scale_benchmark_rejects_unknown_cases_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _load("scale").main(["--cases", "mni152-big", "--out", str(tmp_path)])
+    assert "unknown case 'mni152-big'" in capsys.readouterr().err
+    assert not (tmp_path / "scale.json").exists()
