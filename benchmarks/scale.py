@@ -149,6 +149,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="CPU threads of every method (torch, ITK, ANTs)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="register.KEY=VALUE for the GroupMorph runs (integers), e.g. sample_points=65536")
+    p.add_argument("--groups", help="folder that keeps the generated groups (a rerun reads them instead of remaking them)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -186,12 +187,17 @@ def main(argv=None) -> dict:
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "groupmorph_settings": settings, "runs": []}
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         files = {}
-        for case in cases:  # each group made once, read by every method's child
-            images, landmarks, spacing = make_case(case, 20 if args.smoke else 75)
-            folder = Path(tmp) / case
-            folder.mkdir()
-            np.save(folder / "images.npy", images)
-            np.save(folder / "landmarks.npy", landmarks)
+        for case in cases:  # each group made once, read by every method's child (kept in --groups if given)
+            folder = Path(args.groups or tmp) / case
+            if not (folder / "spacing.json").exists():
+                images, landmarks, spacing = make_case(case, 20 if args.smoke else 75)
+                folder.mkdir(parents=True, exist_ok=True)
+                np.save(folder / "images.npy", images)
+                np.save(folder / "landmarks.npy", landmarks)
+                write_json(folder / "spacing.json", list(spacing))
+                del images
+            images = np.load(folder / "images.npy", mmap_mode="r")
+            spacing = tuple(json.loads((folder / "spacing.json").read_text()))
             files[case] = (folder, spacing, images.shape[0], int(np.prod(images.shape[1:])))
             del images
         for method in args.methods:  # all of one method first: a long run has every case of the first methods

@@ -87,11 +87,13 @@ class GroupMorphModel(PyroModule):
             constant (e.g. :class:`~groupmorph_pyro.likelihoods.GroupSimilarity`); default
             :class:`GroupNMI` with β = 1.
         control_factor: 1 (the default): the latents live on the image grid; f > 1: on the control grid
-            f times coarser (:meth:`latent_shape`), each map integrated there (the squarings on a grid
-            ``integration_downsize / f`` times coarser still, at least 1) and interpolated wherever
-            the images are read. Needs ``points``.
+            f times coarser (:meth:`latent_shape`), each map integrated there (the squarings on the
+            control grid made ``round(integration_downsize / f)`` times coarser, at least 1: about
+            ``integration_downsize`` image voxels apart, as on the image grid, or the control grid's own
+            spacing where that is coarser) and interpolated wherever the images are read. Needs ``points``.
         points: 0 (the default): the likelihood sees the whole warped group; S >= 1: each evaluation
-            reads the group at S points drawn uniformly inside the grid, only those points warped
+            reads the group at about S points drawn at random over the grid (stratified:
+            :func:`~groupmorph_pyro.spatial.random_points`), only those points warped
             (:meth:`~groupmorph_pyro.group.GroupTransform.read_group`), and the likelihood of the whole
             grid is estimated from them (``β · N_vox · similarity`` of the samples; a similarity of
             :data:`~groupmorph_pyro.likelihoods.ORDER_FREE`). Its cost is set by S and the latent grid,
@@ -185,7 +187,7 @@ class GroupMorphModel(PyroModule):
         (all-to-one; None = 0) under this model's mode and variant; ``chunk`` and ``jitter`` as in
         GroupTransform (the model's own likelihood passes ``self.jitter``; reports and validation
         read the group on the lattice)."""
-        downsize = max(1, round(self.integration_downsize / self.control_factor))  # the squarings' grid in image voxels
+        downsize = max(1, round(self.integration_downsize / self.control_factor))  # of the latent grid (see control_factor)
         return GroupTransform(self.num_timepoints, self.mode, fixed, self.diffeomorphic, self.integration_steps, chunk,
                               downsize, jitter)
 

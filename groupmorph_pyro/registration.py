@@ -359,7 +359,7 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
     levels = []
     point = map_mean(group, start)
     model = start.model or group.model  # the model on the latents' grid (a control grid for large images)
-    if start.guide is None and len(cfg.pyramid) > 1:
+    if start.guide is None and (len(cfg.pyramid) > 1 or model.control_factor > 1):  # a control grid: its own level too
         loc, levels = fit_pyramid(group.model, group.x, group.fixed, start.loc, cfg, group.config.train.elbo, progress,
                                   point, factor=model.control_factor,
                                   level_model=functools.partial(level_model, group) if model.control_factor > 1 else None)
