@@ -23,7 +23,7 @@ about half an hour on 2 CPU cores.
 Reported per variant: the peak, and its ratio to the K input volumes in float32 (the peer that
 scales with the problem). GPU: ``torch.cuda.max_memory_allocated`` (tensors only; the CUDA
 context and allocator cache come on top, ``max_memory_reserved`` is reported too). CPU: the
-child's peak resident set size (``ru_maxrss``) minus its size just before ``register`` (Python,
+child's peak resident set size (``VmHWM``) minus its size just before ``register`` (Python,
 torch and the loaded images), i.e. what registration itself added; the same tensors are what a
 GPU would hold, but CPU and GPU convolution workspaces differ, so on the CPU it is an estimate of
 the GPU figure, not a measurement of it. A child that is killed (out of memory) is reported as such.
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -50,9 +49,14 @@ VARIANTS = {  # name -> register.window ([] = whole volume in one network pass; 
 DEFAULT_VARIANTS = ["tiles 96³", "whole volume"]  # per-case at 512x512x136 takes ~35 min on 2 cores: ask for it
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize()
+def memory_bytes(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak) of this process from /proc/self/status. The peak
+    is this program's own: ``ru_maxrss`` would carry the parent's peak across fork and exec."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def child(spec: dict) -> dict:
@@ -82,7 +86,7 @@ def child(spec: dict) -> dict:
     else:
         cfg.register.window = list(spec["window"])
         guide = build_guide(cfg.model)
-    before = _rss_bytes() if device.type == "cpu" else 0
+    before = memory_bytes("VmRSS") if device.type == "cpu" else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -98,7 +102,7 @@ def child(spec: dict) -> dict:
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         out["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        peak = memory_bytes("VmHWM")
         out["peak_gib"] = (peak - before) / 2**30
         out["process_peak_gib"] = peak / 2**30
     return out

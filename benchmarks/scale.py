@@ -16,8 +16,8 @@ template at s mm (needs nilearn); ``phantom-<D>x<H>x<W>-k<K>`` is ``synthetic.br
 (seed 1, 75 landmarks, 2 × 2 × 2.5 mm voxels).
 
 Reported per run: wall seconds of the whole call, the landmark error (mean, median, p95 mm), the
-folding (% det J ≤ 0) and the peak resident memory the call added (GiB, the child's ``ru_maxrss``
-minus its size before the call). Per case, the time and error ratios of GroupMorph to each peer.
+folding (% det J ≤ 0) and the peak resident memory the call added (GiB, the child's ``VmHWM``
+minus its resident size before the call). Per case, the time and error ratios of GroupMorph to each peer.
 Writes ``scale.json`` (command, commit, machine, runs) and ``scale.png`` (seconds against voxels × K).
 """
 from __future__ import annotations
@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: memory.py's reader of the process's memory
+from memory import memory_bytes  # noqa: E402
 
 DEFAULT_CASES = ["phantom-64x64x48-k6", "phantom-64x64x48-k10", "mni152-2.5mm", "mni152-1.5mm", "mni152-1.0mm",
                  "phantom-256x256x96-k10"]
@@ -62,11 +64,6 @@ def make_case(name: str, landmarks: int = 75):
     return g.images.astype(np.float32), np.asarray(g.landmarks), tuple(float(s) for s in g.spacing)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize()
-
-
 def child(spec: dict) -> dict:
     """One registration in this (child) process: its wall time, landmark error, folding and peak memory."""
     import torch
@@ -91,11 +88,11 @@ def child(spec: dict) -> dict:
         run = lambda: elastix_all_to_one(images, spacing, 0, spec.get("elastix"))  # noqa: E731
     else:
         run = lambda: ants_all_to_one(images, spacing, 0, spec.get("ants"))  # noqa: E731
-    before = _rss_bytes()
+    before = memory_bytes("VmRSS")
     start = time.perf_counter()
     res = run()
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = memory_bytes("VmHWM")
     out = {"seconds": wall, "peak_gib": (peak - before) / 2**30, "process_peak_gib": peak / 2**30,
            "folding_percent": folding_percent(res.jacobian)}
     out.update(landmark_columns(landmarks, res.displacement, res.inverse_displacement, spacing))
