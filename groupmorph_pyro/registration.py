@@ -719,13 +719,14 @@ def _plan(group: PreparedGroup, guide) -> str:
         return "amortised network pass"
     if not group.steps:
         return "no network and no per-case steps: identity posterior"
-    f = group.fit_model.control_factor
+    model = group.fit_model or group.model
+    f = model.control_factor
     levels = " -> ".join(f"1/{p * f}" if p * f > 1 else "full" for p in group.config.register.pyramid)
     if f == 1:
         return f"per-case SVI from zero (resolutions {levels}; {group.steps} full-resolution steps)"
-    grid = "x".join(map(str, group.fit_model.latent_shape(group.shape)))
+    grid = "x".join(map(str, model.latent_shape(group.shape)))
     return (f"per-case SVI from zero on a control grid 1/{f} ({grid}; resolutions {levels}), then {group.steps} steps "
-            f"reading the full-resolution images at {group.fit_model.points} points each")
+            f"reading the full-resolution images at {model.points} points each")
 
 
 def _stage(message: str) -> None:
