@@ -34,10 +34,38 @@ def check_tensor(name: str, x, ndim: int | None = None, layout: str = "") -> tor
         raise InputError(f"{name}: expected a floating-point dtype, got {x.dtype}")
     if ndim is not None and x.dim() != ndim:
         raise InputError(f"{name}: expected shape {layout or f'with {ndim} dims'}, got {tuple(x.shape)}")
+    check_finite(name, x)
+    return x
+
+
+def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Check that every entry of the tensor ``x`` is finite (no NaN or inf); returns ``x``.
+
+    A tensor that passed stays marked until it is changed in place (its version counter moves), so
+    a model that checks the same full-resolution images at every optimisation step reads them once.
+    Views and copies are new tensors and are checked again. Writes through ``x.data`` bypass the
+    version counter: check such a tensor with ``torch.isfinite`` directly.
+    """
+    version = _version(x)
+    if version is not None and getattr(x, "_groupmorph_finite_version", None) == version:
+        return x
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())
         raise InputError(f"{name}: expected finite values, got {bad} NaN/inf entries")
+    if version is not None:
+        try:
+            x._groupmorph_finite_version = version
+        except (AttributeError, RuntimeError):  # a tensor type that takes no attributes: checked each time
+            pass
     return x
+
+
+def _version(x: torch.Tensor):
+    """The in-place version counter of ``x``, or None where it has none (inference-mode tensors)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
 
 
 def check_spacing(spacing: Sequence[float], name: str = "spacing") -> tuple[float, float, float]:

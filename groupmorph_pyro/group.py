@@ -282,9 +282,11 @@ class GroupTransform:
         points are warped: the cost is set by their number and the control grid, not the image grid.
 
         Args:
-            disp: ``(B, K, 3, d, h, w)`` maps (:meth:`displacements` of the latents; control voxels);
-            images: ``(B, K, D, H, W)``; points: ``(S, 3)`` image voxel coordinates (e.g.
-            :func:`~groupmorph_pyro.spatial.random_points`).
+            disp: ``(B, K, 3, d, h, w)`` maps (:meth:`displacements` of the latents; control voxels).
+            images: ``(B, K, D, H, W)``.
+            points: ``(S, 3)`` image voxel coordinates, e.g. from
+                :func:`~groupmorph_pyro.spatial.random_points`.
+
         Returns:
             ``(B, K, S)`` intensities; at lattice points, :meth:`warp` of ``resized(disp, (D, H, W))`` there.
         """

@@ -216,7 +216,7 @@ class GroupMorphGuide(LocalParamsModule):
     cascade starts at the identity like one U-Net, and S = 1 is the paper's guide (same state dict).
 
     Args:
-        num_timepoints: K; mode: as the model; alpha: bound on |μ| in voxels;
+        num_timepoints: K; mode: as the model; alpha: bound on ``|μ|`` in voxels;
         encoder, decoder: U-Net channels; init_softplus_bias: initial pre-softplus variance
             (−10 gives σ ≈ 0.007 voxels); cascade: number of U-Nets S (integer >= 1).
     """

@@ -25,8 +25,8 @@ def sample_posterior(model, guide, images: torch.Tensor, fixed, num_samples: int
     Args:
         model: a GroupMorphModel; guide: GroupMorphGuide or CaseGuide; images: ``(1, K, D, H, W)`` in [0, 1].
     Returns:
-        ``{"z": (S, 1, K_lat, 3, D, H, W), "displacement": (S, 1, K, 3, D, H, W) voxels,
-        "jacobian": (S, 1, K, D, H, W)}`` tensors.
+        ``{"z": (S, 1, K_lat, 3, D, H, W), "displacement": (S, 1, K, 3, D, H, W), "jacobian": (S, 1, K, D, H, W)}``
+        tensors (displacements in voxels).
     """
     if int(num_samples) != num_samples or num_samples < 1:
         raise InputError(f"samples: expected an integer >= 1, got {num_samples!r}")

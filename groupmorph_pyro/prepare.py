@@ -28,8 +28,8 @@ def find_dirlab_files(folder, case: int) -> dict:
     """Locate a case's files anywhere under ``folder``.
 
     Returns:
-        ``{"images": {"T00": path, ...}, "landmarks": {"T00": path, ...} (4D-75 sets),
-        "landmarks300": {"T00": path, "T50": path}}``.
+        ``{"images": {"T00": path, ...}, "landmarks": {"T00": path, ...}, "landmarks300": {"T00": path, "T50": path}}``
+        (``landmarks``: the 4D-75 sets).
     """
     folder = Path(folder)
     if not folder.is_dir():

@@ -435,7 +435,7 @@ def voxel_prior_options(name: str, options: dict, spacing) -> dict:
     The prior's energy per voxel is then the continuum energy density of the velocity ``v`` in mm,
     ``λ_b |Δv|² + λ_v |v|²`` (bending; ``λ_u |∇v|² + λ_v |v|²`` for the Laplacian), with derivatives
     in mm, while the likelihood keeps its weight per voxel. For a field in voxels ``u = v / h`` and
-    the grid operators ``L ≈ −h² Δ``, ``∇_grid ≈ h ∇``:
+    the grid operators ``L ≈ −h² Δ``, ``∇_grid ≈ h ∇``::
 
         λ_b |Δv|² = λ_b h⁻² |L u|²,    λ_u |∇v|² = λ_u |∇_grid u|²,    λ_v |v|² = λ_v h² |u|²,
 

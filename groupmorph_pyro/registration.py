@@ -300,7 +300,7 @@ def fit_model(model: GroupMorphModel, config: Config, shape, spacing, from_zero:
 
 def infer(group: PreparedGroup, guide: GroupMorphGuide | None = None) -> Posterior:
     """The starting posterior: one amortised network pass (on overlapping tiles when
-    ``register.window`` is set), or N(0, ``register.init_scale``²) without a network."""
+    ``register.window`` is set), or N(0, σ₀²) with σ₀ = ``register.init_scale`` without a network."""
     cfg = group.config
     if guide is None:
         zero = torch.zeros((1,) * 6, device=group.device)  # expanded views: no memory per voxel
