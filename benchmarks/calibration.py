@@ -7,12 +7,12 @@ central 90% posterior interval (coverage; 0.90 = honest), over all voxels and in
 map is the identity, so the truth for timepoint k is exp(−v_k).
 
     python benchmarks/calibration.py --betas 1 5 20 --samples 40                 # the per-case engine's defaults
-    python benchmarks/calibration.py --betas 5 --engine legacy --out before.json  # the engine before 2026-11-25
+    python benchmarks/calibration.py --betas 5 --engine legacy --out before.json  # the legacy engine (below)
     python benchmarks/calibration.py --betas 5 --model prior=laplacian histogram=gaussian  # the paper's prior
 
 ``--engine legacy`` is the per-case engine as it was before the coarse-to-fine schedule: 100
 full-resolution Adam steps at a constant lr 0.2, no iterate averaging, no pyramid, with the Laplacian
-prior and the Gaussian Parzen histogram (the defaults until 2026-12-01; then bending and B-spline).
+prior and the Gaussian Parzen histogram (the package defaults are the bending prior and the quadratic B-spline window).
 """
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     p.add_argument("--heldout-seed", type=int, default=10000, help="first held-out seed")
     p.add_argument("--no-elastix", action="store_true", help="skip the Elastix reference line")
     p.add_argument("--finetune-steps", type=int, nargs="*", default=[20],
-                   help="also score the network's pass + this many per-case steps (goal 2 of issue 14)")
+                   help="also score the network's pass + this many per-case steps ")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 

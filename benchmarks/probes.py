@@ -1,9 +1,9 @@
-"""Probes behind figures README quotes outside Table 1 and the learning curves: one command each.
+"""Ad-hoc comparisons of register settings on Table 1's phantoms and on trained networks: one command each.
 
 ``per-case``: per-case registration (no network) of Table 1's two phantoms (``synthetic-4dct``:
 ``breathing_phantom`` 48³ seed 1, 75 landmarks; ``synthetic-dce``: ``dce_phantom`` 48×48×32 seed 2, 30
 landmarks; K = 4, fixed timepoint 0) under setting variants on top of a base (``--base``, e.g.
-``model.jitter=false register.map_mean=false`` for the package defaults before 2026-12-02): mean / median / p95 landmark error
+``model.jitter=false register.map_mean=false``): mean / median / p95 landmark error
 (mm, the pairs (0, k)), seconds, folding. ``--set gap`` (the default): the accuracy probes of the
 phantom gap; ``--set speed``: per-case speed knobs (fewer coarse or full-resolution steps, fewer guard
 particles, a deeper pyramid, a subsampled likelihood, the integration grid, the template reduction).
@@ -22,8 +22,8 @@ K = 4) and, where nilearn is installed, ``mni152-3.5mm`` (seed 1).
 
 Each writes ``<out>/probes-<command>.json`` and prints one JSON line per row.
 
-    python benchmarks/probes.py per-case --out benchmarks/results/probes-phantom-gap --base model.jitter=false register.map_mean=false
-    python benchmarks/probes.py per-case --set speed --out benchmarks/results/probes-2026-12-02-speed
+    python benchmarks/probes.py per-case --out runs/probes-gap --base model.jitter=false register.map_mean=false
+    python benchmarks/probes.py per-case --set speed --out runs/probes-speed
     python benchmarks/probes.py finetune --config configs/cpu_small_moving_defaults.yaml --checkpoint runs/lcd/train/last.pt --out OUT
     python benchmarks/probes.py step-cost --out OUT
 """
@@ -51,8 +51,7 @@ from groupmorph_pyro.metrics import landmark_distances  # noqa: E402
 from groupmorph_pyro.registration import register  # noqa: E402
 from groupmorph_pyro.synthetic import breathing_phantom, dce_phantom  # noqa: E402
 
-# The phantom-gap probes of 2026-12-02 00:22-00:58 UTC (README, "Per-case registration"), on the defaults then
-# (--base model.jitter=false register.map_mean=false).
+# Accuracy probes on the phantoms (--set gap): prior weights, bins, similarity, reduction, more steps.
 PER_CASE_VARIANTS = {
     "defaults": [],
     "240 full-resolution steps": ["register.steps=240"],
@@ -63,8 +62,7 @@ PER_CASE_VARIANTS = {
     "MI instead of NMI": ["model.likelihood=mi"],
     "template reduction": ["model.reduction=template"],
 }
-# Per-case speed and accuracy knobs on the package defaults (issue 13, 2026-12-02 16:00 UTC, README): can
-# fewer or cheaper steps close the time gap to ANTs on the phantoms without losing accuracy? (--set speed)
+# Per-case speed knobs (--set speed): fewer or cheaper steps, and what they cost in accuracy.
 PER_CASE_SPEED_VARIANTS = {
     "defaults": [],
     "75 coarse steps": ["register.coarse_steps=75"],
@@ -77,8 +75,8 @@ PER_CASE_SPEED_VARIANTS = {
     "template reduction": ["model.reduction=template"],
 }
 PER_CASE_SETS = {"gap": PER_CASE_VARIANTS, "speed": PER_CASE_SPEED_VARIANTS}
-ADAM = "register.finetune_optimizer=adam"  # fine-tuning's optimiser before 2026-12-02 (SGD since): rows measured with it pin it
-# The fine-tuning step sweep of 2026-12-02 00:55-01:05 UTC (README, "Amortised training on a CPU"): (variant, steps).
+ADAM = "register.finetune_optimizer=adam"  # rows that fine-tune by Adam rather than the default SGD
+# Fine-tuning a network's posterior: step sizes, optimisers, MAP mean, σ phase (--set ...): (variant, steps).
 FINETUNE_VARIANTS = {
     "lr 0.1": ([ADAM, "register.finetune_lr=0.1"], 20),
     "lr 0.2": ([ADAM, "register.finetune_lr=0.2"], 20),

@@ -38,8 +38,8 @@ from groupmorph_pyro.synthetic import anatomy_group, breathing_phantom, dce_phan
 
 LEGACY_ENGINE = {"pyramid": [1], "lr": 0.2, "schedule": "constant", "average": 0.0, "steps": 300, "patience": 50,
                  "scale_steps": 0, "covariance": "diagonal", "guard_particles": 8}
-"""``register`` settings of the per-case engine before the coarse-to-fine schedule (its defaults then; with
-the Laplacian prior and the Gaussian histogram, the model defaults until 2026-12-01)."""
+"""``register`` settings of the per-case engine before the coarse-to-fine schedule (with the Laplacian prior and
+the Gaussian histogram)."""
 TRAIN_SEED = 100  # training phantoms use seeds TRAIN_SEED.. ; the test phantoms use seeds 1 and 2
 
 
@@ -187,17 +187,17 @@ def main(argv=None) -> list:
     for name, images, spacing, landmarks in datasets(args):
         cfg = Config()
         cfg.model.num_timepoints = images.shape[0]
-        voxel_prior = copy.deepcopy(cfg)  # the defaults before the prior's weights per mm (2026-12-02): in voxels
+        voxel_prior = copy.deepcopy(cfg)  # the bending prior's weights in voxels
         voxel_prior.model.prior_units, voxel_prior.model.prior_options = "voxel", {"lambda_b": 1.0, "lambda_v": 0.01}
-        joint = copy.deepcopy(voxel_prior)  # the defaults before the MAP mean (2026-12-02, issue 13): mean and σ by SVI together
+        joint = copy.deepcopy(voxel_prior)  # mean and σ by SVI together (no MAP mean)
         joint.register.map_mean = False
-        lattice = copy.deepcopy(joint)  # the defaults before the jittered likelihood (2026-12-02)
+        lattice = copy.deepcopy(joint)  # the likelihood on the lattice (no jitter)
         lattice.model.jitter = False
-        before = copy.deepcopy(lattice)  # the defaults before integration_downsize and the correlated σ (2026-12-01, 19:00)
+        before = copy.deepcopy(lattice)  # squarings on the full grid, diagonal σ
         before.model.integration_downsize, before.register.covariance = 1, "diagonal"
-        previous = copy.deepcopy(before)  # today's engine with the model defaults before 2026-12-01
+        previous = copy.deepcopy(before)  # the Laplacian prior and the Gaussian histogram
         previous.model.prior, previous.model.prior_options, previous.model.histogram = "laplacian", {}, "gaussian"
-        legacy = copy.deepcopy(previous)  # the per-case engine before 2026-11-25 (as benchmarks/calibration.py --engine legacy)
+        legacy = copy.deepcopy(previous)  # the legacy per-case engine (as benchmarks/calibration.py --engine legacy)
         for key, value in LEGACY_ENGINE.items():
             setattr(legacy.register, key, value)
         affine = np.diag([*spacing, 1.0])  # the voxel size, as the peers get it (the prior's weights are per mm)

@@ -42,16 +42,16 @@ class ModelConfig(_Section):
     diffeomorphic: bool = True
     integration_steps: int = 7
     integration_downsize: int = 3  # the squarings run on a grid this many times coarser (1 = full grid, the paper's)
-    jitter: bool = True  # the likelihood reads the group on the lattice shifted by a random sub-voxel offset per step (false = the paper's; since 2026-12-02)
+    jitter: bool = True  # the likelihood reads the group on the lattice shifted by a random sub-voxel offset per step (false = on the lattice, the paper's)
     prior: str = "bending"  # "bending" (λ_v I + λ_b L², default), "laplacian" (λ_v I + λ_u L, the paper's), "diagonal" (λ_v I)
     prior_options: dict = field(default_factory=dict)  # the prior's weights, e.g. {lambda_b: 6.0, lambda_v: 0.001}
-    prior_units: str = "mm"  # "mm": prior_options are per mm and scale with the group's voxel size (priors.voxel_prior_options); "voxel": as given (before 2026-12-02)
+    prior_units: str = "mm"  # "mm": prior_options are per mm and scale with the group's voxel size (priors.voxel_prior_options); "voxel": as given
     likelihood: str = "nmi"  # "nmi", "mi", "lncc", "ssd" (see likelihoods.SIMILARITIES)
     reduction: str = "pairs"  # "pairs" (mean over i≠j, paper) or "template" (each vs the mean image)
     likelihood_options: dict = field(default_factory=dict)  # e.g. {window: 9} for lncc, {sigma: 0.1} for ssd
-    beta: float = 5.0  # per-voxel likelihood weight (see likelihoods.GroupNMI; 5 measured best of 1/5/20, README)
+    beta: float = 5.0  # per-voxel likelihood weight (see likelihoods.GroupNMI)
     bins: int = 32
-    histogram: str = "quadratic"  # Parzen kernel of NMI/MI: "quadratic" B-spline (lean, fastest; since 2026-12-02), "bspline" (cubic; before) or "gaussian" (the paper's, dense)
+    histogram: str = "quadratic"  # Parzen kernel of NMI/MI: "quadratic" B-spline (3 bins per voxel), "bspline" (cubic, 4 bins) or "gaussian" (the paper's, dense)
     alpha: float = 15.0  # bound on |guide mean| in voxels
     encoder: list[int] = field(default_factory=lambda: [16, 32, 32, 32])
     decoder: list[int] = field(default_factory=lambda: [32, 32, 32, 32, 32, 16, 16])
@@ -79,7 +79,7 @@ class ModelConfig(_Section):
         except InputError as exc:
             msg = str(exc)
             if self.prior == "bending" and "lambda_u" in self.prior_options:
-                msg += " (lambda_u is the 'laplacian' prior's; the default prior is 'bending' since 2026-12-01: set model.prior: laplacian)"
+                msg += " (lambda_u is the 'laplacian' prior's; the default prior is 'bending': set model.prior: laplacian)"
             raise InputError(msg if msg.startswith("model.") else f"model.prior_options.{msg}") from None
         if self.likelihood not in SIMILARITIES:
             raise InputError(f"model.likelihood: expected one of {list(SIMILARITIES)}, got {self.likelihood!r}")
@@ -151,8 +151,8 @@ class DataConfig(_Section):
 
 
 FINETUNE_LR = {  # register.finetune_lr's default per register.finetune_optimizer (peak step on the whitened mean)
-    "adam": 0.3,  # issue 14: 0.1 / 0.2 / 0.3 / 0.5 / 1.0 -> 0.46 / 0.38 / 0.37 / 1.05 / 1.12 mm after 20 steps
-    "sgd": 0.0015,  # issue 14: SGD's step is the gradient's size; 0.001 / 0.0015 / 0.002 / 0.003 measured on 16 held-out groups (README)
+    "adam": 0.3,
+    "sgd": 0.0015,  # SGD's step multiplies the gradient itself
 }
 
 
@@ -163,26 +163,26 @@ class RegisterConfig(_Section):
     steps: int = 60  # full-resolution per-case SVI steps (without a checkpoint: after the coarse pyramid levels)
     patience: int = 0  # early stopping: steps without improvement of the smoothed loss, after 2x this warm-up (0 = off)
     lr: float = 1.0  # Adam step on the whitened guide mean (peak of the schedule), per-case from zero
-    finetune_lr: float | None = None  # peak step when refining a network's posterior (--checkpoint --finetune-steps); null = FINETUNE_LR[finetune_optimizer] (Adam 0.3, 0.1 before 2026-12-02)
-    finetune_optimizer: str = "sgd"  # that refinement's optimiser of the whitened mean: "sgd" (Nesterov momentum 0.9; needs finetune_map_mean) or "adam" (before 2026-12-02)
+    finetune_lr: float | None = None  # peak step when refining a network's posterior (--checkpoint --finetune-steps); null = FINETUNE_LR[finetune_optimizer] (SGD 0.0015, Adam 0.3)
+    finetune_optimizer: str = "sgd"  # that refinement's optimiser of the whitened mean: "sgd" (Nesterov momentum 0.9; needs finetune_map_mean) or "adam"
     scale_lr: float | None = None  # Adam step on log σ (peak of the schedule); null = lr
     scale_reset: bool = True  # after the mean's fit, set σ to the prior's mean-field optimum 1/sqrt(diag Λ)
-    scale_steps: int = 0  # then this many steps on log σ alone (mean fixed), at scale_phase_lr (0 = none; 5 before 2026-12-02: after the reset the guard rejected them on every Table 1 group)
+    scale_steps: int = 0  # then this many steps on log σ alone (mean fixed), at scale_phase_lr (0 = none)
     scale_phase_lr: float = 0.1  # Adam step on log σ in those steps (constant)
-    map_mean: bool = True  # per-case from zero: fit the mean as a point estimate (MAP, a Delta guide) before the σ phase (false: mean and σ by SVI together, before 2026-12-02)
-    finetune_map_mean: bool = True  # fine-tuning a network's posterior: the mean as a point estimate too, σ stays the network's unless finetune_scale_phase (false: SVI on both, before 2026-12-02)
-    finetune_scale_phase: bool = False  # run the σ reset + steps (and the covariance choice) after fine-tuning a network's posterior too (true before 2026-12-02)
+    map_mean: bool = True  # per-case from zero: fit the mean as a point estimate (MAP, a Delta guide) before the σ phase (false: mean and σ by SVI together)
+    finetune_map_mean: bool = True  # fine-tuning a network's posterior: the mean as a point estimate too, σ stays the network's unless finetune_scale_phase (false: SVI on both)
+    finetune_scale_phase: bool = False  # run the σ reset + steps (and the covariance choice) after fine-tuning a network's posterior too
     covariance: str = "dct"  # posterior family after the σ phase: "diagonal", or "dct" (also tried: kept if its ELBO is better)
     schedule: str = "cosine"  # learning-rate schedule over each level's steps: "constant" or "cosine" (to 0)
     average: float = 0.3  # average the guide's parameters over this final fraction of each level's steps (0 = off)
     pyramid: list[int] = field(default_factory=lambda: [2, 1])  # per-case from zero: shrink factors, coarse to fine, ending in 1
-    coarse_steps: int = 50  # SVI steps at each coarse pyramid level (the full-resolution level runs `steps`; 150 before 2026-12-02, then 75 until the prior per mm)
+    coarse_steps: int = 50  # SVI steps at each coarse pyramid level (the full-resolution level runs `steps`)
     init_scale: float = 0.05  # initial posterior sd (voxels) when starting from zero
     likelihood_voxels: int = 0  # SVI steps estimate NMI/MI/SSD on this many random voxels per step (0 = all)
     fit_voxels: int = 524288  # per-case from zero: largest latent grid (voxels per timepoint); larger images get a control grid this size or smaller (0 = the image grid)
     sample_points: int = 131072  # on a control grid, the likelihood reads the full-resolution images at this many random points per evaluation
     sample_steps: int = 200  # on a control grid, steps of the last phase (the one reading the images at sample_points); `steps` on the image grid
-    guard_particles: int = 2  # particles of the ELBO estimates that decide whether a fit is kept (4 before 2026-12-02, 8 before 2026-12-01 19:45 UTC)
+    guard_particles: int = 2  # particles of the ELBO estimates that decide whether a fit is kept
     window: list[int] = field(default_factory=list)  # amortised pass on tiles of this size (d, h, w); [] = whole volume
     overlap: float = 0.25  # tile overlap fraction for `window`
 
@@ -381,11 +381,11 @@ def _migrate_prior_weights(model: dict, source: str) -> dict:
 
 
 VOXEL_PRIOR_DEFAULTS = {"bending": {"lambda_b": 1.0, "lambda_v": 0.01}}
-"""The built-in priors' default weights before ``model.prior_units`` (2026-12-02), in voxel units."""
+"""The built-in priors' default weights in voxel units, as checkpoints without ``model.prior_units`` were trained."""
 
 
 def migrate_voxel_prior(model: dict) -> dict:
-    """A checkpoint's model section written before ``model.prior_units`` (2026-12-02): its prior's
+    """A checkpoint's model section written without ``model.prior_units``: its prior's
     weights were in voxel units and, where not given, the defaults then (:data:`VOXEL_PRIOR_DEFAULTS`),
     so it rebuilds as trained. Sections that have ``prior_units``, or the legacy weight keys
     (:func:`_migrate_prior_weights` handles those), are returned unchanged."""

@@ -338,7 +338,7 @@ class FixedFrameGuide(nn.Module):
     The network runs once in all-moving mode; :func:`~groupmorph_pyro.group.relative_to_fixed` turns
     its K fields into the K − 1 fields of the chosen fixed timepoint's frame. Training all-moving is
     one task for the network (all-to-one training with a random fixed timepoint is K tasks in one
-    network, which learns far slower; issue 14's notes), and this serves every fixed timepoint from
+    network, which learns far slower), and this serves every fixed timepoint from
     that one network. Parameters are the wrapped guide's (same state dict under ``moving.``).
     The conversion is second order in the fields (exact for translations); for smooth fields of up to
     2 voxels its error against the exact composition is measured in tests/test_serving.py.
@@ -523,9 +523,8 @@ def map_loss(model: GroupMorphModel, guide: CaseGuide, images: torch.Tensor, fix
              prior: DCTGaussianField | None = None) -> torch.Tensor:
     """``−log p(x, z = μ)`` of a point-estimate guide, summed over the batch: Trace_ELBO's loss for it
     (the Delta's log q is 0), computed without Pyro's tracing and with the prior term read off the
-    whitened mean (:meth:`CaseGuide.point_log_prior`) — the per-case MAP step's objective: a step at
-    48³, K = 4 took 110 instead of 136 ms (medians of 10, 2026-12-02). Needs what :func:`has_map_loss`
-    checks.
+    whitened mean (:meth:`CaseGuide.point_log_prior`): the per-case MAP step's objective, cheaper
+    than tracing model and guide. Needs what :func:`has_map_loss` checks.
 
     Args:
         model: a GroupMorphModel; guide: a ``CaseGuide(point=True)``; images: ``(B, K, D, H, W)``;

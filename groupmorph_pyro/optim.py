@@ -2,7 +2,7 @@
 
 :func:`~groupmorph_pyro.registration.fit_case` moves its whitened mean and log σ with these instead of
 ``torch.optim``: the first ``torch.optim`` optimiser a process builds imports ``torch._dynamo``
-(about 1.8 s on the 2-core CPU machine of README's tables, measured 2026-12-02), which every
+(seconds on a CPU), which every
 ``groupmorph register`` would pay once, while an update here is a handful of tensor operations.
 The updates are those of ``torch.optim.Adam`` (no weight decay, no AMSGrad) and
 ``torch.optim.SGD(momentum=m, nesterov=True)`` (no dampening), which the tests check them against.

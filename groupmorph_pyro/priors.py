@@ -405,12 +405,9 @@ def _diagonal_prior(spatial_shape, device=None, lambda_v: float = 0.01):
 
 @PRIORS.register("bending")
 def _bending_prior(spatial_shape, device=None, lambda_b: float = 6.0, lambda_v: float = 0.001):
-    """``λ_v I + λ_b L²`` (second-order smoothness). Defaults (weights per mm, see
-    :func:`voxel_prior_options`; λ_b 1, λ_v 0.01 in voxel units before 2026-12-02): chosen on README's
-    Table 1 groups (issue 13, ad-hoc probes 2026-12-02), whose run at ``2f8cae4`` has the DCE phantom
-    (1 mm) at 0.126 mm with these against 0.183 with the old weights; in voxel units no one weight
-    served both that phantom and the anatomy at 3.5 mm (λ_b 10, λ_v 0.01: 0.116 mm there but 2.62 mm on
-    ``mni152-3.5mm-seed1``, against 1.70 with λ_b 1)."""
+    """``λ_v I + λ_b L²`` (second-order smoothness). The defaults are weights per mm (see
+    :func:`voxel_prior_options`), chosen on the Table 1 groups (docs/benchmarks.md): per mm, one pair
+    of weights serves the DCE phantom at 1 mm and the anatomy at 2.5 and 3.5 mm."""
     return BendingNormal(spatial_shape, lambda_b, lambda_v, device=device)
 
 

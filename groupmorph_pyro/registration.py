@@ -322,33 +322,22 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
     posterior and the fit's report, or ``start`` and None when no steps are asked for.
 
     From a network's posterior (``start.guide`` set) the mean's peak step is ``register.finetune_step()``
-    instead of ``register.lr`` (1.0, Adam's from zero). With Adam (``finetune_optimizer: adam``) it is
-    0.3, measured on 8 held-out phantoms (issue 14, the all-moving network of
-    configs/cpu_small_moving_defaults.yaml, 20 steps): lr 1.0 and 0.5 pushed most fits to a worse ELBO,
-    so the guard kept the network's posterior (1.12 and 1.05 mm, the pass's 1.12), while 0.1 / 0.2 / 0.3
-    reached 0.46 / 0.38 / 0.37 mm.
+    instead of ``register.lr`` (1.0, Adam's from zero): the network's start is close already.
 
-    Without a network (``start.guide`` is None) and with ``register.pyramid`` coarser than [1], the
-    mean is first fitted coarse to fine (:func:`fit_pyramid`) and the full-resolution SVI starts there.
+    Without a network (``start.guide`` is None) and with ``register.pyramid`` coarser than [1] or a
+    control grid, the mean is first fitted coarse to fine (:func:`fit_pyramid`) and the last SVI
+    phase starts there.
 
     From zero, with ``register.map_mean`` (the default; see :func:`map_mean`), the mean is fitted as a
     point estimate (MAP: a Delta guide, no sampling noise from σ in its gradient) at every level, and
-    the σ phase then fits the posterior's spread around it. Measured in README's Table 1 run (issue 13,
-    2026-12-02, its "mean and σ together" rows), mean / median landmark mm, SVI jointly -> MAP:
-    synthetic-4dct 0.185 / 0.163 -> 0.175 / 0.155, synthetic-dce 0.177 / 0.161 -> 0.178 / 0.156,
-    mni152-3.5mm seeds 1 / 2 1.88 / 1.42 -> 1.75 / 1.36 and 1.33 / 1.09 -> 1.32 / 1.04, mni152-2.5mm
-    seed 1 1.68 / 1.21 -> 1.61 / 1.17. From a network's posterior ``register.finetune_map_mean`` does the same and keeps the
-    network's σ (``benchmarks/probes.py finetune --set map``: 0.222 against 0.235 mm after 40 steps).
-    That fine-tuning moves the whitened mean by SGD with Nesterov momentum (``register.finetune_optimizer``,
-    step ``register.finetune_step()``, 0.0015) rather than Adam: Adam's first steps move every whitened
-    coordinate by about its step, gradient or not, and roughen a mean that is close already; SGD's
-    step follows the gradient (``benchmarks/probes.py finetune --set optimizer``, README).
+    the σ phase then fits the posterior's spread around it. From a network's posterior
+    ``register.finetune_map_mean`` does the same and keeps the network's σ; that fine-tuning moves the
+    whitened mean by SGD with Nesterov momentum (``register.finetune_optimizer``, step
+    ``register.finetune_step()``) rather than Adam, whose first steps move every whitened coordinate
+    by about its step, gradient or not, and roughen a mean that is close already.
 
     The σ phase (:func:`fit_scale`) follows a fit from zero; after fine-tuning a network's posterior
-    only with ``register.finetune_scale_phase``: there the σ the SVI steps fitted (from the network's)
-    had the better ELBO (``benchmarks/probes.py finetune --set sigma``, issue 14's 8 held-out groups,
-    20 steps: negative ELBO −0.418 against −0.397 per voxel after the reset and 5 σ steps, which also
-    took 3.08 instead of 1.98 s per group).
+    only with ``register.finetune_scale_phase``.
     """
     if group.steps <= 0:
         return start, None

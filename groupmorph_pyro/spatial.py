@@ -363,8 +363,7 @@ def resample_grid(volume: torch.Tensor, spatial_shape: Sequence[int], antialias:
         volume = _gaussian_blur(volume, [0.5 * r if r > 1 else 0.0 for r in ratios])
     # trilinear on a regular lattice: F.interpolate with align_corners=True puts new voxel i at old
     # i·(n_old − 1)/(n_new − 1), the same positions as sample() at these coordinates would, and its
-    # backward is a cheap scatter onto the lattice instead of grid_sample's general one (4.4× faster
-    # forward + backward when the squarings' displacement is moved back to the full grid, issue 13)
+    # backward is a cheap scatter onto the lattice instead of grid_sample's general one
     return F.interpolate(volume, size=new, mode="trilinear", align_corners=True)
 
 

@@ -276,9 +276,9 @@ def load_checkpoint(path, device="cpu") -> tuple[Config, GroupMorphGuide, dict]:
     try:
         state = torch.load(path, map_location=device, weights_only=False)
         saved = dict(state["config"])
-        # options a checkpoint written before them (2026-12-01 / -02) was trained without: the full grid, the lattice
+        # a checkpoint without these options was trained on the full grid, on the lattice, with weights in voxels
         saved["model"] = {"integration_downsize": 1, "jitter": False, **(saved.get("model") or {})}
-        saved["model"] = migrate_voxel_prior(saved["model"])  # and the prior's weights in voxels (-02)
+        saved["model"] = migrate_voxel_prior(saved["model"])
         cfg = Config.from_dict(saved, source=str(path))
         cfg.runtime = RuntimeConfig()
         guide = build_guide(cfg.model)
