@@ -49,7 +49,9 @@ def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
     version = _version(x)
     if version is not None and getattr(x, "_groupmorph_finite_version", None) == version:
         return x
-    if not torch.isfinite(x).all():
+    flat = x.reshape(-1) if x.is_contiguous() else x  # a view: read in pieces, so the test's temporaries stay small
+    pieces = range(0, flat.numel(), _FINITE_PIECE) if flat.dim() == 1 else [None]
+    if not all(bool(torch.isfinite(flat if i is None else flat[i:i + _FINITE_PIECE]).all()) for i in pieces):
         bad = int((~torch.isfinite(x)).sum())
         raise InputError(f"{name}: expected finite values, got {bad} NaN/inf entries")
     if version is not None:
@@ -58,6 +60,9 @@ def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
         except (AttributeError, RuntimeError):  # a tensor type that takes no attributes: checked each time
             pass
     return x
+
+
+_FINITE_PIECE = 1 << 24  # entries per piece of check_finite (torch.isfinite makes an |x| copy of what it reads)
 
 
 def _version(x: torch.Tensor):

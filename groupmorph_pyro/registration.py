@@ -38,7 +38,7 @@ from .spatial import control_factor, level_shape, resample_grid, resize_displace
 from .volumes import affine_spacing
 
 __all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "fit_case", "fit_pyramid", "fit_scale", "correlated_start", "prepare",
-           "fit_model", "level_model", "posterior_transform", "infer", "refine", "summarise", "add_posterior_samples",
+           "fit_model", "level_model", "posterior_transform", "infer", "refine", "nmi_report", "summarise", "add_posterior_samples",
            "register"]
 
 
@@ -48,7 +48,8 @@ class PreparedGroup:
 
     Attributes:
         images: ``(K, D, H, W)`` raw intensities (float32 numpy); raw: the same as a ``(1, K, D, H, W)`` tensor;
-        x: ``(1, K, D, H, W)`` normalised to [0, 1] (what the model and network see), on ``device``;
+        x: ``(1, K, D, H, W)`` normalised to [0, 1] (what the model and network see), on ``device``
+        (None once :func:`register` has no more use for it);
         config: the settings; model: the Pyro model; transform: its GroupTransform for ``fixed``
         (chunked for full-resolution grids); fixed: fixed timepoint (None in all-moving mode);
         steps: per-case SVI steps of the last phase (0: none); landmarks: ``(K, L, 3)`` voxels or None;
@@ -78,7 +79,7 @@ class PreparedGroup:
     @property
     def shape(self) -> tuple:
         """The image grid ``(D, H, W)``."""
-        return tuple(self.x.shape[2:])
+        return tuple(self.raw.shape[2:])
 
 
 @dataclass
@@ -538,8 +539,33 @@ def _resize_latents(loc: torch.Tensor, shape) -> torch.Tensor:
     return resize_displacement(loc.reshape(b * k_lat, 3, *loc.shape[3:]), shape).reshape(b, k_lat, 3, *shape)
 
 
+def nmi_report(group: PreparedGroup, disp: torch.Tensor, start: Posterior | None = None,
+               finetune: dict | None = None) -> dict:
+    """The group's mean pairwise NMI (``model.bins``, ``model.histogram``) on the normalised images:
+    ``{"before": unregistered, "after": warped by disp, "start": warped by the maps of the posterior a
+    fine-tuning started from (None without fine-tuning; "before" for a start from zero)}``.
+
+    Args:
+        disp: ``(1, K, 3, D, H, W)`` displacements of the posterior mean (voxels).
+    """
+    mcfg, t = group.config.model, group.transform
+    nmi = lambda d: float(group_nmi(t.warp(group.x, d), mcfg.bins, histogram=mcfg.histogram)[0])  # noqa: E731
+    with torch.no_grad():
+        report = {"before": float(group_nmi(group.x, mcfg.bins, histogram=mcfg.histogram)[0]), "after": nmi(disp),
+                  "start": None}
+        if finetune is not None:
+            report["start"] = report["before"] if _from_identity(start) else nmi(t.displacements(start.loc))
+    return report
+
+
+def _from_identity(start: Posterior) -> bool:
+    """Whether ``start`` is the start from zero (its maps are the identity)."""
+    return not compact(start.loc).any()
+
+
 def summarise(group: PreparedGroup, posterior: Posterior, disp: torch.Tensor, seconds: float,
-              amortized: bool, start: Posterior | None = None, finetune: dict | None = None) -> RegistrationResult:
+              amortized: bool, start: Posterior | None = None, finetune: dict | None = None,
+              nmi: dict | None = None) -> RegistrationResult:
     """Maps, inverse maps, det J and the warped group of the posterior mean, with the summary:
     NMI before/after, folding, settings, landmark distances and the fine-tuning report (compared with
     the ``start`` posterior it refined).
@@ -547,20 +573,19 @@ def summarise(group: PreparedGroup, posterior: Posterior, disp: torch.Tensor, se
     Args:
         disp: ``(1, K, 3, D, H, W)`` displacements of the posterior mean (voxels), already computed
             inside the timed section; seconds: the timed inference.
+        nmi: :func:`nmi_report` of these maps (None: computed here, which needs ``group.x``).
     """
     mcfg, t = group.config.model, group.transform
-    nmi = lambda d: float(group_nmi(t.warp(group.x, d), mcfg.bins, histogram=mcfg.histogram)[0])  # noqa: E731
     model = posterior.model or group.model
-    with torch.no_grad():  # NMI first: its warped group is freed before the other full-resolution outputs exist
-        nmi_before = float(group_nmi(group.x, mcfg.bins, histogram=mcfg.histogram)[0])
-        nmi_after = nmi(disp)
+    nmi = nmi or nmi_report(group, disp, start, finetune)
+    with torch.no_grad():  # one full-resolution output at a time, the inverse maps first
         inv = posterior_transform(group, posterior).inverse_displacements(posterior.loc, group.shape)
         warped = t.warp(group.raw, disp)[0]
         jac = t.jacobians(disp)[0]
     summary = {
         "seconds": seconds,
-        "nmi_before": nmi_before,
-        "nmi_after": nmi_after,
+        "nmi_before": nmi["before"],
+        "nmi_after": nmi["after"],
         "folding_percent": [folding_percent(j) for j in jac],
         "folding_percent_all": folding_percent(jac),
         "amortized": amortized,
@@ -587,26 +612,20 @@ def summarise(group: PreparedGroup, posterior: Posterior, disp: torch.Tensor, se
     return result
 
 
-def _finetune_report(group: PreparedGroup, start: Posterior, finetune: dict, nmi, summary: dict) -> dict:
+def _finetune_report(group: PreparedGroup, start: Posterior, finetune: dict, nmi: dict, summary: dict) -> dict:
     """What per-case refinement changed against the posterior it started from (NMI, landmarks)."""
     report = {key: finetune[key] for key in ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "diverged",
                                              "seconds", "guard_seconds", "map_mean", "optimizer")}
     for key in ("levels", "scale_phase"):  # coarse levels and the σ steps, each with its seconds
         if key in finetune:
             report[key] = finetune[key]
-    identity = not compact(start.loc).any()  # the start from zero: its maps are the identity, already reported
-    if identity:
-        nmi0 = summary["nmi_before"]
-    else:
-        with torch.no_grad():
-            disp0 = group.transform.displacements(start.loc)
-            nmi0 = nmi(disp0)
-    report.update(nmi_before=nmi0, nmi_after=summary["nmi_after"], nmi_gain=summary["nmi_after"] - nmi0)
+    report.update(nmi_before=nmi["start"], nmi_after=nmi["after"], nmi_gain=nmi["after"] - nmi["start"])
     if group.landmarks is not None:
-        if identity:
+        if _from_identity(start):  # the identity's landmarks are reported already
             before = summary["landmarks"]["identity"]
         else:
             with torch.no_grad():
+                disp0 = group.transform.displacements(start.loc)
                 inv0 = group.transform.inverse_displacements(start.loc)
             before = landmark_report(group.landmarks, disp0[0].cpu(), inv0[0].cpu(), group.spacing)["registered"]
         report.update(landmarks_before_mm=before["mean_mm"],
@@ -694,8 +713,11 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     if group.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - clock
-    say(f"inference took {seconds:.1f} s; computing inverse maps, det J and NMI")
-    result = summarise(group, posterior, disp, seconds, guide is not None, start, finetune)
+    say(f"inference took {seconds:.1f} s; computing NMI, inverse maps and det J")
+    nmi = nmi_report(group, disp, start, finetune)
+    if not samples:  # only sampling reads the normalised group again: free it before the outputs (memory)
+        group = dataclasses.replace(group, x=None)
+    result = summarise(group, posterior, disp, seconds, guide is not None, start, finetune, nmi)
     if samples:
         say(f"drawing {samples} posterior samples (uncertainty maps, landmark posterior)")
         add_posterior_samples(group, posterior, result, samples)

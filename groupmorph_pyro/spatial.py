@@ -228,6 +228,26 @@ def jacobian_determinant(disp: torch.Tensor, spacing: Sequence[float] = (1.0, 1.
     s = check_spacing(spacing)
     if min(disp.shape[2:]) < 2:
         raise InputError(f"jacobian_determinant: every grid axis needs >= 2 voxels, got {tuple(disp.shape[2:])}")
+    depth = disp.shape[2]
+    rows = max(1, _SLAB_VOXELS // max(1, disp.shape[0] * disp.shape[3] * disp.shape[4]))
+    if rows >= depth:
+        return _determinant(disp, s)
+    # slabs of `rows` slices along D, each with one neighbouring slice either side (where there is one):
+    # central differences inside a slab read the same voxels as on the whole grid, and the halo slices,
+    # whose one-sided differences differ, are cut off; the gradients' temporaries stay slab-sized
+    slabs = []
+    for start in range(0, depth, rows):
+        lo, hi = max(0, start - 1), min(depth, start + rows + 1)  # at least 2 slices
+        det = _determinant(disp[:, :, lo:hi], s)
+        slabs.append(det[:, start - lo:start - lo + min(rows, depth - start)])
+    return torch.cat(slabs, dim=1)
+
+
+_SLAB_VOXELS = 1 << 21  # voxels per slab of jacobian_determinant (its nine gradients are slab-sized temporaries)
+
+
+def _determinant(disp: torch.Tensor, s: tuple) -> torch.Tensor:
+    """det J of ``Id + disp`` on its whole grid (:func:`jacobian_determinant` without the checks and slabs)."""
     # grads[c][j] = d disp_c / d x_j, each (B, D, H, W)
     grads = [torch.gradient(disp[:, c], spacing=list(s), dim=(1, 2, 3), edge_order=1) for c in range(3)]
     j = [[grads[c][k] + (1.0 if c == k else 0.0) for k in range(3)] for c in range(3)]
@@ -266,15 +286,17 @@ def map_points(points: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
         points: ``(B, N, 3)`` voxel coordinates (0-based, tensor axis order D, H, W).
         disp: ``(B, 3, D, H, W)`` displacement in voxels.
     Returns:
-        ``(B, N, 3)`` mapped voxel coordinates.
+        ``(B, N, 3)`` mapped voxel coordinates in the promoted dtype of points and disp (the field is
+        interpolated in its own dtype, so float64 points on a float32 field copy no field).
     """
     _check_field("disp", disp)
     check_tensor("points", points, ndim=3, layout="(B, N, 3)")
     if points.shape[-1] != 3 or points.shape[0] != disp.shape[0]:
         raise InputError(f"map_points: expected points (B={disp.shape[0]}, N, 3), got {tuple(points.shape)}")
+    dtype = torch.promote_types(points.dtype, disp.dtype)
     coords = points.to(disp.dtype).permute(0, 2, 1)[..., None, None]  # (B, 3, N, 1, 1)
     values = sample(disp, coords)[..., 0, 0]  # (B, 3, N)
-    return points.to(disp.dtype) + values.permute(0, 2, 1)
+    return points.to(dtype) + values.permute(0, 2, 1).to(dtype)
 
 
 def level_shape(spatial_shape: Sequence[int], factor: int) -> tuple:

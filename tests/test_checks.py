@@ -49,3 +49,20 @@ def test_parameters_changed_by_an_optimiser_and_inference_mode_tensors_are_check
     for _ in range(2):
         with pytest.raises(InputError, match="3 NaN/inf"):
             check_finite("z", z)
+
+
+def test_the_check_reads_large_tensors_in_pieces_and_finds_a_nan_in_any_of_them(monkeypatch):
+    import groupmorph_pyro.checks as checks
+
+    monkeypatch.setattr(checks, "_FINITE_PIECE", 7)
+    x = torch.rand(5, 6, 4)
+    check_finite("x", x)
+    for index in [(0, 0, 0), (2, 3, 1), (4, 5, 3)]:  # first piece, a middle one, the last (short) one
+        y = x.clone()
+        y[index] = float("inf")
+        with pytest.raises(InputError, match="got 1 NaN/inf"):
+            check_finite("y", y)
+    z = x.clone().transpose(0, 2)  # not contiguous: read whole
+    z[1, 1, 1] = float("nan")
+    with pytest.raises(InputError, match="got 1 NaN/inf"):
+        check_finite("z", z)

@@ -193,6 +193,48 @@ def test_jacobian_determinant_of_a_smooth_field_equals_numpy_gradients():
     assert np.allclose(jac, np.linalg.det(m), atol=1e-10)
 
 
+def test_float64_points_on_a_float32_field_are_mapped_in_float64_without_copying_the_field():
+    """map_points interpolates the field in its own dtype and adds in the promoted one: float64 points on a
+    float32 field give float64 positions equal to the float64 computation to float32's rounding."""
+    from groupmorph_pyro.spatial import map_points
+
+    shape = (9, 7, 8)
+    p = _coords(shape)
+    u = np.stack([0.3 * np.sin(p[1] / 2) * p[2] / 8, 0.2 * np.cos(p[0] / 3 + p[2] / 4), 0.25 * np.sin(p[0] * p[1] / 20)])
+    points = torch.tensor([[[1.25, 2.5, 3.75], [7.9, 0.1, 6.5], [4.0, 3.0, 2.0]]], dtype=torch.float64)
+    exact = map_points(points, torch.from_numpy(u)[None])
+    mixed = map_points(points, torch.from_numpy(u.astype(np.float32))[None])
+    assert mixed.dtype == torch.float64
+    assert torch.allclose(mixed, exact, atol=1e-6)
+    fine = points + 1e-9  # not representable in float32: a zero float32 field must return them exactly
+    assert torch.equal(map_points(fine, torch.zeros(1, 3, *shape)), fine)
+
+
+@pytest.mark.parametrize("slab_voxels", [2 * 56, 4 * 56, 6 * 56, 8 * 56])  # slabs of 1, 2, 3, 4 slices (B = 2 of 7×8)
+def test_jacobian_determinant_in_slabs_equals_numpy_gradients_of_the_whole_grid(monkeypatch, slab_voxels):
+    """Large grids are computed slab by slab along D (bounded temporaries); every slab size, the last
+    slab short or not, gives the whole grid's central and border differences."""
+    import groupmorph_pyro.spatial as spatial
+
+    shape = (9, 7, 8)
+    p = _coords(shape)
+    u = np.stack([0.3 * np.sin(p[1] / 2) * p[2] / 8 + 0.1 * p[0] ** 2 / 9,
+                  0.2 * np.cos(p[0] / 3 + p[2] / 4), 0.25 * np.sin(p[0] * p[1] / 20)])
+    batch = np.stack([u, -0.5 * u])
+    monkeypatch.setattr(spatial, "_SLAB_VOXELS", slab_voxels)
+    jac = jacobian_determinant(torch.from_numpy(batch)).numpy()
+    for b in range(2):
+        g = np.array([np.gradient(batch[b, c], edge_order=1) for c in range(3)])
+        m = np.moveaxis(g, (0, 1), (-2, -1)) + np.eye(3)
+        assert np.allclose(jac[b], np.linalg.det(m), atol=1e-10)
+    disp = torch.from_numpy(batch).requires_grad_(True)  # the slabs keep autograd's graph
+    jacobian_determinant(disp).sum().backward()
+    monkeypatch.setattr(spatial, "_SLAB_VOXELS", 1 << 21)
+    whole = torch.from_numpy(batch).requires_grad_(True)
+    jacobian_determinant(whole).sum().backward()
+    assert torch.allclose(disp.grad, whole.grad, atol=1e-12)
+
+
 @pytest.mark.parametrize("downsize, shape, centre", [(1, (21, 21, 21), (10.0, 10.0, 10.0)),
                                                      (2, (21, 17, 25), (10.0, 8.0, 12.0)),
                                                      (3, (21, 17, 25), (10.0, 8.0, 12.0))])
