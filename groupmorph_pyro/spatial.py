@@ -67,16 +67,19 @@ def sample(volume: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear") -
             f"sample: expected volume (B, C, D, H, W) and coords (B, 3, d, h, w), "
             f"got {tuple(volume.shape)} and {tuple(coords.shape)}"
         )
-    sizes = volume.shape[2:]
-    norm = []
-    for c, n in enumerate(sizes):
+    return _sample_at(volume, lambda c: coords[:, c], coords.shape[2:], mode)
+
+
+def _sample_at(volume: torch.Tensor, coordinate, out_shape, mode: str) -> torch.Tensor:
+    """:func:`sample` at the voxel coordinates ``coordinate(c)`` ``(B, *out_shape)`` along each axis c,
+    written straight into grid_sample's grid, so only one axis's coordinates exist apart from it."""
+    # grid_sample wants (B, d, h, w, 3) ordered (x=W, y=H, z=D)
+    grid = volume.new_empty((volume.shape[0], *out_shape, 3))
+    for c, n in enumerate(volume.shape[2:]):
         # align_corners=True: index 0 -> -1, index n-1 -> +1 (a size-1 axis maps everything to 0).
         scale = 2.0 / (n - 1) if n > 1 else 0.0
-        norm.append(coords[:, c] * scale - (1.0 if n > 1 else 0.0))
-    # grid_sample wants (B, d, h, w, 3) ordered (x=W, y=H, z=D).
-    grid = torch.stack(norm[::-1], dim=-1)
-    del norm  # not needed by autograd; frees B·3 volumes before grid_sample
-    return F.grid_sample(volume, grid.to(volume.dtype), mode=mode, padding_mode="border", align_corners=True)
+        grid[..., 2 - c] = coordinate(c) * scale - (1.0 if n > 1 else 0.0)
+    return F.grid_sample(volume, grid, mode=mode, padding_mode="border", align_corners=True)
 
 
 def shift_field(field: torch.Tensor, delta: Sequence[float], check: bool = True) -> torch.Tensor:
@@ -147,8 +150,10 @@ def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", check:
 
 def _warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """:func:`warp` without input validation (internal hot path)."""
-    grid = identity_grid(disp.shape[2:], device=disp.device, dtype=disp.dtype)
-    return sample(image, grid + disp, mode=mode)
+    shape = disp.shape[2:]
+    axes = [torch.arange(n, device=disp.device, dtype=disp.dtype).view([-1 if a == c else 1 for a in range(3)])
+            for c, n in enumerate(shape)]  # the identity's coordinate along each axis, broadcast
+    return _sample_at(image, lambda c: disp[:, c] + axes[c], shape, mode)
 
 
 def compose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -381,8 +386,15 @@ def resample_grid(volume: torch.Tensor, spatial_shape: Sequence[int], antialias:
     if new == tuple(old):
         return volume
     ratios = [(o - 1) / (n - 1) if n > 1 else 0.0 for o, n in zip(old, new)]
+    sigmas = [0.5 * r if r > 1 else 0.0 for r in ratios]
+    if antialias and any(sigmas) and volume.shape[0] * volume.shape[1] > 1:
+        # one (1, 1, D, H, W) volume at a time: the blur's temporaries (padded lines, the convolution's
+        # buffers) stay one volume's size, and the coarse results are small
+        b, c = volume.shape[:2]
+        parts = [resample_grid(v, new, antialias) for v in volume.reshape(b * c, 1, *old).split(1)]
+        return torch.cat(parts).reshape(b, c, *new)
     if antialias:
-        volume = _gaussian_blur(volume, [0.5 * r if r > 1 else 0.0 for r in ratios])
+        volume = _gaussian_blur(volume, sigmas)
     # trilinear on a regular lattice: F.interpolate with align_corners=True puts new voxel i at old
     # i·(n_old − 1)/(n_new − 1), the same positions as sample() at these coordinates would, and its
     # backward is a cheap scatter onto the lattice instead of grid_sample's general one

@@ -46,3 +46,15 @@ def test_readme_is_short_and_keeps_its_two_setup_commands():
     assert len(text.splitlines()) <= 250
     assert "pip install torch==2.13.0 && .venv/bin/pip install -e '.[test]' && .venv/bin/groupmorph demo" in text
     assert ".venv/bin/python -m pytest -q" in text
+
+
+@pytest.mark.parametrize("folder", ["groupmorph_pyro", "configs", "benchmarks"])
+def test_code_and_configs_describe_what_is_without_dates(folder):
+    """Comments, docstrings and config comments say what a setting does; when it changed is CHANGELOG.md's."""
+    found = []
+    for path in sorted((ROOT / folder).glob("*.*")):
+        if path.suffix in (".py", ".yaml", ".md"):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if re.search(r"\b20\d\d-\d\d-\d\d\b", line):
+                    found.append(f"{path.relative_to(ROOT)}:{number}")
+    assert not found, f"dates in {found}"
