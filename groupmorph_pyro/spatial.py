@@ -385,13 +385,19 @@ def resample_grid(volume: torch.Tensor, spatial_shape: Sequence[int], antialias:
         raise InputError(f"resample_grid: expected a 3D shape of positive sizes, got {spatial_shape!r}")
     if new == tuple(old):
         return volume
+    return _resample(volume, new, antialias)
+
+
+def _resample(volume: torch.Tensor, new: tuple, antialias: bool) -> torch.Tensor:
+    """:func:`resample_grid` of a checked volume onto another grid ``new``."""
+    old = tuple(volume.shape[2:])
     ratios = [(o - 1) / (n - 1) if n > 1 else 0.0 for o, n in zip(old, new)]
     sigmas = [0.5 * r if r > 1 else 0.0 for r in ratios]
     if antialias and any(sigmas) and volume.shape[0] * volume.shape[1] > 1:
         # one (1, 1, D, H, W) volume at a time: the blur's temporaries (padded lines, the convolution's
         # buffers) stay one volume's size, and the coarse results are small
         b, c = volume.shape[:2]
-        parts = [resample_grid(v, new, antialias) for v in volume.reshape(b * c, 1, *old).split(1)]
+        parts = [_resample(v, new, antialias) for v in volume.reshape(b * c, 1, *old).split(1)]
         return torch.cat(parts).reshape(b, c, *new)
     if antialias:
         volume = _gaussian_blur(volume, sigmas)
