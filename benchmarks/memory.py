@@ -112,10 +112,16 @@ def run_variant(args, images_path: Path, window: list) -> dict:
     spec = {"images": str(images_path), "landmarks": str(images_path.with_name("landmarks.npy")),
             "affine": args.affine, "window": window, "device": args.device, "threads": args.threads,
             "histogram": args.histogram, "per_case_steps": args.per_case_steps}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    return run_child(__file__, spec)
+
+
+def run_child(script: str, spec: dict) -> dict:
+    """Run ``script --child SPEC`` in a fresh Python process and return the JSON of its last stdout line,
+    or ``{"failed": why, "returncode": rc}`` (a process killed by the kernel reads as out of memory)."""
+    proc = subprocess.run([sys.executable, script, "--child", json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
         killed = proc.returncode < 0 or "out of memory" in proc.stderr.lower()
-        return {"failed": "killed (out of memory?)" if killed else proc.stderr.strip().splitlines()[-1:],
+        return {"failed": "killed (out of memory?)" if killed else "; ".join(proc.stderr.strip().splitlines()[-1:]),
                 "returncode": proc.returncode}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

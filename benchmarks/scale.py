@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: memory.py's reader of the process's memory
-from memory import memory_bytes  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: memory.py's child runner and memory reader
+from memory import memory_bytes, run_child  # noqa: E402
 
 DEFAULT_CASES = ["phantom-64x64x48-k6", "phantom-64x64x48-k10", "mni152-2.5mm", "mni152-1.5mm", "mni152-1.0mm",
                  "phantom-256x256x96-k10"]
@@ -100,15 +100,6 @@ def child(spec: dict) -> dict:
         out["latent_grid"] = res.summary["latent_grid"]
         out["control_factor"] = res.summary["control_factor"]
     return out
-
-
-def run_child(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        killed = proc.returncode < 0 or "out of memory" in proc.stderr.lower()
-        return {"failed": "killed (out of memory?)" if killed else "; ".join(proc.stderr.strip().splitlines()[-1:]),
-                "returncode": proc.returncode}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _commit() -> str:
@@ -203,7 +194,7 @@ def main(argv=None) -> dict:
                 spec = {"images": str(folder / "images.npy"), "landmarks": str(folder / "landmarks.npy"),
                         "spacing": list(spacing), "method": method, "threads": args.threads, "settings": settings,
                         "elastix": elastix, "ants": ants}
-                run = {"case": case, "method": method, "timepoints": k, "voxels": voxels, **run_child(spec)}
+                run = {"case": case, "method": method, "timepoints": k, "voxels": voxels, **run_child(__file__, spec)}
                 report["runs"].append(run)
                 print(json.dumps(run), flush=True)
                 write_json(out / "scale.json", report)  # after every run: a long benchmark keeps what it measured
