@@ -42,7 +42,8 @@ __all__ = [
     "parzen_weights", "bspline_weights", "joint_histograms", "nmi", "mutual_information", "lncc", "ssd", "group_nmi",
     "HISTOGRAMS",
     "SIMILARITIES", "REDUCTIONS", "GroupSimilarity", "GroupNMI", "check_likelihood",
-    "ORDER_FREE", "SubsampledLikelihood", "subsample_likelihood", "sampled_log_likelihood",
+    "ORDER_FREE", "SubsampledLikelihood", "subsample_likelihood", "sampled_log_likelihood", "is_order_free",
+    "check_order_free",
 ]
 
 _EPS = 1e-10
@@ -402,6 +403,21 @@ class GroupNMI(GroupSimilarity):
         return group_nmi(warped, **self.options)  # shares Parzen weights across pairs
 
 
+def is_order_free(likelihood) -> bool:
+    """Whether ``likelihood`` is a :class:`GroupSimilarity` whose similarity is in :data:`ORDER_FREE`
+    (it ignores where the voxels are, so a random subset of them estimates it)."""
+    return isinstance(likelihood, GroupSimilarity) and bool(getattr(likelihood, "order_free", False))
+
+
+def check_order_free(likelihood, what: str):
+    """``likelihood`` if :func:`is_order_free`, else an InputError naming ``what`` needed it."""
+    if not is_order_free(likelihood):
+        name = getattr(likelihood, "name", type(likelihood).__name__)
+        raise InputError(f"{what}: expected a GroupSimilarity with a similarity in {ORDER_FREE} "
+                         f"(they ignore where voxels are), got {name!r}")
+    return likelihood
+
+
 class SubsampledLikelihood:
     """Stochastic estimate of a group likelihood from ``voxels`` voxels drawn at random (uniformly,
     with replacement; a new draw per call from torch's global generator, so Pyro's seed fixes it).
@@ -418,10 +434,7 @@ class SubsampledLikelihood:
     """
 
     def __init__(self, likelihood: GroupSimilarity, voxels: int):
-        if not getattr(likelihood, "order_free", False):
-            name = getattr(likelihood, "name", type(likelihood).__name__)
-            raise InputError(f"subsampled likelihood: expected a GroupSimilarity with a similarity in {ORDER_FREE} "
-                             f"(they ignore where voxels are), got {name!r}")
+        check_order_free(likelihood, "subsampled likelihood")
         self.likelihood, self.voxels = likelihood, check_integer("voxels", voxels, 1)
 
     def __call__(self, warped: torch.Tensor) -> torch.Tensor:
@@ -446,10 +459,7 @@ def sampled_log_likelihood(likelihood: GroupSimilarity, values: torch.Tensor, vo
     Returns:
         ``(B,)`` log-likelihood estimate.
     """
-    if not getattr(likelihood, "order_free", False) or not isinstance(likelihood, GroupSimilarity):
-        name = getattr(likelihood, "name", type(likelihood).__name__)
-        raise InputError(f"sampled likelihood: expected a GroupSimilarity with a similarity in {ORDER_FREE} "
-                         f"(they ignore where voxels are), got {name!r}")
+    check_order_free(likelihood, "sampled likelihood")
     if not isinstance(values, torch.Tensor) or values.dim() != 3 or values.shape[1] < 2:
         raise InputError(f"sampled likelihood: expected values (B, K >= 2, S), got "
                          f"{tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__}")
@@ -461,7 +471,7 @@ def subsample_likelihood(likelihood, voxels: int):
     """``likelihood`` estimated on ``voxels`` random voxels per call (:class:`SubsampledLikelihood`)
     when it allows it; returned unchanged when ``voxels`` is 0 or the likelihood is not a
     :class:`GroupSimilarity` in :data:`ORDER_FREE` (custom callables, LNCC)."""
-    if not voxels or not getattr(likelihood, "order_free", False):
+    if not voxels or not is_order_free(likelihood):
         return likelihood
     return SubsampledLikelihood(likelihood, voxels)
 

@@ -20,7 +20,8 @@ from pyro.nn import PyroModule, PyroParam
 
 from .checks import InputError, check_arity, check_bool, check_integer, check_positive, check_tensor
 from .group import GroupTransform, check_mode, latent_indices, relative_to_fixed, timepoints_per_batch, warp_group
-from .likelihoods import ORDER_FREE, GroupNMI, GroupSimilarity, check_likelihood, sampled_log_likelihood
+from .likelihoods import (ORDER_FREE, GroupNMI, GroupSimilarity, check_likelihood, is_order_free,
+                          sampled_log_likelihood)
 from .networks import UNet3D, check_compile, check_precision, network_autocast
 from .preprocess import crop_to_shape, pad_to_multiple
 from .priors import (CorrelatedNormal, DCTGaussianField, LaplacianNormal, compact, control_grid_options, dct3, idct3,
@@ -124,7 +125,7 @@ class GroupMorphModel(PyroModule):
             check_likelihood(likelihood)
         self.prior = prior or make_prior("laplacian")
         self.likelihood = likelihood or GroupNMI()
-        if self.points and not getattr(self.likelihood, "order_free", False):
+        if self.points and not is_order_free(self.likelihood):
             raise InputError(f"points: a likelihood read at sample points needs a similarity in {ORDER_FREE}, got "
                              f"{getattr(self.likelihood, 'name', type(self.likelihood).__name__)!r}")
         self.record_deterministic = False  # set by posterior sampling: adds "displacement" and "jacobian" sites

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .checks import InputError, check_integer
 from .config import FINETUNE_LR, Config, RegisterConfig
 from .group import GroupTransform
-from .likelihoods import group_nmi, subsample_likelihood
+from .likelihoods import group_nmi, is_order_free, subsample_likelihood
 from .metrics import folding_percent, landmark_report
 from .model import (CaseGuide, GroupMorphGuide, GroupMorphModel, build_model, chunked_elbo_loss, chunked_map_loss,
                     has_map_loss, latent_chunk, map_loss, serve_guide)
@@ -292,7 +292,7 @@ def fit_model(model: GroupMorphModel, config: Config, shape, spacing, from_zero:
     for likelihoods that need whole images (``lncc``, custom ones) or ``register.likelihood_voxels``, and
     for priors registered without spacing exponents."""
     factor = control_factor(shape, config.register.fit_voxels) if from_zero else 1
-    if (factor == 1 or not getattr(model.likelihood, "order_free", False) or config.register.likelihood_voxels
+    if (factor == 1 or not is_order_free(model.likelihood) or config.register.likelihood_voxels
             or config.model.prior not in SPACING_EXPONENTS):
         return model
     return build_model(config.model, likelihood=model.likelihood, spacing=spacing, control_factor=factor,
