@@ -6,35 +6,33 @@ central 90% posterior interval (coverage; 0.90 = honest), over all voxels and in
 (lung) region, together with the landmark error. All-to-one with fixed timepoint 0, whose true
 map is the identity, so the truth for timepoint k is exp(−v_k).
 
-    python benchmarks/calibration.py --betas 1 5 20 --samples 40                 # the per-case engine's defaults
-    python benchmarks/calibration.py --betas 5 --engine legacy --out before.json  # the legacy engine (below)
+    python benchmarks/calibration.py --betas 1 5 20 --samples 40                 # the package defaults
+    python benchmarks/calibration.py --betas 5 --set covariance=diagonal          # a register setting
     python benchmarks/calibration.py --betas 5 --model prior=laplacian histogram=gaussian  # the paper's prior
 
-``--engine legacy`` is the per-case engine as it was before the coarse-to-fine schedule: 100
-full-resolution Adam steps at a constant lr 0.2, no iterate averaging, no pyramid, with the Laplacian
-prior and the Gaussian Parzen histogram (the package defaults are the bending prior and the quadratic B-spline window).
+``--out`` writes ``{"command", "commit", "machine", "started", "finished", "rows"}``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
-import numpy as np
 import pyro
 import torch
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: provenance.py
+from provenance import now, record  # noqa: E402
+
 from groupmorph_pyro.config import Config
+from groupmorph_pyro.files import write_json
 from groupmorph_pyro.posterior import sample_posterior
 from groupmorph_pyro.registration import infer, prepare, refine
 from groupmorph_pyro.metrics import landmark_distances, summarize_distances
 from groupmorph_pyro.spatial import integrate_velocity
 from groupmorph_pyro.synthetic import breathing_phantom
-
-
-LEGACY = {"pyramid": [1], "lr": 0.2, "schedule": "constant", "average": 0.0, "steps": 100, "patience": 0, "scale_steps": 0,
-          "covariance": "diagonal", "guard_particles": 8, "map_mean": False}
 
 
 def coverage(samples: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor, level: float = 0.9) -> float:
@@ -54,16 +52,16 @@ def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--betas", type=float, nargs="+", default=[1.0, 5.0, 20.0])
     p.add_argument("--samples", type=int, default=40)
-    p.add_argument("--steps", type=int, help="full-resolution SVI steps (default: the engine's)")
-    p.add_argument("--engine", choices=["default", "legacy"], default="default")
+    p.add_argument("--steps", type=int, help="full-resolution SVI steps (default: register.steps)")
     p.add_argument("--seed", type=int, default=0, help="seeds Pyro's random streams before each β (reproducible rows)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="register settings on top of the engine's, e.g. scale_lr=0.1 lr=0.5")
+                   help="register settings on top of the defaults, e.g. covariance=diagonal lr=0.5")
     p.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
                    help="model settings on top of the defaults, e.g. prior=laplacian histogram=gaussian")
     p.add_argument("--size", type=int, default=48)
-    p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument("--out", help="write the rows, with the command, commit and machine, as JSON here")
     args = p.parse_args(argv)
+    stamp = record("calibration.py", argv)
 
     g = breathing_phantom((args.size,) * 3, 4, seed=1)
     truth = integrate_velocity(-torch.from_numpy(g.velocities))[1:]  # (K-1, 3, D, H, W), timepoints 1..K-1
@@ -71,13 +69,11 @@ def main(argv=None) -> list:
     everywhere = torch.ones_like(moving)
     rows = []
     for beta in args.betas:
-        register = dict(LEGACY) if args.engine == "legacy" else {}
+        register = {}
         if args.steps is not None:
             register["steps"] = args.steps
         register.update(_key_values(args.set))
         model = {"num_timepoints": 4, "beta": beta, **_key_values(args.model)}
-        if args.engine == "legacy":
-            model.update(prior="laplacian", histogram="gaussian", integration_downsize=1, jitter=False)  # that engine's model
         cfg = Config.from_dict({"model": model, "register": register}, "--set")
         pyro.set_rng_seed(args.seed)
         group = prepare(g.images, cfg, fixed=0, affine=g.affine)  # the phantom's voxel size (the prior's weights are per mm)
@@ -90,7 +86,7 @@ def main(argv=None) -> list:
             transform = model.transform(0)
             d, inv = transform.displacements(mean_loc)[0], transform.inverse_displacements(mean_loc)[0]
         lm = summarize_distances(landmark_distances(g.landmarks, d, inv, g.spacing))
-        row = {"beta": beta, "engine": args.engine, "set": args.set,
+        row = {"beta": beta, "set": args.set,
                "model": {"prior": cfg.model.prior, "histogram": cfg.model.histogram}, "coverage90_all": coverage(disp, truth.double(), everywhere),
                "coverage90_moving": coverage(disp, truth.double(), moving),
                "mean_sd_voxels": float(disp.std(0).mean()), "landmark_mm": lm["mean_mm"],
@@ -104,8 +100,7 @@ def main(argv=None) -> list:
         print(f"| {r['beta']:g} | {r['coverage90_all']:.3f} | {r['coverage90_moving']:.3f} | "
               f"{r['mean_sd_voxels']:.3f} | {r['landmark_mm']:.2f} |")
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(rows, fh, indent=2)
+        write_json(args.out, {**stamp, "finished": now(), "rows": rows})
     return rows
 
 

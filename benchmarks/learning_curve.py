@@ -23,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: provenance.py
+from provenance import now, record  # noqa: E402
+
 from groupmorph_pyro.config import load_config
 from groupmorph_pyro.files import write_json
 from groupmorph_pyro.metrics import landmark_distances
@@ -93,6 +96,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
+    stamp = record("learning_curve.py", argv)
     cfg = load_config(args.config)
     out = Path(args.out)
     cfg.train.output_dir = str(out / "train")
@@ -116,7 +120,7 @@ def main(argv=None) -> dict:
             elastix = False
     refs = references(cfg, elastix, guide.eval(), args.finetune_steps)
     write_validation(out / "learning_curve.csv", curve)
-    summary = {"config": args.config, "iterations": cfg.train.iterations, "train_seconds_this_run": train_seconds,
+    summary = {**stamp, "finished": now(), "config": args.config, "settings": cfg.to_dict(), "iterations": cfg.train.iterations, "train_seconds_this_run": train_seconds,
                "heldout": cfg.data.validation, "references": refs, "final": curve[-1]}
     write_json(out / "references.json", summary)
     learning_curve_figure(out / "learning_curve.png", [r["iteration"] for r in curve], [r["val_landmark_mm"] for r in curve],

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: provenance.py
+from provenance import now, record  # noqa: E402
 
 VARIANTS = {  # name -> register.window ([] = whole volume in one network pass; None: no network, per-case SVI)
     "tiles 96³": [96, 96, 96],
@@ -82,7 +84,6 @@ def child(spec: dict) -> dict:
         guide = None
         steps = spec["per_case_steps"]
         cfg.register.steps = cfg.register.coarse_steps = steps
-        cfg.register.scale_steps = min(cfg.register.scale_steps, steps)
     else:
         cfg.register.window = list(spec["window"])
         guide = build_guide(cfg.model)
@@ -158,7 +159,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     group = breathing_phantom(tuple(args.shape), args.timepoints, seed=1, num_landmarks=10)
     input_gib = group.images.astype(np.float32).nbytes / 2**30
-    report = {"device": args.device, "host": platform.processor() or platform.machine(), "shape": list(args.shape),
+    report = {**record("memory.py", argv, args.threads), "device": args.device, "shape": list(args.shape),
               "timepoints": args.timepoints, "histogram": args.histogram, "input_gib": input_gib,
               "per_case_steps": args.per_case_steps, "variants": {}}
     with tempfile.TemporaryDirectory(dir=out) as tmp:
@@ -172,6 +173,7 @@ def main(argv=None) -> dict:
             if "peak_gib" in r:
                 r["peak_over_input"] = r["peak_gib"] / input_gib
             report["variants"][name] = r
+    report["finished"] = now()
     write_json(out / "memory.json", report)
     what = "peak allocated GPU memory" if args.device.startswith("cuda") else "peak resident memory added by register (CPU)"
     print(f"K={args.timepoints}, {'x'.join(map(str, args.shape))}, {args.histogram} histogram, inputs {input_gib:.2f} GiB; "

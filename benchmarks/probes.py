@@ -3,16 +3,15 @@
 ``per-case``: per-case registration (no network) of Table 1's two phantoms (``synthetic-4dct``:
 ``breathing_phantom`` 48³ seed 1, 75 landmarks; ``synthetic-dce``: ``dce_phantom`` 48×48×32 seed 2, 30
 landmarks; K = 4, fixed timepoint 0) under setting variants on top of a base (``--base``, e.g.
-``model.jitter=false register.map_mean=false``): mean / median / p95 landmark error
+``model.jitter=false register.pyramid=[1]``): mean / median / p95 landmark error
 (mm, the pairs (0, k)), seconds, folding. ``--set gap`` (the default): the accuracy probes of the
 phantom gap; ``--set speed``: per-case speed knobs (fewer coarse or full-resolution steps, fewer guard
-particles, a deeper pyramid, a subsampled likelihood, the integration grid, the template reduction).
+particles, a deeper pyramid, the integration grid, the template reduction).
 
 ``finetune``: a trained network's held-out groups (as ``learning_curve.py``: ``--heldout`` phantoms of
 the config's training kind from ``--heldout-seed``, group j fixed at timepoint j mod K), fine-tuned under
-variants of ``register.*`` (``--set lr``: ``finetune_lr``, ``schedule``; ``sigma``: ``finetune_scale_phase``;
-``map``: ``finetune_map_mean``, with per-case rows from zero for reference; ``optimizer``:
-``finetune_optimizer`` Adam or SGD and its step, with the per-case row) and step counts:
+variants of ``register.*`` (``--set lr``: SGD's step ``finetune_lr`` and ``schedule``, with the
+per-case row from zero for reference) and step counts:
 mean landmark error, seconds per group, how many fits the ELBO guard kept, the final negative ELBO per
 voxel and the posterior sd (median over voxels, voxels).
 
@@ -22,7 +21,7 @@ K = 4) and, where nilearn is installed, ``mni152-3.5mm`` (seed 1).
 
 Each writes ``<out>/probes-<command>.json`` and prints one JSON line per row.
 
-    python benchmarks/probes.py per-case --out runs/probes-gap --base model.jitter=false register.map_mean=false
+    python benchmarks/probes.py per-case --out runs/probes-gap --base model.jitter=false
     python benchmarks/probes.py per-case --set speed --out runs/probes-speed
     python benchmarks/probes.py finetune --config configs/cpu_small_moving_defaults.yaml --checkpoint runs/lcd/train/last.pt --out OUT
     python benchmarks/probes.py step-cost --out OUT
@@ -42,6 +41,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learning_curve import all_to_one, heldout_kwargs  # noqa: E402
+from provenance import now, record  # noqa: E402
 
 from groupmorph_pyro.checks import InputError  # noqa: E402
 from groupmorph_pyro.config import Config, load_config  # noqa: E402
@@ -69,50 +69,21 @@ PER_CASE_SPEED_VARIANTS = {
     "30 full-resolution steps": ["register.steps=30"],
     "2 guard particles": ["register.guard_particles=2"],
     "pyramid 4-2-1": ["register.pyramid=[4, 2, 1]"],
-    "65536 likelihood voxels": ["register.likelihood_voxels=65536"],
     "integration on a 2x coarser grid": ["model.integration_downsize=2"],
     "integration on the full grid": ["model.integration_downsize=1"],
     "template reduction": ["model.reduction=template"],
 }
 PER_CASE_SETS = {"gap": PER_CASE_VARIANTS, "speed": PER_CASE_SPEED_VARIANTS}
-ADAM = "register.finetune_optimizer=adam"  # rows that fine-tune by Adam rather than the default SGD
-# Fine-tuning a network's posterior: step sizes, optimisers, MAP mean, σ phase (--set ...): (variant, steps).
+# Fine-tuning a network's posterior (--set lr): SGD's peak step and the step count, with the per-case
+# row from zero for reference: (variant, steps; None = per-case from zero).
 FINETUNE_VARIANTS = {
-    "lr 0.1": ([ADAM, "register.finetune_lr=0.1"], 20),
-    "lr 0.2": ([ADAM, "register.finetune_lr=0.2"], 20),
-    "lr 0.3": ([ADAM, "register.finetune_lr=0.3"], 20),
-    "lr 0.5": ([ADAM, "register.finetune_lr=0.5"], 20),
-    "lr 1.0": ([ADAM, "register.finetune_lr=1.0"], 20),
-    "lr 0.3, 30 steps": ([ADAM, "register.finetune_lr=0.3"], 30),
-    "lr 0.4, 30 steps": ([ADAM, "register.finetune_lr=0.4"], 30),
-    "lr 0.3, 40 steps": ([ADAM, "register.finetune_lr=0.3"], 40),
-    "lr 0.3, constant schedule": ([ADAM, "register.finetune_lr=0.3", "register.schedule=constant"], 20),
-    "lr 0.1, 10 steps": ([ADAM, "register.finetune_lr=0.1"], 10),
-    "lr 0.3, 10 steps": ([ADAM, "register.finetune_lr=0.3"], 10),
-}
-SIGMA_PHASE_VARIANTS = {  # after fine-tuning: the σ phase or not (register.finetune_scale_phase)
-    "sigma phase": (["register.finetune_scale_phase=true"], 20),
-    "no sigma phase": (["register.finetune_scale_phase=false"], 20),
-}
-MAP = "register.finetune_map_mean=true"
-MAP_VARIANTS = {  # fine-tuning with a point-estimate mean (register.finetune_map_mean) or SVI; steps None = per-case from zero
-    "per-case from zero, MAP mean": (["register.map_mean=true"], None),
-    "per-case from zero, mean and sigma together": (["register.map_mean=false"], None),
-    "SVI, 30 steps": (["register.finetune_map_mean=false", ADAM], 30),
-    "SVI, 40 steps": (["register.finetune_map_mean=false", ADAM], 40),
-    "MAP mean, 30 steps": ([MAP, ADAM], 30),
-    "MAP mean, 40 steps": ([MAP, ADAM], 40),
-    "MAP mean, lr 0.5, 40 steps": ([MAP, ADAM, "register.finetune_lr=0.5"], 40),
-}
-OPTIMIZER_VARIANTS = {  # the MAP mean's optimiser when fine-tuning (register.finetune_optimizer) and its step
     "per-case from zero (defaults)": ([], None),
-    "Adam 0.3, 30 steps": ([MAP, ADAM, "register.finetune_lr=0.3"], 30),
-    "Adam 0.3, 40 steps": ([MAP, ADAM, "register.finetune_lr=0.3"], 40),
-    **{f"SGD {lr}, {n} steps": ([MAP, "register.finetune_optimizer=sgd", f"register.finetune_lr={lr}"], n)
-       for lr, n in ((0.001, 30), (0.001, 40), (0.0015, 30), (0.0015, 40), (0.002, 20), (0.002, 30), (0.002, 35),
+    **{f"SGD {lr}, {n} steps": ([f"register.finetune_lr={lr}"], n)
+       for lr, n in ((0.001, 30), (0.001, 40), (0.0015, 20), (0.0015, 30), (0.0015, 40), (0.002, 20), (0.002, 30),
                      (0.002, 40), (0.003, 30))},
+    "SGD 0.0015, 30 steps, constant schedule": (["register.finetune_lr=0.0015", "register.schedule=constant"], 30),
 }
-SETS = {"lr": FINETUNE_VARIANTS, "sigma": SIGMA_PHASE_VARIANTS, "map": MAP_VARIANTS, "optimizer": OPTIMIZER_VARIANTS}
+SETS = {"lr": FINETUNE_VARIANTS}
 
 
 def with_settings(cfg: Config, settings) -> Config:
@@ -243,8 +214,7 @@ def main(argv=None) -> list:
     b = sub.add_parser("finetune", help="fine-tuning variants on a trained network's held-out groups")
     b.add_argument("--config", required=True)
     b.add_argument("--checkpoint", required=True)
-    b.add_argument("--set", choices=list(SETS), default="lr", help="lr: the step sweep; sigma: the σ phase or not; map: a MAP mean or SVI (and per-case rows); "
-                   "optimizer: the MAP mean's optimiser when fine-tuning, Adam or SGD, and its step")
+    b.add_argument("--set", choices=list(SETS), default="lr", help="lr: SGD's step and step count when fine-tuning (and the per-case row)")
     b.add_argument("--heldout", type=int, default=8)
     b.add_argument("--heldout-seed", type=int, default=10000)
     c = sub.add_parser("step-cost", help="seconds per per-case SVI step, jitter on and off")
@@ -269,12 +239,13 @@ def main(argv=None) -> list:
     except InputError as err:
         p.error(str(err))
     torch.set_num_threads(args.threads)
+    stamp = record("probes.py", argv, args.threads)
     rows = {"per-case": per_case, "finetune": finetune, "step-cost": step_cost}[args.command](args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     named = args.command == "finetune" or (args.command == "per-case" and args.set != "gap")
     write_json(out / f"probes-{args.command}{'-' + args.set if named else ''}.json",
-               {"command": " ".join(sys.argv), "threads": args.threads, "rows": rows})
+               {**stamp, "finished": now(), "rows": rows})
     return rows
 
 

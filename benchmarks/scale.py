@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: memory.py's child runner and memory reader
 from memory import memory_bytes, run_child  # noqa: E402
+from provenance import now, record  # noqa: E402
 
 DEFAULT_CASES = ["phantom-64x64x48-k6", "phantom-64x64x48-k10", "mni152-2.5mm", "mni152-1.5mm", "mni152-1.0mm",
                  "phantom-256x256x96-k10"]
@@ -102,17 +101,6 @@ def child(spec: dict) -> dict:
     return out
 
 
-def _commit() -> str:
-    try:
-        here = Path(__file__).resolve().parent
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                               cwd=here).stdout.strip()
-        return sha + ("+uncommitted" if dirty else "") if sha else "unknown"
-    except OSError:
-        return "unknown"
-
-
 def ratios(runs: list) -> list:
     """Per case with a GroupMorph run: its seconds and mean / median landmark error over each peer's."""
     rows = []
@@ -169,10 +157,7 @@ def main(argv=None) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"command": "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "commit": _commit(), "machine": {"host": platform.node(), "processor": platform.processor() or platform.machine(),
-                                               "cpus": os.cpu_count(), "threads": args.threads},
-              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "groupmorph_settings": settings, "runs": []}
+    report = {**record("scale.py", argv, args.threads), "groupmorph_settings": settings, "runs": []}
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         files = {}
         for case in cases:  # each group made once, read by every method's child (kept in --groups if given)
@@ -198,7 +183,7 @@ def main(argv=None) -> dict:
                 report["runs"].append(run)
                 print(json.dumps(run), flush=True)
                 write_json(out / "scale.json", report)  # after every run: a long benchmark keeps what it measured
-    report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    report["finished"] = now()
     report["ratios"] = ratios(report["runs"])
     write_json(out / "scale.json", report)
     scaling_figure(out / "scale.png", [r for r in report["runs"] if "failed" not in r])

@@ -28,6 +28,9 @@ from pathlib import Path
 
 import pyro
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: provenance.py
+from provenance import now, record  # noqa: E402
 from pyro.infer import Trace_ELBO
 
 from groupmorph_pyro.config import Config
@@ -192,7 +195,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     group = breathing_phantom(tuple(args.shape), args.timepoints, seed=1, num_landmarks=10 if args.smoke else 75)
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    report = {**record("speed.py", argv, args.threads),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "threads": torch.get_num_threads(), "torch": torch.__version__, "shape": list(args.shape),
               "timepoints": args.timepoints, "train_patch": args.train_patch}
     variants = args.variants or (list(VARIANTS) if device.type == "cuda" else [v for v in VARIANTS if "bf16" not in v])
@@ -221,6 +225,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     from groupmorph_pyro.files import write_json
 
+    report["finished"] = now()
     write_json(out / "speed.json", report)
     print(f"device: {report['device']} ({report['threads']} threads), torch {report['torch']}")
     if not args.train_only:

@@ -7,7 +7,8 @@ data and machine, evaluated by the same code (groupmorph_pyro.evaluation).
     python benchmarks/table1.py --smoke --out /tmp/table1               # tiny, for the test-suite
 
 Prints a markdown table shaped like the paper's (method, RMSE, NMI, landmark mm, % det J ≤ 0,
-seconds), writes table1.csv / table1.json and one Fig.-4-style PNG per series. Times are per series
+seconds), writes evaluation.csv / evaluation.json, run.json (command, commit, machine) and one
+Fig.-4-style PNG per series. Times are per series
 on this machine; GroupMorph without --checkpoint is per-case SVI (no trained network), which is
 slower than the paper's amortised 2 s.
 
@@ -28,18 +29,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: provenance.py
+from provenance import now, record  # noqa: E402
+
 from groupmorph_pyro.baselines import ants_all_to_one, elastix_all_to_one, elastix_groupwise, identity, pairwise_groupmorph
 from groupmorph_pyro.config import Config
+from groupmorph_pyro.files import write_json
 from groupmorph_pyro.evaluation import COLUMNS, landmark_columns, group_metrics, write_table
 from groupmorph_pyro.plots import comparison_figure
 from groupmorph_pyro.preprocess import percentile_normalize
 from groupmorph_pyro.registration import register
 from groupmorph_pyro.synthetic import anatomy_group, breathing_phantom, dce_phantom
 
-LEGACY_ENGINE = {"pyramid": [1], "lr": 0.2, "schedule": "constant", "average": 0.0, "steps": 300, "patience": 50,
-                 "scale_steps": 0, "covariance": "diagonal", "guard_particles": 8}
-"""``register`` settings of the per-case engine before the coarse-to-fine schedule (with the Laplacian prior and
-the Gaussian histogram)."""
 TRAIN_SEED = 100  # training phantoms use seeds TRAIN_SEED.. ; the test phantoms use seeds 1 and 2
 
 
@@ -178,6 +179,7 @@ def main(argv=None) -> list:
     p.add_argument("--patch", type=int, default=48, help="training patch edge (voxels)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
+    stamp = record("table1.py", argv)
     steps = 3 if args.smoke else args.steps
     ants_settings = {"reg_iterations": (5,) if args.smoke else tuple(args.ants_iterations)}
     elx = {"MaximumNumberOfIterations": ["20" if args.smoke else str(args.elastix_iterations)]}
@@ -189,17 +191,12 @@ def main(argv=None) -> list:
         cfg.model.num_timepoints = images.shape[0]
         voxel_prior = copy.deepcopy(cfg)  # the bending prior's weights in voxels
         voxel_prior.model.prior_units, voxel_prior.model.prior_options = "voxel", {"lambda_b": 1.0, "lambda_v": 0.01}
-        joint = copy.deepcopy(voxel_prior)  # mean and σ by SVI together (no MAP mean)
-        joint.register.map_mean = False
-        lattice = copy.deepcopy(joint)  # the likelihood on the lattice (no jitter)
+        lattice = copy.deepcopy(voxel_prior)  # the likelihood on the lattice (no jitter)
         lattice.model.jitter = False
         before = copy.deepcopy(lattice)  # squarings on the full grid, diagonal σ
         before.model.integration_downsize, before.register.covariance = 1, "diagonal"
         previous = copy.deepcopy(before)  # the Laplacian prior and the Gaussian histogram
         previous.model.prior, previous.model.prior_options, previous.model.histogram = "laplacian", {}, "gaussian"
-        legacy = copy.deepcopy(previous)  # the legacy per-case engine (as benchmarks/calibration.py --engine legacy)
-        for key, value in LEGACY_ENGINE.items():
-            setattr(legacy.register, key, value)
         affine = np.diag([*spacing, 1.0])  # the voxel size, as the peers get it (the prior's weights are per mm)
         methods = {
             "identity": lambda: identity(images),
@@ -210,14 +207,12 @@ def main(argv=None) -> list:
             "groupmorph-diff all-to-one (per-case)": lambda: register(images, cfg, finetune_steps=steps, affine=affine),
             "groupmorph-diff all-to-one (per-case, prior per voxel: λ_b 1, λ_v 0.01)":
                 lambda: register(images, voxel_prior, finetune_steps=steps, affine=affine),
-            "groupmorph-diff all-to-one (per-case, mean and σ by SVI together)": lambda: register(images, joint, finetune_steps=steps, affine=affine),
             "groupmorph-diff all-to-one (per-case, likelihood on the lattice: no jitter)":
                 lambda: register(images, lattice, finetune_steps=steps, affine=affine),
             "groupmorph-diff all-to-one (per-case, before: full-grid integration, diagonal σ)":
                 lambda: register(images, before, finetune_steps=steps, affine=affine),
             "groupmorph-diff all-to-one (per-case, Laplacian prior + Gaussian histogram)":
                 lambda: register(images, previous, finetune_steps=steps, affine=affine),
-            "groupmorph-diff all-to-one (per-case, legacy engine)": lambda: register(images, legacy, finetune_steps=steps, affine=affine),
         }
         if args.checkpoint:
             from groupmorph_pyro.train import load_checkpoint
@@ -247,6 +242,7 @@ def main(argv=None) -> list:
             figure[method] = (res.warped, res.jacobian)
         comparison_figure(Path(args.out) / f"fig4_{name}.png", figure, title=name)
     write_table(rows, args.out)
+    write_json(Path(args.out) / "run.json", {**stamp, "finished": now()})
     for name in dict.fromkeys(r["series"] for r in rows):
         print(f"\n### {name}\n")
         print("| method | RMSE | NMI | landmarks mean ± sd (mm) | median | p95 | det J ≤ 0 (%) | time (s) |")

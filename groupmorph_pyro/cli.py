@@ -41,10 +41,16 @@ def _apply_runtime(cfg, args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``groupmorph`` command line: one subcommand per ``_<name>_parser``."""
     p = argparse.ArgumentParser(prog="groupmorph", description="Deep group-wise variational diffeomorphic registration (Pyro).")
     sub = p.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    for add in (_train_parser, _register_parser, _apply_parser, _evaluate_parser, _demo_parser):
+        add(sub, argparse.ArgumentDefaultsHelpFormatter)
+    return p
 
+
+def _train_parser(sub, fmt) -> None:
+    """``groupmorph train``: amortised training by SVI."""
     t = sub.add_parser("train", help="train the amortised guide by SVI", formatter_class=fmt)
     t.add_argument("--config", required=True, help="YAML config (see configs/)")
     t.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pt")
@@ -57,14 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"], help="with --distributed")
     _add_runtime_args(t)
 
+
+def _register_parser(sub, fmt) -> None:
+    """``groupmorph register``: one group, or every series of a manifest."""
     r = sub.add_parser(
         "register", help="register one group of K images, or every series of a manifest", formatter_class=fmt,
         description="Register one group. With --checkpoint: one amortised network pass (plus --finetune-steps of "
                     "per-case SVI). Without: per-case SVI from zero, coarse to fine: register.coarse_steps (50) steps at "
                     "half resolution, then register.steps (60; --finetune-steps overrides) at full resolution "
                     "(Adam, cosine from register.lr = 1.0, parameters averaged over the last 30 %), then "
-                    "the posterior sd is set to the prior's mean-field optimum (register.scale_steps, 0 by default, adds "
-                    "steps on it alone). Images with more voxels per timepoint than register.fit_voxels (2^19) are "
+                    "the posterior sd is set to the prior's mean-field optimum. Images with more voxels per timepoint than register.fit_voxels (2^19) are "
                     "fitted on a control grid: the same levels on resampled images, then register.sample_steps (200) "
                     "steps reading the full-resolution images at register.sample_points (131072) random points each. "
                     "Outputs: warped images, world-mm "
@@ -92,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the ITK-convention fields transform_<k>_itk / inverse_<k>_itk (LPS mm) for SimpleITK, ANTs, Slicer")
     _add_runtime_args(r, inference=True)
 
+
+def _apply_parser(sub, fmt) -> None:
+    """``groupmorph apply``: a stored registration applied to an image, label map or points."""
     a = sub.add_parser(
         "apply", formatter_class=fmt,
         help="move an image, label map or points from timepoint I to J with a stored registration",
@@ -112,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images: trilinear, cubic B-spline or nearest; labels: linear = each label's indicator resampled "
                         "trilinearly, largest wins (no new label values), or nearest")
 
+
+def _evaluate_parser(sub, fmt) -> None:
+    """``groupmorph evaluate``: Table-1 metrics of a manifest split or output folders."""
     e = sub.add_parser("evaluate", help="Table-1 metrics for a manifest split or registration output folders",
                        formatter_class=fmt)
     src = e.add_mutually_exclusive_group(required=True)
@@ -128,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_runtime_args(e, inference=True)
 
+
+def _demo_parser(sub, fmt) -> None:
+    """``groupmorph demo``: the built-in example."""
     d = sub.add_parser("demo", help="register a built-in synthetic 4DCT-like group and report landmark error",
                        formatter_class=fmt)
     d.add_argument("--out", default="demo", help="folder for the synthetic inputs and the registration")
@@ -137,7 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full-resolution per-case SVI steps (default: the config's register.steps, as `register` does)")
     d.add_argument("--seed", type=int, default=0, help="phantom and registration seed")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
 
 
 def _config_and_guide(args, device):

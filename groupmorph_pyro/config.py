@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from .priors import PRIORS, SPACING_EXPONENTS, make_prior
 
 PRIOR_UNITS = ("mm", "voxel")  # model.prior_units
 
-__all__ = ["PRIOR_UNITS", "ModelConfig", "TrainConfig", "DataConfig", "RegisterConfig", "RuntimeConfig", "Config", "load_config"]
+__all__ = ["PRIOR_UNITS", "REMOVED_SETTINGS", "ModelConfig", "TrainConfig", "DataConfig", "RegisterConfig", "RuntimeConfig",
+           "Config", "load_config", "migrate"]
 
 
 class _Section:
@@ -150,35 +152,26 @@ class DataConfig(_Section):
                                  f"{train_seed}..{train_seed + n - 1}: held-out groups must be other seeds")
 
 
-FINETUNE_LR = {  # register.finetune_lr's default per register.finetune_optimizer (peak step on the whitened mean)
-    "adam": 0.3,
-    "sgd": 0.0015,  # SGD's step multiplies the gradient itself
-}
-
-
 @dataclass
 class RegisterConfig(_Section):
-    """Per-case optimisation settings (registration without a checkpoint, or fine-tuning)."""
+    """Per-case optimisation settings (registration without a checkpoint, or fine-tuning).
+
+    From zero the mean is fitted as a point estimate (MAP) by Adam, coarse to fine, then σ is set to
+    the prior's mean-field optimum (``scale_reset``) and the posterior family chosen by the ELBO
+    (``covariance``). Fine-tuning a network's posterior fits the mean as a point estimate by SGD with
+    Nesterov momentum (peak step ``finetune_lr``) and keeps the network's σ."""
 
     steps: int = 60  # full-resolution per-case SVI steps (without a checkpoint: after the coarse pyramid levels)
-    patience: int = 0  # early stopping: steps without improvement of the smoothed loss, after 2x this warm-up (0 = off)
     lr: float = 1.0  # Adam step on the whitened guide mean (peak of the schedule), per-case from zero
-    finetune_lr: float | None = None  # peak step when refining a network's posterior (--checkpoint --finetune-steps); null = FINETUNE_LR[finetune_optimizer] (SGD 0.0015, Adam 0.3)
-    finetune_optimizer: str = "sgd"  # that refinement's optimiser of the whitened mean: "sgd" (Nesterov momentum 0.9; needs finetune_map_mean) or "adam"
-    scale_lr: float | None = None  # Adam step on log σ (peak of the schedule); null = lr
-    scale_reset: bool = True  # after the mean's fit, set σ to the prior's mean-field optimum 1/sqrt(diag Λ)
-    scale_steps: int = 0  # then this many steps on log σ alone (mean fixed), at scale_phase_lr (0 = none)
-    scale_phase_lr: float = 0.1  # Adam step on log σ in those steps (constant)
-    map_mean: bool = True  # per-case from zero: fit the mean as a point estimate (MAP, a Delta guide) before the σ phase (false: mean and σ by SVI together)
-    finetune_map_mean: bool = True  # fine-tuning a network's posterior: the mean as a point estimate too, σ stays the network's unless finetune_scale_phase (false: SVI on both)
-    finetune_scale_phase: bool = False  # run the σ reset + steps (and the covariance choice) after fine-tuning a network's posterior too
-    covariance: str = "dct"  # posterior family after the σ phase: "diagonal", or "dct" (also tried: kept if its ELBO is better)
+    finetune_lr: float = 0.0015  # SGD step on the whitened mean (peak of the schedule) when refining a network's posterior (--checkpoint --finetune-steps)
+    scale_lr: float | None = None  # Adam step on log σ (peak of the schedule) when mean and σ are fitted together (scale_reset false); null = lr
+    scale_reset: bool = True  # after the mean's fit, set σ to the prior's mean-field optimum 1/sqrt(diag Λ) (false: mean and σ by SVI together)
+    covariance: str = "dct"  # posterior family after the σ reset: "diagonal", or "dct" (also tried: kept if its ELBO is better)
     schedule: str = "cosine"  # learning-rate schedule over each level's steps: "constant" or "cosine" (to 0)
     average: float = 0.3  # average the guide's parameters over this final fraction of each level's steps (0 = off)
     pyramid: list[int] = field(default_factory=lambda: [2, 1])  # per-case from zero: shrink factors, coarse to fine, ending in 1
     coarse_steps: int = 50  # SVI steps at each coarse pyramid level (the full-resolution level runs `steps`)
     init_scale: float = 0.05  # initial posterior sd (voxels) when starting from zero
-    likelihood_voxels: int = 0  # SVI steps estimate NMI/MI/SSD on this many random voxels per step (0 = all)
     fit_voxels: int = 524288  # per-case from zero: largest latent grid (voxels per timepoint); larger images get a control grid this size or smaller (0 = the image grid)
     sample_points: int = 131072  # on a control grid, the likelihood reads the full-resolution images at this many random points per evaluation
     sample_steps: int = 200  # on a control grid, steps of the last phase (the one reading the images at sample_points); `steps` on the image grid
@@ -186,13 +179,8 @@ class RegisterConfig(_Section):
     window: list[int] = field(default_factory=list)  # amortised pass on tiles of this size (d, h, w); [] = whole volume
     overlap: float = 0.25  # tile overlap fraction for `window`
 
-    def finetune_step(self) -> float:
-        """The fine-tuning peak step: ``finetune_lr``, or its optimiser's default (:data:`FINETUNE_LR`)."""
-        return FINETUNE_LR[self.finetune_optimizer] if self.finetune_lr is None else float(self.finetune_lr)
-
     def validate(self):
-        for name in ("steps", "patience", "coarse_steps", "scale_steps", "likelihood_voxels", "guard_particles",
-                     "fit_voxels", "sample_steps"):
+        for name in ("steps", "coarse_steps", "guard_particles", "fit_voxels", "sample_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"register.{name}: expected an integer >= 0, got {value!r}")
@@ -202,17 +190,8 @@ class RegisterConfig(_Section):
             raise InputError(f"register.fit_voxels: expected 0 (the image grid) or at least 64 (a 4x4x4 control grid), "
                              f"got {self.fit_voxels!r}")
         check_positive("register.lr", self.lr)
-        if self.finetune_lr is not None:
-            check_positive("register.finetune_lr", self.finetune_lr)
-        if self.finetune_optimizer not in FINETUNE_LR:
-            raise InputError(f"register.finetune_optimizer: expected one of {sorted(FINETUNE_LR)}, got {self.finetune_optimizer!r}")
-        check_positive("register.scale_phase_lr", self.scale_phase_lr)
-        _check_switch("register.finetune_scale_phase", self.finetune_scale_phase)
-        _check_switch("register.map_mean", self.map_mean)
-        _check_switch("register.finetune_map_mean", self.finetune_map_mean)
-        if self.finetune_optimizer == "sgd" and not self.finetune_map_mean:
-            raise InputError("register.finetune_optimizer: 'sgd' fits a point-estimate mean and needs "
-                             "register.finetune_map_mean: true (got false); use 'adam' to fit mean and σ by SVI")
+        check_positive("register.finetune_lr", self.finetune_lr)
+        _check_switch("register.scale_reset", self.scale_reset)
         if self.scale_lr is not None:
             check_positive("register.scale_lr", self.scale_lr)
         if self.covariance not in ("diagonal", "dct"):
@@ -271,8 +250,10 @@ class Config:
         return cfg
 
     @classmethod
-    def from_dict(cls, d: dict | None, source: str = "config") -> "Config":
-        d = dict(d or {})
+    def from_dict(cls, d: dict | None, source: str = "config", checkpoint: bool = False) -> "Config":
+        """A config from its mapping (YAML's, or a checkpoint's with ``checkpoint``), migrated by
+        :func:`migrate`; unknown sections and keys are errors."""
+        d = migrate(d, source, checkpoint)
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = set(d) - set(sections)
         if unknown:
@@ -283,8 +264,6 @@ class Config:
             values = d.get(f.name) or {}
             if not isinstance(values, dict):
                 raise InputError(f"{source}: section '{f.name}' must be a mapping, got {type(values).__name__}")
-            if f.name == "model":
-                values = _migrate_prior_weights(values, source)
             known = {g.name for g in dataclasses.fields(sub_cls)}
             bad = set(values) - known
             if bad:
@@ -354,14 +333,80 @@ def _typed(key: str, value, f: dataclasses.Field):
 
 _LEGACY_PRIOR_KEYS = {"lambda_u": 1.0, "lambda_v": 0.01, "lambda_b": 1.0}  # model keys before prior_options
 
+VOXEL_PRIOR_DEFAULTS = {"bending": {"lambda_b": 1.0, "lambda_v": 0.01}}
+"""The built-in priors' default weights in voxel units, as checkpoints without ``model.prior_units`` were trained."""
+
+REMOVED_SETTINGS = {
+    # register key: (the value that behaves as the package does now, what the package does now)
+    "patience": (0, "per-case fits run all their steps"),
+    "likelihood_voxels": (0, "the likelihood reads every voxel on the image grid and register.sample_points "
+                             "random points on a control grid"),
+    "scale_steps": (0, "σ is set to the prior's mean-field optimum (register.scale_reset) without steps of its own"),
+    "scale_phase_lr": (None, "there are no steps on σ alone"),
+    "map_mean": (True, "from zero the mean is fitted as a point estimate when register.scale_reset is true"),
+    "finetune_map_mean": (True, "fine-tuning fits the mean as a point estimate"),
+    "finetune_optimizer": ("sgd", "fine-tuning moves the mean by SGD with Nesterov momentum"),
+    "finetune_scale_phase": (False, "fine-tuning keeps the network's σ"),
+}
+"""Settings that configs and checkpoints may still carry: :func:`migrate` drops them, with a warning
+when their value asked for something other than what the package does now."""
+
+
+def migrate(data: dict | None, source: str = "config", checkpoint: bool = False) -> dict:
+    """The one migration of a config mapping (a YAML file's or a checkpoint's) to today's settings.
+
+    - ``model.lambda_u/lambda_v/lambda_b`` (files without ``model.prior_options``) move into
+      ``prior_options`` for the prior that takes them (one it does not take must hold its old
+      default); such files had the Laplacian prior, squarings on the full grid, the likelihood on the
+      lattice and weights in voxels, and get those settings where they do not name them.
+    - ``checkpoint``: a model section without ``integration_downsize``, ``jitter`` or ``prior_units``
+      was trained on the full grid, on the lattice, with the prior's weights in voxels (its defaults
+      then: :data:`VOXEL_PRIOR_DEFAULTS`); those settings are filled in so the network rebuilds as trained.
+    - The settings of :data:`REMOVED_SETTINGS` are dropped, with a warning when their value asked for
+      another behaviour; ``register.finetune_lr: null`` takes today's default, and a ``finetune_lr``
+      given for the removed Adam fine-tuning is dropped with it.
+
+    Returns a new mapping; ``data`` is not changed.
+    """
+    data = copy.deepcopy(dict(data or {}))
+    model = data.get("model")
+    if isinstance(model, dict):
+        if any(k in model for k in _LEGACY_PRIOR_KEYS):
+            model = _migrate_prior_weights(model, source)
+        elif checkpoint:
+            model = {"integration_downsize": 1, "jitter": False, **model}
+            if "prior_units" not in model:
+                defaults = VOXEL_PRIOR_DEFAULTS.get(model.get("prior", ModelConfig.prior), {})
+                model["prior_options"] = {**defaults, **(model.get("prior_options") or {})}
+                model["prior_units"] = "voxel"
+        data["model"] = model
+    register = data.get("register")
+    if isinstance(register, dict):
+        data["register"] = _drop_removed(register, source)
+    return data
+
+
+def _drop_removed(register: dict, source: str) -> dict:
+    """``register`` without the keys of :data:`REMOVED_SETTINGS` (see :func:`migrate`)."""
+    register = dict(register)
+    if register.get("finetune_optimizer", "sgd") != "sgd" and "finetune_lr" in register:
+        warnings.warn(f"{source}: register.finetune_lr={register.pop('finetune_lr')!r} was the step of the removed "
+                      f"Adam fine-tuning; ignored (fine-tuning uses SGD at the default finetune_lr)", stacklevel=3)
+    if "finetune_lr" in register and register["finetune_lr"] is None:
+        del register["finetune_lr"]
+    for key, (today, now) in REMOVED_SETTINGS.items():
+        if key not in register:
+            continue
+        value = register.pop(key)
+        if today is not None and value != today:
+            warnings.warn(f"{source}: register.{key}={value!r} was removed and is ignored: {now} "
+                          f"(CHANGELOG.md lists the removed settings)", stacklevel=3)
+    return register
+
 
 def _migrate_prior_weights(model: dict, source: str) -> dict:
-    """Configs and checkpoints written before ``model.prior_options`` kept the prior's weights as
-    ``model.lambda_u/lambda_v/lambda_b`` (all three, whatever the prior): move those the prior takes
-    into ``prior_options``; one that the prior does not take must hold its old default."""
+    """The model section of a file written before ``model.prior_options`` (see :func:`migrate`)."""
     legacy = {k: model[k] for k in _LEGACY_PRIOR_KEYS if k in model}
-    if not legacy:
-        return model
     model = {k: v for k, v in model.items() if k not in legacy}
     name = model.get("prior", "laplacian")
     takes = PRIORS.options(name) if name in PRIORS else {}
@@ -380,27 +425,8 @@ def _migrate_prior_weights(model: dict, source: str) -> dict:
     return model
 
 
-VOXEL_PRIOR_DEFAULTS = {"bending": {"lambda_b": 1.0, "lambda_v": 0.01}}
-"""The built-in priors' default weights in voxel units, as checkpoints without ``model.prior_units`` were trained."""
-
-
-def migrate_voxel_prior(model: dict) -> dict:
-    """A checkpoint's model section written without ``model.prior_units``: its prior's
-    weights were in voxel units and, where not given, the defaults then (:data:`VOXEL_PRIOR_DEFAULTS`),
-    so it rebuilds as trained. Sections that have ``prior_units``, or the legacy weight keys
-    (:func:`_migrate_prior_weights` handles those), are returned unchanged."""
-    model = dict(model or {})
-    if "prior_units" in model or any(k in model for k in _LEGACY_PRIOR_KEYS):
-        return model
-    defaults = VOXEL_PRIOR_DEFAULTS.get(model.get("prior", ModelConfig.prior), {})
-    model["prior_options"] = {**defaults, **(model.get("prior_options") or {})}
-    model["prior_units"] = "voxel"
-    return model
-
-
-def load_config(path) -> Config:
-    """Read a YAML config; missing keys take the package defaults (:class:`Config`)."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict:
+    """A YAML file's top-level mapping (empty for an empty file)."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -411,7 +437,43 @@ def load_config(path) -> Config:
         raise InputError(f"config: {path} is not valid YAML: {exc}") from exc
     if data is not None and not isinstance(data, dict):
         raise InputError(f"config: {path} must hold a mapping of sections, got {type(data).__name__}")
-    cfg = Config.from_dict(data, source=str(path))
+    return data or {}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, section by section (a key of ``over`` replaces ``base``'s)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _with_includes(path: Path, seen: tuple = ()) -> dict:
+    """The mapping of ``path`` on top of the files its ``include:`` names (a path or a list of paths,
+    relative to ``path``'s folder, applied in order; they may include others)."""
+    if path.resolve() in seen:
+        raise InputError(f"config: {path} includes itself (through {[str(p) for p in seen]})")
+    data = _read_yaml(path)
+    names = data.pop("include", None) or []
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InputError(f"config: {path}: include: expected a path or a list of paths, got {names!r}")
+    merged = {}
+    for name in names:
+        target = path.parent / name
+        if not target.is_file():
+            raise InputError(f"config: {path}: include: no such file {target}")
+        merged = _merge(merged, _with_includes(target, seen + (path.resolve(),)))
+    return _merge(merged, data)
+
+
+def load_config(path) -> Config:
+    """Read a YAML config; missing keys take the package defaults (:class:`Config`).
+
+    A top-level ``include:`` (a path or a list of paths, relative to the file) reads those files
+    first; the file's own settings then replace theirs key by key (e.g. ``include: presets/legacy.yaml``)."""
+    path = Path(path)
+    cfg = Config.from_dict(_with_includes(path), source=str(path))
     if cfg.data.manifest and not Path(cfg.data.manifest).is_absolute():
         cfg.data.manifest = str(path.parent / cfg.data.manifest)
     return cfg

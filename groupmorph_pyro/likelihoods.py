@@ -425,8 +425,9 @@ class SubsampledLikelihood:
     ``log p ≈ β · N_vox · sim(warped at the drawn voxels)``: the same scale as the full likelihood
     (``N_vox`` is the whole grid's voxel count). For the histogram similarities the estimate is
     consistent but biased: an ``M``-sample Parzen histogram's NMI sits slightly above the full
-    volume's, by about 1/M (tests/test_likelihoods.py pins the size of that bias). Per-case SVI steps
-    use it (``register.likelihood_voxels``); ELBO comparisons and summaries use the full likelihood.
+    volume's, by about 1/M (tests/test_likelihoods.py pins the size of that bias). A model built with it
+    (:meth:`~groupmorph_pyro.model.GroupMorphModel.with_likelihood`) takes SVI steps on random voxels of
+    the image grid; ELBO comparisons and summaries should use the full likelihood.
 
     Args:
         likelihood: a :class:`GroupSimilarity` whose similarity is a built-in in :data:`ORDER_FREE`.

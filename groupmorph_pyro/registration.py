@@ -23,9 +23,9 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 from .checks import InputError, check_integer
-from .config import FINETUNE_LR, Config, RegisterConfig
+from .config import Config, RegisterConfig
 from .group import GroupTransform
-from .likelihoods import group_nmi, is_order_free, subsample_likelihood
+from .likelihoods import group_nmi, is_order_free
 from .metrics import folding_percent, landmark_report
 from .model import (CaseGuide, GroupMorphGuide, GroupMorphModel, build_model, chunked_elbo_loss, chunked_map_loss,
                     has_map_loss, latent_chunk, map_loss, serve_guide)
@@ -37,7 +37,7 @@ from .results import RegistrationResult
 from .spatial import control_factor, level_shape, resample_grid, resize_displacement
 from .volumes import affine_spacing
 
-__all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "fit_case", "fit_pyramid", "fit_scale", "correlated_start", "prepare",
+__all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "FITS", "fit_case", "mean_fit", "fit_pyramid", "fit_scale", "correlated_start", "prepare",
            "fit_model", "level_model", "posterior_transform", "infer", "refine", "nmi_report", "summarise", "add_posterior_samples",
            "register"]
 
@@ -112,38 +112,37 @@ def elbo_loss(model, guide, images: torch.Tensor, fixed, particles: int = 8, see
     return loss / images.shape[1:].numel()
 
 
-SGD_MOMENTUM = 0.9  # Nesterov momentum of fit_case's optimizer="sgd" (register.finetune_optimizer)
+SGD_MOMENTUM = 0.9  # Nesterov momentum of fit_case's fit="map-sgd" (fine-tuning a network's posterior)
+
+FITS = ("svi", "map", "map-sgd")
+"""How :func:`fit_case` fits: ``"svi"`` mean and log σ by Adam; ``"map"`` the mean as a point estimate
+(MAP, a Delta guide; σ stays) by Adam; ``"map-sgd"`` likewise by SGD with Nesterov momentum."""
 
 
 def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Tensor, scale: torch.Tensor,
              settings: RegisterConfig | None = None, steps: int | None = None, elbo: str = "trace",
-             progress: bool = False, eval_particles: int | None = None, desc: str = "per-case SVI",
-             fit_mean: bool = True, point: bool = False, optimizer: str = "adam") -> tuple[CaseGuide, dict]:
+             progress: bool | str = False, fit: str = "svi") -> tuple[CaseGuide, dict]:
     """Per-case SVI: refine a :class:`CaseGuide` initialised at (loc, scale) on this group alone.
 
-    The guide's mean is whitened with the model's prior spectrum (see CaseGuide). Adam's step follows
+    The guide's mean is whitened with the model's prior spectrum (see CaseGuide). The step follows
     ``settings.schedule`` (constant, or cosine from ``lr`` to 0 over ``steps``); with
     ``settings.average`` the guide's parameters are averaged over that final fraction of the steps
-    (iterate averaging: the stochastic ELBO gradient leaves the last iterate noisy). Stops early when an
-    exponential moving average of the loss has not improved for ``settings.patience`` steps, never
-    before ``2 * patience`` steps (the loss has an early transient while σ adapts; 0 disables).
-    Then the ELBO of the initial and the refined posterior are compared with common random numbers,
-    and the refined one is kept only if it is not worse, so fine-tuning never makes the case's ELBO worse.
+    (iterate averaging: the stochastic ELBO gradient leaves the last iterate noisy). Then the ELBO of
+    the initial and the refined posterior are compared with common random numbers
+    (``settings.guard_particles`` particles each), and the refined one is kept only if it is not
+    worse, so fine-tuning never makes the case's ELBO worse.
 
     Args:
         model: a GroupMorphModel; images: ``(1, K, D, H, W)`` in [0, 1]; fixed: fixed timepoint or None;
         loc, scale: ``(1, K_lat, 3, D, H, W)`` initial posterior (voxels);
-        settings: ``lr`` (Adam step of the whitened mean), ``scale_lr`` (of log σ; None = ``lr``),
-            ``schedule``, ``average``, ``patience``, ``steps`` (default
-            :class:`RegisterConfig`);
-        steps: maximum SVI steps (default ``settings.steps``); elbo: ``"trace"`` or ``"meanfield"``;
-        eval_particles: particles of the guard's two ELBO estimates (default ``settings.guard_particles``);
-        desc: the progress bar's label; fit_mean: False optimises log σ alone (the mean stays);
-        point: True fits the mean as a point estimate (MAP: the guide is a Delta at the mean, see
-            :class:`CaseGuide`), σ stays ``scale``; the guard then compares log joints at the two means;
-        optimizer: the whitened mean's optimiser, ``"adam"`` or ``"sgd"`` (SGD with Nesterov momentum
-            :data:`SGD_MOMENTUM`, a step proportional to the gradient: needs ``point=True``, since log σ's Adam
-            step would share its ``lr``); log σ always uses Adam.
+        settings: ``lr`` (step of the whitened mean), ``scale_lr`` (Adam's on log σ; None = ``lr``),
+            ``schedule``, ``average``, ``guard_particles``, ``steps`` (default :class:`RegisterConfig`);
+        steps: SVI steps (default ``settings.steps``); elbo: ``"trace"`` or ``"meanfield"``;
+        progress: a progress bar (True, or its label; False: none);
+        fit: one of :data:`FITS`: ``"svi"`` (mean and σ), ``"map"`` (the mean as a point estimate, σ
+            stays ``scale``; the guard then compares log joints at the two means) or ``"map-sgd"``
+            (as ``"map"``, by SGD with Nesterov momentum :data:`SGD_MOMENTUM`: a step proportional to
+            the gradient).
     Returns:
         (guide, info) with info keys ``losses`` (per step, per voxel), ``steps_run``,
         ``elbo_loss_before`` / ``elbo_loss_after`` (negative ELBO per voxel), ``kept`` ("refined"/"initial"),
@@ -152,91 +151,31 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     """
     settings = settings or RegisterConfig()
     steps = settings.steps if steps is None else steps
-    eval_particles = settings.guard_particles if eval_particles is None else eval_particles
-    if int(steps) != steps or steps < 0:
+    if isinstance(steps, bool) or int(steps) != steps or steps < 0:
         raise InputError(f"steps: expected an integer >= 0, got {steps!r}")
-    if point and not fit_mean:
-        raise InputError("fit_case: point=True fits the mean; it cannot go with fit_mean=False")
-    if optimizer not in FINETUNE_LR:  # the optimisers register.finetune_optimizer names
-        raise InputError(f"fit_case: optimizer: expected one of {sorted(FINETUNE_LR)}, got {optimizer!r}")
-    if optimizer == "sgd" and not point:
-        raise InputError("fit_case: optimizer='sgd' fits a point-estimate mean; it needs point=True (got False)")
+    if fit not in FITS:
+        raise InputError(f"fit_case: fit: expected one of {list(FITS)}, got {fit!r}")
+    steps, point = int(steps), fit != "svi"
     clock = time.perf_counter()
-    prior = model.prior_distribution(loc.shape[3:], loc.device)  # also the steps' model's (with_likelihood keeps it)
+    prior = model.prior_distribution(loc.shape[3:], loc.device)  # also the steps' model's
     # σ per voxel only when its steps change it (a point estimate, or no steps, keep the shape given)
     new_guide = functools.partial(CaseGuide, loc, scale, prior, point=point, compact=point or not steps)
     guide = new_guide()  # the initial posterior; rebuilt from (loc, scale) if the guard keeps it
     chunk = latent_chunk(model, guide, loc.shape[3:])  # full-resolution grids: a few latents at a time
-    before = elbo_loss(model, guide, images, fixed, eval_particles, chunk=chunk)
+    before = elbo_loss(model, guide, images, fixed, settings.guard_particles, chunk=chunk)
     guard_seconds = time.perf_counter() - clock
-    step_likelihood = subsample_likelihood(model.likelihood, settings.likelihood_voxels)  # the SVI steps' (random voxels)
-    step_model = model if step_likelihood is model.likelihood else model.with_likelihood(step_likelihood)
-    loss_fn = (TraceMeanField_ELBO() if elbo == "meanfield" else Trace_ELBO()).differentiable_loss
-    chunked = chunk is not None and has_map_loss(step_model, guide, prior)
-    if chunked:  # value and gradient, one chunk of latents at a time (it back-propagates itself)
-        loss_fn = functools.partial(chunked_map_loss, prior=prior, chunk=chunk)
-    elif has_map_loss(step_model, guide, prior):  # the same loss without Pyro's tracing (MAP steps: a point-estimate mean)
-        loss_fn = functools.partial(map_loss, prior=prior)
-    scale_lr = settings.lr if settings.scale_lr is None else settings.scale_lr
-    groups = [{"params": [guide.whitened], "lr": settings.lr}] if fit_mean else []
-    if optimizer == "sgd":  # point=True: the mean is the only parameter
-        optim = NesterovSGD(groups, momentum=SGD_MOMENTUM)
-    else:
-        optim = Adam(groups + ([] if point else [{"params": [guide.log_scale], "lr": scale_lr}]))
-    peaks = [group["lr"] for group in optim.param_groups]
-    fitted = [p for group in optim.param_groups for p in group["params"]]  # the optimised parameters (averaged)
-    cosine = settings.schedule == "cosine"
-    average_from = int(steps) - int(round(settings.average * int(steps))) if settings.average else None
-    averaged, n_avg = None, 0
-    n_vox = images.shape[1:].numel()
-    losses, ema, best, wait = [], None, float("inf"), 0
-    bar = tqdm(range(int(steps)), desc=desc, disable=not progress or not steps, leave=False)  # no bar for 0 steps (the σ phase by default)
-    diverged = False
-    for step in bar:
-        if cosine:
-            for group, peak in zip(optim.param_groups, peaks):
-                group["lr"] = peak * 0.5 * (1 + math.cos(math.pi * step / int(steps)))
-        optim.zero_grad()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Encountered NaN")  # handled: reported as `diverged`
-            loss = loss_fn(step_model, guide, images, fixed)
-        if not torch.isfinite(loss):  # diverged: stop, the guard below restores the initial posterior
-            diverged = True
-            break
-        if not chunked:
-            loss.backward()
-        optim.step()
-        if average_from is not None and step >= average_from:  # running mean of the optimised parameters, in place
-            n_avg += 1
-            if averaged is None:
-                averaged = [p.detach().clone() for p in fitted]
-            else:
-                for a, p in zip(averaged, fitted):
-                    a.add_(p.detach().sub(a).div_(n_avg))
-        losses.append(loss.detach().item() / n_vox)
-        ema = losses[-1] if ema is None else 0.9 * ema + 0.1 * losses[-1]
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if ema < best - 1e-4 * abs(best):
-            best, wait = ema, 0
-        else:
-            wait += 1
-        if settings.patience and wait >= settings.patience and len(losses) >= 2 * settings.patience:
-            break  # the warm-up of 2 x patience lets the early transient pass
-    if averaged is not None and not diverged:
-        with torch.no_grad():
-            for p, a in zip(fitted, averaged):
-                p.copy_(a)
-        del averaged
-    optim.zero_grad()  # the guard below needs neither the gradients nor the optimiser's moments
-    del optim
+    step = _step_loss(model, guide, prior, images, fixed, chunk, elbo)
+    label = progress if isinstance(progress, str) else "per-case SVI"
+    losses, diverged = _run_steps(step, _optimizer(guide, settings, fit), steps, settings,
+                                  tqdm(range(steps), desc=label, disable=not progress or not steps, leave=False),
+                                  images.shape[1:].numel())
+    after = before  # no step taken: the guide is the initial one, whose ELBO is known
     if losses or diverged:
         guard_clock = time.perf_counter()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Encountered NaN")
-            after = elbo_loss(model, guide, images, fixed, eval_particles, chunk=chunk)
+            after = elbo_loss(model, guide, images, fixed, settings.guard_particles, chunk=chunk)
         guard_seconds += time.perf_counter() - guard_clock
-    else:  # no step taken (steps=0): the guide is the initial one, whose ELBO is already known
-        after = before
     kept = "refined"
     if not after <= before:  # also catches NaN
         del guide
@@ -245,6 +184,75 @@ def fit_case(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Ten
     info = {"losses": losses, "steps_run": len(losses), "elbo_loss_before": before, "elbo_loss_after": after,
             "kept": kept, "diverged": diverged, "seconds": time.perf_counter() - clock, "guard_seconds": guard_seconds}
     return guide, info
+
+
+def _step_loss(model: GroupMorphModel, guide: CaseGuide, prior, images: torch.Tensor, fixed, chunk, elbo: str):
+    """One SVI step's loss as a call of no arguments that also back-propagates it: one chunk of
+    latents at a time on full-resolution grids (:func:`~groupmorph_pyro.model.chunked_map_loss`), the
+    MAP loss without Pyro's tracing for a point-estimate mean (:func:`~groupmorph_pyro.model.map_loss`),
+    else Pyro's (mean-field) Trace_ELBO."""
+    exact = has_map_loss(model, guide, prior)
+    if chunk is not None and exact:  # value and gradient, a chunk at a time (it back-propagates itself)
+        return functools.partial(chunked_map_loss, model, guide, images, fixed, prior=prior, chunk=chunk)
+    if exact:
+        loss_fn = functools.partial(map_loss, prior=prior)
+    else:
+        loss_fn = (TraceMeanField_ELBO() if elbo == "meanfield" else Trace_ELBO()).differentiable_loss
+
+    def step():
+        loss = loss_fn(model, guide, images, fixed)
+        if torch.isfinite(loss):
+            loss.backward()
+        return loss
+    return step
+
+
+def _optimizer(guide: CaseGuide, settings: RegisterConfig, fit: str):
+    """The optimiser of ``fit`` (:data:`FITS`): the whitened mean at ``settings.lr`` (SGD with Nesterov
+    momentum for ``"map-sgd"``, else Adam), and for ``"svi"`` log σ by Adam at ``settings.scale_lr``."""
+    if fit == "map-sgd":
+        return NesterovSGD([{"params": [guide.whitened], "lr": settings.lr}], momentum=SGD_MOMENTUM)
+    groups = [{"params": [guide.whitened], "lr": settings.lr}]
+    if fit == "svi":
+        groups.append({"params": [guide.log_scale], "lr": settings.lr if settings.scale_lr is None else settings.scale_lr})
+    return Adam(groups)
+
+
+def _run_steps(step, optim, steps: int, settings: RegisterConfig, bar, n_vox: int) -> tuple[list, bool]:
+    """``steps`` optimiser steps on ``step()``'s loss with ``settings.schedule`` and iterate averaging
+    over the final ``settings.average`` of the steps (the averaged parameters are left in place).
+    Returns (losses per voxel, whether a non-finite loss stopped the run)."""
+    peaks = [group["lr"] for group in optim.param_groups]
+    fitted = [p for group in optim.param_groups for p in group["params"]]  # the optimised parameters (averaged)
+    average_from = steps - int(round(settings.average * steps)) if settings.average else None
+    averaged, n_avg, losses, diverged = None, 0, [], False
+    for i in bar:
+        if settings.schedule == "cosine":
+            for group, peak in zip(optim.param_groups, peaks):
+                group["lr"] = peak * 0.5 * (1 + math.cos(math.pi * i / steps))
+        optim.zero_grad()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encountered NaN")  # handled: reported as `diverged`
+            loss = step()
+        if not torch.isfinite(loss):  # diverged: stop, the guard restores the initial posterior
+            diverged = True
+            break
+        optim.step()
+        if average_from is not None and i >= average_from:  # running mean of the optimised parameters, in place
+            n_avg += 1
+            if averaged is None:
+                averaged = [p.detach().clone() for p in fitted]
+            else:
+                for a, p in zip(averaged, fitted):
+                    a.add_(p.detach().sub(a).div_(n_avg))
+        losses.append(loss.detach().item() / n_vox)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    if averaged is not None and not diverged:
+        with torch.no_grad():
+            for p, a in zip(fitted, averaged):
+                p.copy_(a)
+    optim.zero_grad()  # the guard needs neither the gradients nor the optimiser's moments
+    return losses, diverged
 
 
 def prepare(images, config: Config | None = None, guide: GroupMorphGuide | None = None, fixed: int | None = None,
@@ -289,11 +297,10 @@ def fit_model(model: GroupMorphModel, config: Config, shape, spacing, from_zero:
     reading the full-resolution images at ``register.sample_points`` random points per step: see
     :class:`~groupmorph_pyro.model.GroupMorphModel`); ``model`` itself otherwise, i.e. for grids within
     the budget, for fine-tuning a network's posterior (``from_zero`` False, also for a custom prior),
-    for likelihoods that need whole images (``lncc``, custom ones) or ``register.likelihood_voxels``, and
-    for priors registered without spacing exponents."""
+    for likelihoods that need whole images (``lncc``, custom ones), and for priors registered without
+    spacing exponents."""
     factor = control_factor(shape, config.register.fit_voxels) if from_zero else 1
-    if (factor == 1 or not is_order_free(model.likelihood) or config.register.likelihood_voxels
-            or config.model.prior not in SPACING_EXPONENTS):
+    if factor == 1 or not is_order_free(model.likelihood) or config.model.prior not in SPACING_EXPONENTS:
         return model
     return build_model(config.model, likelihood=model.likelihood, spacing=spacing, control_factor=factor,
                        points=config.register.sample_points)
@@ -322,46 +329,42 @@ def refine(group: PreparedGroup, start: Posterior, progress: bool = False) -> tu
     """Per-case SVI for ``group.steps`` steps from ``start`` (:func:`fit_case`); returns the refined
     posterior and the fit's report, or ``start`` and None when no steps are asked for.
 
-    From a network's posterior (``start.guide`` set) the mean's peak step is ``register.finetune_step()``
+    From a network's posterior (``start.guide`` set) the mean's peak step is ``register.finetune_lr``
     instead of ``register.lr`` (1.0, Adam's from zero): the network's start is close already.
 
     Without a network (``start.guide`` is None) and with ``register.pyramid`` coarser than [1] or a
     control grid, the mean is first fitted coarse to fine (:func:`fit_pyramid`) and the last SVI
     phase starts there.
 
-    From zero, with ``register.map_mean`` (the default; see :func:`map_mean`), the mean is fitted as a
-    point estimate (MAP: a Delta guide, no sampling noise from σ in its gradient) at every level, and
-    the σ phase then fits the posterior's spread around it. From a network's posterior
-    ``register.finetune_map_mean`` does the same and keeps the network's σ; that fine-tuning moves the
-    whitened mean by SGD with Nesterov momentum (``register.finetune_optimizer``, step
-    ``register.finetune_step()``) rather than Adam, whose first steps move every whitened coordinate
-    by about its step, gradient or not, and roughen a mean that is close already.
-
-    The σ phase (:func:`fit_scale`) follows a fit from zero; after fine-tuning a network's posterior
-    only with ``register.finetune_scale_phase``.
+    From zero the mean is fitted as a point estimate (MAP: a Delta guide, no sampling noise from σ in
+    its gradient) at every level when the σ reset follows (:func:`mean_fit`), and the σ phase
+    (:func:`fit_scale`) then gives the posterior's spread around it. From a network's posterior the
+    mean is fitted as a point estimate too and the network's σ is kept; that fine-tuning moves the
+    whitened mean by SGD with Nesterov momentum (step ``register.finetune_lr``) rather than Adam,
+    whose first steps move every whitened coordinate by about its step, gradient or not, and roughen
+    a mean that is close already.
     """
     if group.steps <= 0:
         return start, None
     cfg = group.config.register
-    optimizer = "adam"
-    if start.guide is not None:  # a network's posterior is close already: smaller steps (register.finetune_lr)
-        cfg, optimizer = dataclasses.replace(cfg, lr=cfg.finetune_step()), cfg.finetune_optimizer
+    from_network = start.guide is not None
+    if from_network:  # a network's posterior is close already: smaller steps (register.finetune_lr)
+        cfg = dataclasses.replace(cfg, lr=cfg.finetune_lr)
+    fit = mean_fit(group, start)
     levels = []
-    point = map_mean(group, start)
     model = start.model or group.model  # the model on the latents' grid (a control grid for large images)
-    if start.guide is None and (len(cfg.pyramid) > 1 or model.control_factor > 1):  # a control grid: its own level too
+    if not from_network and (len(cfg.pyramid) > 1 or model.control_factor > 1):  # a control grid: its own level too
         loc, levels = fit_pyramid(group.model, group.x, group.fixed, start.loc, cfg, group.config.train.elbo, progress,
-                                  point, factor=model.control_factor,
+                                  fit, factor=model.control_factor,
                                   level_model=functools.partial(level_model, group) if model.control_factor > 1 else None)
         start = Posterior(loc, start.scale, model=model)
         del loc
     case, info = fit_case(model, group.x, group.fixed, start.loc, start.scale, cfg,
-                          group.steps, group.config.train.elbo, progress, point=point, optimizer=optimizer)
-    info["map_mean"], info["optimizer"] = point, optimizer
-    from_network, start = start.guide is not None, None  # the start's fields are not needed any more (memory)
-    if (cfg.scale_reset or cfg.scale_steps) and (not from_network or cfg.finetune_scale_phase):
-        case, info["scale_phase"] = fit_scale(model, group.x, group.fixed, case, cfg, group.config.train.elbo,
-                                              progress)
+                          group.steps, group.config.train.elbo, progress, fit=fit)
+    info["fit"] = fit
+    start = None  # the start's fields are not needed any more (memory)
+    if cfg.scale_reset and not from_network:
+        case, info["scale_phase"] = fit_scale(model, group.x, group.fixed, case, cfg)
         info["elbo_loss_after"] = info["scale_phase"]["elbo_loss_after"]
     if levels:
         info["levels"] = levels
@@ -381,17 +384,16 @@ def level_model(group: PreparedGroup, factor: int) -> GroupMorphModel:
     return build_model(group.config.model, likelihood=group.model.likelihood, spacing=spacing)
 
 
-def map_mean(group: PreparedGroup, start: Posterior) -> bool:
-    """Whether :func:`refine` fits the mean as a point estimate (MAP): with ``register.map_mean``, for a
-    fit from zero (``start.guide`` None) whose σ phase resets σ to the prior's mean-field optimum
-    (``register.scale_reset`` and a prior with a DCT spectrum); with ``register.finetune_map_mean``, when
-    fine-tuning a network's posterior (σ stays the network's unless ``register.finetune_scale_phase``).
-    Otherwise the SVI steps fit mean and σ together."""
-    cfg = group.config.register
+def mean_fit(group: PreparedGroup, start: Posterior) -> str:
+    """How :func:`refine` fits the mean (:data:`FITS`): ``"map-sgd"`` when fine-tuning a network's
+    posterior (``start.guide`` set); from zero ``"map"`` when the σ phase resets σ to the prior's
+    mean-field optimum (``register.scale_reset`` and a prior with a DCT spectrum), else ``"svi"``
+    (mean and σ together)."""
     if start.guide is not None:
-        return bool(cfg.finetune_map_mean)
+        return "map-sgd"
     model = start.model or group.model
-    return cfg.map_mean and _resets_scale(model.prior_distribution(start.loc.shape[3:], group.device), cfg)
+    return "map" if _resets_scale(model.prior_distribution(start.loc.shape[3:], group.device),
+                                  group.config.register) else "svi"
 
 
 def _resets_scale(prior, settings: RegisterConfig) -> bool:
@@ -400,41 +402,42 @@ def _resets_scale(prior, settings: RegisterConfig) -> bool:
     return bool(settings.scale_reset and isinstance(prior, DCTGaussianField))
 
 
-def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGuide, settings: RegisterConfig,
-              elbo: str = "trace", progress: bool = False) -> tuple[CaseGuide, dict]:
+def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGuide,
+              settings: RegisterConfig) -> tuple[CaseGuide, dict]:
     """The posterior sd for a fitted mean: σ set to the prior's mean-field optimum ``1 / sqrt(diag Λ)``
-    (``settings.scale_reset``; priors with a DCT spectrum), then ``settings.scale_steps`` Adam steps
-    (``scale_phase_lr``, constant) on log σ alone, the mean fixed (:func:`fit_case` with
-    ``fit_mean=False``), which add the likelihood's pull. Large steps on log σ during the mean's
-    fit leave σ far below its ELBO optimum; this restores it at the cost of a few steps.
+    (``settings.scale_reset``; priors with a DCT spectrum; otherwise σ stays the guide's). Steps on
+    log σ during the mean's fit leave σ far below its ELBO optimum; the reset restores it without
+    steps of its own.
 
     With ``settings.covariance == "dct"`` (and a DCT prior) the correlated family is then started from
-    this diagonal fit (:func:`correlated_start`, no steps) and replaces it when its ELBO estimate
+    this diagonal posterior (:func:`correlated_start`, no steps) and replaces it when its ELBO estimate
     (common random numbers) is better: a diagonal Normal's marginal sd is far below the posterior's
     when the prior correlates neighbours (measured with the package defaults: 90 % intervals held the
     truth at 22 % of moving voxels with the diagonal family, 97 % with the correlated one).
 
     Returns:
         (guide, ``{"steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "seconds", "guard_seconds",
-        "reset", "covariance"}``; ``covariance`` is the family kept, ``"diagonal"`` or ``"dct"``; with
-        ``"dct"`` tried, ``"correlated": {"elbo_loss", "seconds", "curvature_median"}``).
+        "reset", "covariance"}``; ``steps_run`` is 0, ``elbo_loss_before`` the diagonal posterior's;
+        ``covariance`` is the family kept, ``"diagonal"`` or ``"dct"``; with ``"dct"`` tried,
+        ``"correlated": {"elbo_loss", "seconds", "curvature_median"}``).
     """
+    clock = time.perf_counter()
     with torch.no_grad():
         loc, scale = case.distribution_params()
     prior = model.prior_distribution(loc.shape[3:], loc.device)
     reset = _resets_scale(prior, settings)
     if reset:
         scale = prior.precision_diagonal(loc.device, loc.dtype).rsqrt().expand_as(loc)
-    phase = dataclasses.replace(settings, scale_lr=settings.scale_phase_lr, schedule="constant", average=0.0)
-    guide, info = fit_case(model, images, fixed, loc, scale, phase, settings.scale_steps, elbo, progress,
-                           desc="per-case SVI, σ only", fit_mean=False)
-    keys = ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "seconds", "guard_seconds")
-    report = {key: info[key] for key in keys}
-    report.update(reset=reset, covariance="diagonal")
+    guide = CaseGuide(loc, scale, prior, compact=True)
+    diagonal = elbo_loss(model, guide, images, fixed, settings.guard_particles,
+                         chunk=latent_chunk(model, guide, loc.shape[3:]))
+    seconds = time.perf_counter() - clock
+    report = {"steps_run": 0, "elbo_loss_before": diagonal, "elbo_loss_after": diagonal, "kept": "refined",
+              "seconds": seconds, "guard_seconds": seconds, "reset": reset, "covariance": "diagonal"}
     if settings.covariance == "dct" and isinstance(prior, DCTGaussianField):
         clock = time.perf_counter()
         with torch.no_grad():
-            loc, sigma = guide.distribution_params()
+            loc, sigma = guide.distribution_params()  # the diagonal posterior's (its mean as the guide stores it)
             modulation, spectrum, curvature = correlated_start(prior, sigma)
         # no steps: on the calibration phantom 5 more σ-phase steps changed neither its ELBO nor its coverage
         corr = CaseGuide(loc, modulation, prior, spectrum, compact=True)  # no steps: σ and s as they broadcast
@@ -445,7 +448,7 @@ def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGui
         report["correlated"] = {"elbo_loss": corr_loss, "seconds": seconds, "curvature_median": float(curvature.median())}
         report["seconds"] += seconds
         report["guard_seconds"] += time.perf_counter() - guard_clock  # its one ELBO estimate
-        if corr_loss <= info["elbo_loss_after"]:  # the ELBO decides between the two families
+        if corr_loss <= diagonal:  # the ELBO decides between the two families
             guide = corr
             report.update(covariance="dct", elbo_loss_after=corr_loss)
     return guide, report
@@ -488,7 +491,7 @@ MIN_LEVEL_SIZE = 12  # voxels: coarser pyramid levels are skipped
 
 
 def fit_pyramid(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.Tensor, settings: RegisterConfig,
-                elbo: str = "trace", progress: bool = False, point: bool = False, factor: int = 1,
+                elbo: str = "trace", progress: bool = False, fit: str = "svi", factor: int = 1,
                 level_model=None) -> tuple[torch.Tensor, list]:
     """Coarse-to-fine start for per-case SVI: the same model on coarser grids.
 
@@ -497,8 +500,7 @@ def fit_pyramid(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.
     current mean is moved to that grid (:func:`~groupmorph_pyro.spatial.resize_displacement`, voxel
     units rescaled) and :func:`fit_case` runs ``settings.coarse_steps`` steps there (levels with an axis
     shorter than ``MIN_LEVEL_SIZE`` = 12 voxels are skipped), under the model's
-    prior on the coarse grid and σ starting from ``settings.init_scale`` (``point``: the mean as a point
-    estimate, MAP, as :func:`fit_case`). A coarse step costs about
+    prior on the coarse grid and σ starting from ``settings.init_scale`` (``fit`` as :func:`fit_case`'s). A coarse step costs about
     f³ times less than a full-resolution one, and the coarse grids see large motions as small ones.
 
     With ``factor`` f > 1 (the fit ends on a control grid f times coarser, :func:`fit_model`) the
@@ -523,8 +525,8 @@ def fit_pyramid(model: GroupMorphModel, images: torch.Tensor, fixed, loc: torch.
         level_loc = _resize_latents(loc, shape)
         scale = torch.full_like(level_loc, settings.init_scale)
         case, info = fit_case(level_model(level) if level_model else model, resample_grid(images, shape), fixed,
-                              level_loc, scale, settings, settings.coarse_steps, elbo, progress,
-                              desc=f"per-case SVI, level 1/{level}", point=point)
+                              level_loc, scale, settings, settings.coarse_steps, elbo,
+                              progress and f"per-case SVI, level 1/{level}", fit=fit)
         with torch.no_grad():
             loc = case.distribution_params()[0]
         reports.append({"factor": level, "shape": list(shape), "steps_run": info["steps_run"], "kept": info["kept"],
@@ -615,7 +617,7 @@ def summarise(group: PreparedGroup, posterior: Posterior, disp: torch.Tensor, se
 def _finetune_report(group: PreparedGroup, start: Posterior, finetune: dict, nmi: dict, summary: dict) -> dict:
     """What per-case refinement changed against the posterior it started from (NMI, landmarks)."""
     report = {key: finetune[key] for key in ("steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "diverged",
-                                             "seconds", "guard_seconds", "map_mean", "optimizer")}
+                                             "seconds", "guard_seconds", "fit")}
     for key in ("levels", "scale_phase"):  # coarse levels and the σ steps, each with its seconds
         if key in finetune:
             report[key] = finetune[key]
@@ -669,7 +671,7 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     With ``guide`` (trained): one amortised pass gives the posterior; ``finetune_steps > 0`` then
     refines it by per-case SVI. Without ``guide``: per-case SVI from zero, coarse to fine
     (``config.register.pyramid``), then ``finetune_steps`` (default ``config.register.steps``)
-    full-resolution steps and the σ steps (:func:`refine`). Images with more voxels per timepoint
+    full-resolution steps and the σ reset (:func:`refine`). Images with more voxels per timepoint
     than ``config.register.fit_voxels`` are fitted on a control grid (:func:`fit_model`): the pyramid's
     levels, the control grid's own among them, on resampled images, then ``finetune_steps`` (default
     ``config.register.sample_steps``) steps reading the full-resolution images at

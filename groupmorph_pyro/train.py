@@ -34,7 +34,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 from .checks import InputError, resolve_device
-from .config import Config, RuntimeConfig, migrate_voxel_prior
+from .config import Config, RuntimeConfig
 from .data import entry_landmarks, split_entries
 from .files import atomic_write, atomic_write_text
 from .group import check_mode
@@ -48,7 +48,7 @@ from .volumes import affine_spacing, load_group
 
 __all__ = ["load_training_groups", "load_training_data", "save_checkpoint", "load_checkpoint", "train", "train_or_load",
            "init_distributed", "distributed_rank", "svi_loss", "ema_update", "CHECKPOINT_NAME", "HeldOutGroup",
-           "validation_phantoms", "load_validation_groups", "validate_guide", "write_validation", "VALIDATION_COLUMNS"]
+           "validation_phantoms", "load_validation_groups", "validate_guide", "write_validation", "VALIDATION_COLUMNS", "LOG_COLUMNS"]
 
 VALIDATION_COLUMNS = ["iteration", "val_nmi", "val_landmark_mm", "val_identity_mm"]
 
@@ -275,11 +275,7 @@ def load_checkpoint(path, device="cpu") -> tuple[Config, GroupMorphGuide, dict]:
         raise InputError(f"{path}: no such checkpoint file")
     try:
         state = torch.load(path, map_location=device, weights_only=False)
-        saved = dict(state["config"])
-        # a checkpoint without these options was trained on the full grid, on the lattice, with weights in voxels
-        saved["model"] = {"integration_downsize": 1, "jitter": False, **(saved.get("model") or {})}
-        saved["model"] = migrate_voxel_prior(saved["model"])
-        cfg = Config.from_dict(saved, source=str(path))
+        cfg = Config.from_dict(state["config"], source=str(path), checkpoint=True)
         cfg.runtime = RuntimeConfig()
         guide = build_guide(cfg.model)
         guide.load_state_dict(state.get("guide_ema") or state["guide"])
@@ -300,6 +296,10 @@ def svi_loss(elbo, model, guide, x: torch.Tensor, fixed) -> torch.Tensor:
     return elbo(model, guide, x, fixed) / x.shape[0]
 
 
+LOG_COLUMNS = ["iteration", "loss_per_voxel", "nmi", "lr"]
+"""Columns of ``<output_dir>/log.csv``: iteration, negative ELBO per voxel, the batch's mean NMI, learning rate."""
+
+
 def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list | None = None,
           stop_at: int | None = None, device=None, spacing=None) -> Path:
     """Train the amortised guide by SVI on random patches; returns the checkpoint path.
@@ -313,95 +313,45 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
     voxel size (mm, 3 axes; None = 1 mm), which sets the prior's weights per voxel with
     ``model.prior_units: mm`` (from ``cfg.data``: the groups' own, :func:`load_training_data`).
     ``device``: overrides ``train.device`` (a distributed run passes :func:`init_distributed`'s).
-    The loss is the negative ELBO per group (mean over the batch; across processes too).
-    """
+    The loss is the negative ELBO per group (mean over the batch; across processes too); every 10
+    iterations ``log.csv`` gets a row of :data:`LOG_COLUMNS`."""
     tcfg, mcfg = cfg.train, cfg.model
     out = Path(tcfg.output_dir)
     ckpt_path = out / CHECKPOINT_NAME
     device = torch.device(device) if device is not None else resolve_device(tcfg.device)
     rank, world = distributed_rank()
-    if groups is None:
-        groups, spacing = load_training_data(cfg)
+    groups, spacing = load_training_data(cfg) if groups is None else (groups, spacing)
     pyro.set_rng_seed(tcfg.seed + rank)
     gen = torch.Generator().manual_seed(tcfg.seed)  # same on every rank: all draw the same global batch
 
     model = build_model(mcfg, spacing=spacing)  # the prior's weights per voxel at the training groups' voxel size
     guide = build_guide(mcfg).to(device)
-    optim = torch.optim.Adam(guide.parameters(), lr=tcfg.lr, betas=tuple(tcfg.adam_betas))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=tcfg.iterations)
-    start, average = 0, None
-    if resume:
-        if not ckpt_path.is_file():
-            raise InputError(f"--resume: no checkpoint at {ckpt_path}")
-        old_cfg, _, state = load_checkpoint(ckpt_path, device)
-        if old_cfg.model != mcfg:
-            raise InputError(f"--resume: {ckpt_path} was trained with a different model config: {old_cfg.model} vs {mcfg}")
-        guide.load_state_dict(state["guide"])
-        optim.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        sched.T_max = tcfg.iterations  # a resume that extends train.iterations stretches the cosine schedule
-        start = state["iteration"]
-        per_rank = state.get("rank_rng") or [state["torch_rng"]]
-        if len(per_rank) == world:
-            torch.set_rng_state(per_rank[rank])
-        else:  # resumed on a different number of processes: fresh, distinct streams
-            pyro.set_rng_seed(tcfg.seed + 1000 * start + rank)
-        if state.get("sampler_rng") is not None:
-            gen.set_state(state["sampler_rng"])
-        average = state.get("guide_ema")
-    elif ckpt_path.exists():
-        raise InputError(f"{ckpt_path} exists: pass --resume to continue, or choose another train.output_dir")
-    if not tcfg.ema_decay or rank != 0:  # only rank 0 validates and saves the average
-        average = None
-    elif average is None:  # a new run, or a resumed one that had no average: start from the weights now
-        average = {name: value.detach().clone() for name, value in guide.state_dict().items()}
-    guide.set_runtime(**cfg.runtime.options())  # after loading: the optimiser keeps the same Parameter objects
-    net = guide
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(guide, device_ids=[device.index] if device.type == "cuda" else None)
+    optim, sched, start, average, curve = _optimisation(guide, cfg, ckpt_path if resume else None, gen, device)
+    net, average = _network(guide, average, cfg, device)
 
     elbo = (TraceMeanField_ELBO() if tcfg.elbo == "meanfield" else Trace_ELBO()).differentiable_loss
-    patch = [int(p) for p in tcfg.patch_size]
-    log_path = out / "log.csv"
     out.mkdir(parents=True, exist_ok=True)
-    new_log = not log_path.exists() or start == 0
+    log_path = out / "log.csv"
+    new_log = start == 0 or not log_path.exists()
     lead = rank == 0
-    held_out = load_validation_groups(cfg) if tcfg.validate_every and lead else []
-    if tcfg.validate_every and lead and not held_out:
-        raise InputError("train.validate_every: no held-out groups (set data.validation or data.validation_split)")
-    curve = list(state.get("validation") or []) if resume else []
+    held_out = _held_out(cfg) if lead else []
 
     def validate(iteration: int) -> None:
         """Score the held-out groups, add a row to the curve and to validation.csv, show it on the bar."""
-        row = {"iteration": iteration, **validate_guide(model, _averaged(guide, average), held_out, mcfg.bins, device)}
-        curve.append(row)
+        curve.append({"iteration": iteration, **validate_guide(model, _averaged(guide, average), held_out, mcfg.bins, device)})
         write_validation(out / "validation.csv", curve)
-        shown = {"val_nmi": f"{row['val_nmi']:.3f}"}
-        if row["val_landmark_mm"] is not None:
-            shown["val_mm"] = f"{row['val_landmark_mm']:.2f}"
-        bar.set_postfix(shown)
+        bar.set_postfix(_shown(curve[-1]))
 
     with (open(log_path, "w" if new_log else "a", newline="") if lead else contextlib.nullcontext()) as fh:
         writer = csv.writer(fh) if lead else None
         if lead and new_log:
-            writer.writerow(["iteration", "loss_per_voxel", "nmi", "lr"])
+            writer.writerow(LOG_COLUMNS)
         bar = tqdm(range(start, tcfg.iterations), initial=start, total=tcfg.iterations, desc="train",
                    disable=not (progress and lead))
         if held_out and not curve:
             validate(start)  # the curve starts from the untrained network
         for it in bar:
-            draws = []  # the global batch (same draws on every rank); this rank extracts only its slice
-            for _ in range(tcfg.batch_size * world):
-                g = groups[int(torch.randint(len(groups), (1,), generator=gen))]
-                draws.append((g, random_patch_corner(g.shape[1:], patch, gen)))
-            mine = draws[rank * tcfg.batch_size:(rank + 1) * tcfg.batch_size]
-            x = torch.stack([extract_patch(g, corner, patch) for g, corner in mine]).to(device)
-            fixed = None
-            if mcfg.mode == "all-to-one":
-                fixed = int(torch.randint(mcfg.num_timepoints, (1,), generator=gen)) if tcfg.fixed == "random" else tcfg.fixed
-                check_mode(mcfg.mode, mcfg.num_timepoints, fixed)
+            x, fixed = _draw_batch(groups, gen, cfg, device)
             optim.zero_grad()
             loss = svi_loss(elbo, model, net, x, fixed)
             loss.backward()  # DistributedDataParallel averages the gradients across processes here
@@ -410,11 +360,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
             if average is not None:
                 ema_update(average, guide.state_dict(), tcfg.ema_decay, it)
             if lead and (it % 10 == 0 or it == tcfg.iterations - 1):
-                loss_vox = loss.detach().item() / x[0].numel()
-                with torch.no_grad(), pyro.poutine.block():
-                    loc, _ = guide.distribution_params(x, fixed)
-                    transform = model.transform(fixed)
-                    nmi = float(group_nmi(transform(loc, x)[1], mcfg.bins).mean())
+                loss_vox, nmi = loss.detach().item() / x[0].numel(), _batch_nmi(model, guide, x, fixed, mcfg.bins)
                 bar.set_postfix(loss=f"{loss_vox:.4f}", nmi=f"{nmi:.3f}")
                 writer.writerow([it + 1, loss_vox, nmi, sched.get_last_lr()[0]])
                 fh.flush()
@@ -422,10 +368,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
                 validate(it + 1)
             stopping = stop_at is not None and it + 1 >= stop_at
             if (it + 1) % tcfg.checkpoint_every == 0 or it + 1 == tcfg.iterations or stopping:
-                rngs = _gather_rng(world)  # collective: every rank takes part
+                rngs = _gather_rng(world) if world > 1 else None  # collective: every rank takes part
                 if lead:
-                    save_checkpoint(ckpt_path, cfg, guide, optim, sched, it + 1, gen.get_state(),
-                                    rngs if world > 1 else None, curve, average)
+                    save_checkpoint(ckpt_path, cfg, guide, optim, sched, it + 1, gen.get_state(), rngs, curve, average)
             if stopping:
                 break
     if world > 1:
@@ -433,6 +378,108 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, groups: list
 
         dist.barrier()  # the checkpoint is on disk before any rank returns its path
     return ckpt_path
+
+
+def _shown(row: dict) -> dict:
+    """A validation row as the progress bar shows it (NMI, and the landmark error where there is one)."""
+    shown = {"val_nmi": f"{row['val_nmi']:.3f}"}
+    if row["val_landmark_mm"] is not None:
+        shown["val_mm"] = f"{row['val_landmark_mm']:.2f}"
+    return shown
+
+
+def _network(guide, average, cfg: Config, device) -> tuple:
+    """``(the module the steps call, the weight average or None)``: the guide set to ``cfg.runtime``
+    (after loading: the optimiser keeps the same Parameter objects), wrapped in
+    DistributedDataParallel across several processes; rank 0 keeps a moving average of the weights
+    when ``train.ema_decay`` is set (a new run, or a resumed one without one, starts it from the
+    weights now)."""
+    rank, world = distributed_rank()
+    if not cfg.train.ema_decay or rank != 0:  # only rank 0 validates and saves the average
+        average = None
+    elif average is None:
+        average = {name: value.detach().clone() for name, value in guide.state_dict().items()}
+    guide.set_runtime(**cfg.runtime.options())
+    if world == 1:
+        return guide, average
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(guide, device_ids=[device.index] if device.type == "cuda" else None), average
+
+
+def _held_out(cfg: Config) -> list:
+    """The held-out groups scored every ``train.validate_every`` iterations ([] when 0)."""
+    if not cfg.train.validate_every:
+        return []
+    held_out = load_validation_groups(cfg)
+    if not held_out:
+        raise InputError("train.validate_every: no held-out groups (set data.validation or data.validation_split)")
+    return held_out
+
+
+def _optimisation(guide, cfg: Config, resume_from: Path | None, gen: torch.Generator, device) -> tuple:
+    """``(Adam, its cosine schedule, first iteration, weight average or None, validation curve)``,
+    continued from the checkpoint ``resume_from`` when given (:func:`_restore`); a new run refuses to
+    overwrite a checkpoint in ``train.output_dir``."""
+    optim = torch.optim.Adam(guide.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=cfg.train.iterations)
+    if resume_from is not None:
+        return optim, sched, *_restore(resume_from, cfg, guide, optim, sched, gen, device)
+    existing = Path(cfg.train.output_dir) / CHECKPOINT_NAME
+    if existing.exists():
+        raise InputError(f"{existing} exists: pass --resume to continue, or choose another train.output_dir")
+    return optim, sched, 0, None, []
+
+
+def _restore(ckpt_path: Path, cfg: Config, guide, optim, sched, gen: torch.Generator, device) -> tuple:
+    """Load ``ckpt_path`` into the guide, optimiser, schedule and batch sampler of a resumed run and
+    continue its random streams (fresh, distinct ones on another number of processes). Returns
+    ``(iteration, weight average or None, validation curve)``."""
+    tcfg, (rank, world) = cfg.train, distributed_rank()
+    if not ckpt_path.is_file():
+        raise InputError(f"--resume: no checkpoint at {ckpt_path}")
+    old_cfg, _, state = load_checkpoint(ckpt_path, device)
+    if old_cfg.model != cfg.model:
+        raise InputError(f"--resume: {ckpt_path} was trained with a different model config: {old_cfg.model} vs {cfg.model}")
+    guide.load_state_dict(state["guide"])
+    optim.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    sched.T_max = tcfg.iterations  # a resume that extends train.iterations stretches the cosine schedule
+    start = state["iteration"]
+    per_rank = state.get("rank_rng") or [state["torch_rng"]]
+    if len(per_rank) == world:
+        torch.set_rng_state(per_rank[rank])
+    else:  # resumed on a different number of processes: fresh, distinct streams
+        pyro.set_rng_seed(tcfg.seed + 1000 * start + rank)
+    if state.get("sampler_rng") is not None:
+        gen.set_state(state["sampler_rng"])
+    return start, state.get("guide_ema"), list(state.get("validation") or [])
+
+
+def _draw_batch(groups: list, gen: torch.Generator, cfg: Config, device) -> tuple[torch.Tensor, int | None]:
+    """One iteration's batch ``(B, K, d, h, w)`` on ``device`` and its fixed timepoint: the global batch
+    is drawn from ``gen`` (the same draws on every rank; each rank keeps its slice), one random patch
+    per group, and in all-to-one mode the fixed timepoint (``train.fixed``, or drawn)."""
+    tcfg, mcfg, (rank, world) = cfg.train, cfg.model, distributed_rank()
+    patch = [int(p) for p in tcfg.patch_size]
+    draws = []
+    for _ in range(tcfg.batch_size * world):
+        g = groups[int(torch.randint(len(groups), (1,), generator=gen))]
+        draws.append((g, random_patch_corner(g.shape[1:], patch, gen)))
+    mine = draws[rank * tcfg.batch_size:(rank + 1) * tcfg.batch_size]
+    x = torch.stack([extract_patch(g, corner, patch) for g, corner in mine]).to(device)
+    fixed = None
+    if mcfg.mode == "all-to-one":
+        fixed = int(torch.randint(mcfg.num_timepoints, (1,), generator=gen)) if tcfg.fixed == "random" else tcfg.fixed
+        check_mode(mcfg.mode, mcfg.num_timepoints, fixed)
+    return x, fixed
+
+
+def _batch_nmi(model, guide, x: torch.Tensor, fixed, bins: int) -> float:
+    """Mean NMI of the batch warped by the guide's mean fields (the training log's column)."""
+    with torch.no_grad(), pyro.poutine.block():
+        loc, _ = guide.distribution_params(x, fixed)
+        return float(group_nmi(model.transform(fixed)(loc, x)[1], bins).mean())
 
 
 def write_validation(path, curve: list) -> None:

@@ -1,6 +1,7 @@
 """Baselines: conventions (a known translation), shapes, and the Table-1 benchmark smoke run."""
 import argparse
 import csv
+import json
 import importlib.util
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def test_elastix_groupwise_moves_everyone_to_the_mean_frame():
 def test_pairwise_groupmorph_baseline_shapes():
     g = breathing_phantom((20, 20, 20), 3, num_landmarks=5, seed=0)
     cfg = Config()
-    cfg.register.map_mean = False  # 2 steps of a MAP mean are judged worse than zero and not kept (see test_io_cli.SHORT_FIT)
+    cfg.register.scale_reset = False  # SVI on mean and σ: 2 steps of a MAP mean are judged worse than zero (see test_io_cli.SHORT_FIT)
     res = pairwise_groupmorph(g.images, cfg, fixed=1, steps=2)
     assert res.displacement.shape == (3, 3, 20, 20, 20) and not res.displacement[1].any()
     assert res.displacement[0].any() and res.summary["method"] == "voxelmorph-diff"
@@ -102,7 +103,10 @@ def test_table1_benchmark_smoke(tmp_path):
     spec.loader.exec_module(module)
     trained = importlib.util.find_spec("voxelmorph") is not None
     rows = module.main(["--smoke", "--out", str(tmp_path)] + (["--train-iterations", "2"] if trained else []))
-    assert len(rows) == 2 * (15 if trained else 12)
+    assert len(rows) == 2 * (13 if trained else 10)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["command"] == "python benchmarks/table1.py --smoke --out " + str(tmp_path) + (" --train-iterations 2" if trained else "")
+    assert run["commit"] and run["machine"]["cpus"] >= 1 and run["started"] <= run["finished"]
     if trained:  # the three trained rows, checkpoints written and reused (not retrained) on a rerun
         assert {"groupmorph-diff all-to-one (trained)", "voxelmorph-diff (K=2, trained)",
                 "voxelmorph package (VxmPairwise, trained)"} <= {r["method"] for r in rows}

@@ -38,7 +38,7 @@ def _manifest(tmp_path, names=("a", "b", "c"), split="test"):
 
 def _config():
     cfg = Config()
-    cfg.register.steps, cfg.register.patience = 3, 0
+    cfg.register.steps = 3
     return cfg
 
 
@@ -65,7 +65,7 @@ def test_batch_registers_every_series_and_resumes(tmp_path):
 
 def test_batch_cli(tmp_path, capsys):
     manifest = _manifest(tmp_path, names=("x", "y"))
-    (tmp_path / "c.yaml").write_text("register: {steps: 2, patience: 0}\n")
+    (tmp_path / "c.yaml").write_text("register: {steps: 2}\n")
     args = ["register", "--manifest", str(manifest), "--out", str(tmp_path / "o"), "--config", str(tmp_path / "c.yaml"),
             "--quiet"]
     assert main(args) == 0

@@ -97,7 +97,10 @@ def test_calibration_runs_with_model_settings_and_records_them(tmp_path):
     default = calibration.main(base)
     assert paper[0]["model"] == {"prior": "laplacian", "histogram": "gaussian"}
     assert default[0]["model"] == {"prior": "bending", "histogram": "quadratic"}
-    assert json.loads((tmp_path / "c.json").read_text())[0]["model"]["prior"] == "laplacian"
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["rows"][0]["model"]["prior"] == "laplacian"
+    assert saved["command"].startswith("python benchmarks/calibration.py --betas 5") and saved["commit"]
+    assert saved["machine"]["cpus"] >= 1 and saved["started"] <= saved["finished"]
     for row in paper + default:
         assert 0 <= row["coverage90_all"] <= 1 and 0 <= row["coverage90_moving"] <= 1 and row["mean_sd_voxels"] > 0
 
@@ -118,7 +121,7 @@ def test_probes_apply_their_settings_and_report_each_row(tmp_path, monkeypatch, 
                          (["finetune", "--config", str(tmp_path / "none.yaml"), "--checkpoint", "x.pt"], f"no such file: {tmp_path / 'none.yaml'}"),
                          (["per-case", "--set", "speed", "--variants", "64 bins"],
                           "--variants: ['64 bins'] not in --set speed: expected some of ['defaults', '75 coarse steps', "
-                          "'30 full-resolution steps', '2 guard particles', 'pyramid 4-2-1', '65536 likelihood voxels', "
+                          "'30 full-resolution steps', '2 guard particles', 'pyramid 4-2-1', "
                           "'integration on a 2x coarser grid', 'integration on the full grid', 'template reduction']"),
                          (["step-cost", "--steps", "0"], "--steps and --repeats: expected integers >= 1, got 0 and 2")):
         with pytest.raises(SystemExit) as exc:

@@ -201,7 +201,7 @@ def test_fit_case_chunked_reaches_the_same_mean(case, monkeypatch):
         if batch:
             monkeypatch.setattr(group_module, "_BATCH_VOXELS", batch)
         torch.manual_seed(0)
-        guide, info = fit_case(model, x, 0, zero, torch.full_like(zero, 0.05), settings, steps=12, point=True)
+        guide, info = fit_case(model, x, 0, zero, torch.full_like(zero, 0.05), settings, steps=12, fit="map")
         out.append((guide.distribution_params()[0].detach(), info))
     (one, info_one), (chunked, info_chunked) = out
     assert info_one["kept"] == info_chunked["kept"] == "refined"

@@ -9,9 +9,10 @@ from groupmorph_pyro.config import Config, load_config
 from groupmorph_pyro.priors import PRIORS
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+PRESETS = sorted((Path(__file__).parent.parent / "configs" / "presets").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS + PRESETS, ids=lambda p: p.name)
 def test_shipped_configs_load_and_round_trip(path):
     cfg = load_config(path)
     assert Config.from_dict(cfg.to_dict()) == cfg
@@ -19,44 +20,26 @@ def test_shipped_configs_load_and_round_trip(path):
 
 def test_paper_defaults():
     cfg = Config()
-    # package defaults (issue 13, measured per-case): bending prior, B-spline histogram; the paper's in its configs
+    # package defaults (measured per-case): bending prior, quadratic B-spline histogram; the paper's in its configs
     assert (cfg.model.prior, cfg.model.integration_steps, cfg.model.alpha) == ("bending", 7, 15.0)
     assert (cfg.model.integration_downsize, cfg.register.covariance, cfg.model.jitter) == (3, "dct", True)
-    assert cfg.register.finetune_lr is None and cfg.register.finetune_scale_phase is False
-    assert cfg.register.finetune_optimizer == "sgd" and cfg.register.finetune_step() == 0.0015  # issue 14
-    cfg.register.finetune_optimizer = "adam"
-    assert cfg.register.finetune_step() == 0.3
-    cfg.register.finetune_lr = 0.1
-    assert cfg.register.finetune_step() == 0.1
-    cfg = Config()
-    assert cfg.register.map_mean is True and cfg.register.finetune_map_mean is True  # issues 13 and 14
+    assert cfg.register.finetune_lr == 0.0015 and cfg.register.scale_reset is True
     assert PRIORS.options("laplacian") == {"lambda_u": 1.0, "lambda_v": 0.01}  # the paper's weights by default
-    for name in ("dirlab_4dct.yaml", "breast_mr.yaml"):
-        paper = load_config(next(p for p in CONFIGS if p.name == name)).model
+    for name in ("dirlab_4dct.yaml", "breast_mr.yaml", "cpu_small_all_to_one.yaml", "cpu_small_moving.yaml"):
+        paper = load_config(next(p for p in CONFIGS if p.name == name)).model  # through presets/legacy.yaml
         assert (paper.prior, paper.prior_options, paper.histogram) == ("laplacian", {"lambda_u": 1.0, "lambda_v": 0.01},
                                                                        "gaussian")
         assert paper.integration_downsize == 1 and paper.jitter is False  # the paper: full grid, lattice likelihood
-    for name in ("cpu_small_all_to_one.yaml", "cpu_small_moving.yaml"):  # as their learning curves were measured
-        measured = load_config(next(p for p in CONFIGS if p.name == name))
-        assert (measured.model.integration_downsize, measured.model.jitter, measured.register.finetune_lr) == (1, False, 0.1)
-    for name in ("cpu_small_all_to_one.yaml", "cpu_small_moving.yaml", "cpu_small_moving_defaults.yaml", "dirlab_4dct.yaml"):
-        assert load_config(next(p for p in CONFIGS if p.name == name)).register.finetune_scale_phase is True  # as measured
-    for name in ("cpu_small_all_to_one.yaml", "cpu_small_moving.yaml", "cpu_small_moving_defaults.yaml", "cpu_small_moving_jitter.yaml"):
-        measured = load_config(next(p for p in CONFIGS if p.name == name)).register
-        assert measured.map_mean is False and measured.finetune_map_mean is False  # their learning curves, as measured
-        assert measured.finetune_optimizer == "adam"
     assert load_config(next(p for p in CONFIGS if p.name == "cpu_small_moving_defaults.yaml")).model.jitter is False
-    for path in (p for p in CONFIGS if p.name.startswith("cpu_small")):  # their per-case lines, as measured
+    for path in (p for p in CONFIGS if p.name.startswith("cpu_small")):  # their per-case lines (presets/learning_curve.yaml)
         assert load_config(path).register.coarse_steps == 150, path.name
-        assert load_config(path).register.scale_steps == 5, path.name
         assert load_config(path).register.guard_particles == 4, path.name
         assert load_config(path).model.histogram in ("bspline", "gaussian"), path.name
-    assert Config().register.coarse_steps == 50  # the default since 2026-12-02 (issue 13; 75 earlier that day)
-    assert Config().register.scale_steps == 0  # the default since 2026-12-02 (issue 13)
-    assert Config().register.guard_particles == 2  # likewise
-    assert Config().model.histogram == "quadratic"  # likewise
-    assert Config().model.prior_units == "mm"  # the default since 2026-12-02 (issue 13), with these weights per mm
-    assert PRIORS.options("bending") == {"lambda_b": 6.0, "lambda_v": 0.001}  # (1 and 0.01 in voxels before)
+    assert Config().register.coarse_steps == 50
+    assert Config().register.guard_particles == 2
+    assert Config().model.histogram == "quadratic"
+    assert Config().model.prior_units == "mm"  # with these weights per mm
+    assert PRIORS.options("bending") == {"lambda_b": 6.0, "lambda_v": 0.001}
     for path in CONFIGS:  # every shipped config but the smoke test keeps the weights it was written / measured with
         model = load_config(path).model
         if path.name != "smoke.yaml":
@@ -83,8 +66,10 @@ def test_paper_defaults():
         ({"train": {"elbo": "renyi"}}, r"train.elbo"),
         ({"model": {"lambda_v": 0}}, r"model.prior_options.lambda_v: expected a finite number > 0, got 0"),
         ({"model": {"histogram": "box"}}, r"model.histogram: expected one of \('gaussian', 'bspline', 'quadratic'\), got 'box'"),
-        ({"register": {"likelihood_voxels": -5}}, r"register.likelihood_voxels: expected an integer >= 0, got -5"),
-        ({"register": {"likelihood_voxels": 0.5}}, r"register.likelihood_voxels: expected an integer, got 0.5"),
+        ({"register": {"coarse_steps": -5}}, r"register.coarse_steps: expected an integer >= 0, got -5"),
+        ({"register": {"coarse_steps": 0.5}}, r"register.coarse_steps: expected an integer, got 0.5"),
+        ({"register": {"finetune_lr": 0}}, r"register.finetune_lr: expected a finite number > 0, got 0"),
+        ({"register": {"scale_reset": "no"}}, r"register.scale_reset: expected true or false, got 'no'"),
         ({"model": {"integration_downsize": 0}}, r"model.integration_downsize: expected an integer >= 1, got 0"),
         ({"model": {"integration_downsize": 1.5}}, r"model.integration_downsize: expected an integer, got 1.5"),
         ({"register": {"covariance": "full"}}, r"register.covariance: expected 'diagonal' or 'dct', got 'full'"),
@@ -148,3 +133,55 @@ def test_pairwise_baseline_uses_its_tiny_lambda_v():
     finally:
         baselines.register = real
     assert seen and seen[0] == ("laplacian", {"lambda_u": 1.0, "lambda_v": 1e-6}, "voxel")  # VoxelMorph's diffusion regulariser, per voxel
+
+
+def test_include_reads_presets_first_and_the_file_wins_key_by_key(tmp_path):
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "a.yaml").write_text("model: {prior: laplacian, histogram: gaussian}\nregister: {steps: 7}\n")
+    (tmp_path / "presets" / "b.yaml").write_text("include: a.yaml\nregister: {steps: 9, coarse_steps: 3}\n")
+    (tmp_path / "c.yaml").write_text("include: [presets/b.yaml]\nmodel: {histogram: bspline}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.model.prior, cfg.model.histogram) == ("laplacian", "bspline")  # a's prior, c's histogram
+    assert (cfg.register.steps, cfg.register.coarse_steps) == (9, 3)  # b over a (a nested include)
+    assert cfg.model.prior_options == {}  # keys nobody names keep the defaults
+
+
+@pytest.mark.parametrize("text, match", [
+    ("include: missing.yaml\n", r"include: no such file .*missing.yaml"),
+    ("include: {a: 1}\n", r"include: expected a path or a list of paths, got \{'a': 1\}"),
+    ("include: c.yaml\n", r"c.yaml includes itself"),
+])
+def test_bad_include_is_a_clear_error(tmp_path, text, match):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(InputError, match=match):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_removed_settings_are_dropped_with_a_warning_when_they_asked_for_another_behaviour(tmp_path):
+    """Configs and checkpoints written with the register settings the package no longer has still load
+    (config.REMOVED_SETTINGS): silently where the value is today's behaviour, with one warning naming
+    the setting otherwise; an Adam fine-tuning step is not read as SGD's."""
+    import warnings
+
+    from groupmorph_pyro.config import REMOVED_SETTINGS, migrate
+
+    today = {"patience": 0, "scale_steps": 0, "map_mean": True, "finetune_optimizer": "sgd", "finetune_scale_phase": False,
+             "likelihood_voxels": 0, "finetune_map_mean": True, "scale_phase_lr": 0.1, "finetune_lr": None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Config.from_dict({"register": today}).register == Config().register
+    assert set(today) - {"finetune_lr"} == set(REMOVED_SETTINGS)
+    (tmp_path / "old.yaml").write_text("register:\n  map_mean: false\n  scale_steps: 5\n  finetune_optimizer: adam\n"
+                                       "  finetune_lr: 0.1\n  steps: 7\n")
+    with pytest.warns(UserWarning) as caught:
+        cfg = load_config(tmp_path / "old.yaml")
+    messages = [str(w.message) for w in caught]
+    assert any("register.map_mean=False was removed and is ignored" in m for m in messages), messages
+    assert any("register.scale_steps=5 was removed" in m for m in messages), messages
+    assert any("register.finetune_lr=0.1 was the step of the removed Adam fine-tuning" in m for m in messages), messages
+    assert all(str(tmp_path / "old.yaml") in m for m in messages)
+    assert (cfg.register.steps, cfg.register.finetune_lr) == (7, 0.0015)
+    given = {"register": {"patience": 5}}
+    with pytest.warns(UserWarning, match=r"register.patience=5 was removed and is ignored: per-case fits run all their steps"):
+        assert migrate(given) == {"register": {}}
+    assert given == {"register": {"patience": 5}}  # the caller's mapping is kept

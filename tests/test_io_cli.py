@@ -28,13 +28,13 @@ def group_files(tmp_path):
     return paths, affine
 
 
-SHORT_FIT = "register:\n  lr: 0.3\n  map_mean: false\n"
+SHORT_FIT = "register:\n  lr: 0.3\n  scale_reset: false\n"
 """A few per-case steps from zero on a 20³ grid: the default peak step 1.0 (sized for the default
 150 coarse + 60 full steps) overshoots under the default bending prior, and the ELBO guard then keeps
 the identity start (measured: 3–30 steps at lr 1.0 kept it; lr 0.3 refined; the defaults refine).
-The mean and σ are fitted together (map_mean: false): a MAP mean's first few steps are judged by the
-log joint alone, which Adam's first steps make worse (measured at 20³, lr 0.3: 5 steps kept the
-identity, 20 steps refined, 0.24 mm against 0.31 with map_mean false; 60 steps 0.14 against 0.16)."""
+The mean and σ are fitted together (scale_reset: false): a MAP mean's first few steps are judged by
+the log joint alone, which Adam's first steps make worse (measured at 20³, lr 0.3: 5 steps kept the
+identity, 20 steps refined, 0.24 mm against 0.31 with mean and σ together; 60 steps 0.14 against 0.16)."""
 
 
 def digest(paths):
@@ -184,22 +184,15 @@ BAD_CONFIGS = {  # YAML text -> expected message (key, expected type, value)
     "schedule typo": ("register:\n  schedule: cosin\n", r"register.schedule: expected 'constant' or 'cosine', got 'cosin'"),
     "average: 1.5": ("register:\n  average: 1.5\n", r"register.average: expected a fraction in \[0, 1\), got 1.5"),
     "scale_lr: fast": ("register:\n  scale_lr: fast\n", r"register.scale_lr: expected a number, got 'fast'"),
-    "scale_phase_lr: 0": ("register:\n  scale_phase_lr: 0\n", r"register.scale_phase_lr"),
     "covariance: full": ("register:\n  covariance: full\n", r"register.covariance: expected 'diagonal' or 'dct', got 'full'"),
     "guard_particles: 0": ("register:\n  guard_particles: 0\n", r"register.guard_particles: expected an integer >= 1, got 0"),
     "ema_decay: 1": ("train:\n  ema_decay: 1.0\n", r"train.ema_decay: expected a fraction in \[0, 1\), got 1.0"),
     "cascade: 0": ("model:\n  cascade: 0\n", r"model.cascade: expected an integer >= 1, got 0"),
     "integration_downsize: 0": ("model:\n  integration_downsize: 0\n", r"model.integration_downsize: expected an integer >= 1, got 0"),
-    "finetune_scale_phase: 1": ("register:\n  finetune_scale_phase: 1\n", r"register.finetune_scale_phase: expected true or false, got 1"),
-    "map_mean: yes please": ("register:\n  map_mean: yes please\n", r"register.map_mean: expected true or false, got 'yes please'"),
-    "finetune_map_mean: 0": ("register:\n  finetune_map_mean: 0\n", r"register.finetune_map_mean: expected true or false, got 0"),
-    "finetune_optimizer: lbfgs": ("register:\n  finetune_optimizer: lbfgs\n",
-                                  r"register.finetune_optimizer: expected one of \['adam', 'sgd'\], got 'lbfgs'"),
-    "finetune_optimizer sgd without the MAP mean": ("register:\n  finetune_map_mean: false\n",
-                                                    r"'sgd' fits a point-estimate mean and needs register.finetune_map_mean: true"),
     "finetune_lr: 0": ("register:\n  finetune_lr: 0\n", r"register.finetune_lr"),
+    "scale_reset: 1": ("register:\n  scale_reset: 1\n", r"register.scale_reset: expected true or false, got 1"),
+    "sample_points: 0": ("register:\n  sample_points: 0\n", r"register.sample_points: expected an integer >= 1, got 0"),
     "jitter: sometimes": ("model:\n  jitter: sometimes\n", r"model.jitter: expected true or false, got 'sometimes'"),
-    "likelihood_voxels: -1": ("register:\n  likelihood_voxels: -1\n", r"register.likelihood_voxels: expected an integer >= 0, got -1"),
     "lambda_u under the bending default": ("model:\n  prior_options: {lambda_u: 2}\n", r"set model.prior: laplacian"),
     "prior option typo": ("model:\n  prior: laplacian\n  prior_options: {lamda_u: 2}\n", r"prior 'laplacian' has no option\(s\) \[.lamda_u.\]"),
     "prior_units: cm": ("model:\n  prior_units: cm\n", r"model.prior_units: expected one of \['mm', 'voxel'\], got 'cm'"),

@@ -76,7 +76,7 @@ def test_a_per_case_fit_does_not_import_torch_dynamo():
             "model = build_model(ModelConfig(num_timepoints=2))\n"
             "x = torch.rand(1, 2, 12, 12, 12)\n"
             "loc = torch.zeros(1, 1, 3, 12, 12, 12)\n"
-            "fit_case(model, x, 0, loc, torch.full_like(loc, 0.05), RegisterConfig(), steps=2, point=True)\n"
+            "fit_case(model, x, 0, loc, torch.full_like(loc, 0.05), RegisterConfig(), steps=2, fit=\"map\")\n"
             "fit_case(model, x, 0, loc, torch.full_like(loc, 0.05), RegisterConfig(), steps=2)\n"
             "print('torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

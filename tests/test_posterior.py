@@ -96,7 +96,7 @@ def test_finetuning_never_makes_the_elbo_worse(group, lr):
     model = GroupMorphModel(3)
     x = normalize_group(group.images)
     loc, scale = torch.zeros(1, 2, 3, *x.shape[2:]), torch.full((1, 2, 3, *x.shape[2:]), 0.05)
-    guide, info = fit_case(model, x, 0, loc, scale, RegisterConfig(lr=lr, patience=0), steps=8)
+    guide, info = fit_case(model, x, 0, loc, scale, RegisterConfig(lr=lr), steps=8)
     assert info["elbo_loss_after"] <= info["elbo_loss_before"]
     # the guide returned is the one whose ELBO was reported
     assert elbo_loss(model, guide, x, 0, RegisterConfig().guard_particles) == pytest.approx(info["elbo_loss_after"], rel=1e-5)
@@ -106,53 +106,31 @@ def test_finetuning_never_makes_the_elbo_worse(group, lr):
         assert info["kept"] == "refined" and info["elbo_loss_after"] < info["elbo_loss_before"] - 0.5, info
 
 
-def test_subsampled_steps_learn_and_the_guard_judges_with_the_full_likelihood(group, monkeypatch):
-    """register.likelihood_voxels: every SVI step calls the likelihood on that many voxels (20³ = 8000
-    here, 500 drawn), the fit still improves the ELBO by a margin, and the reported ELBOs are the
-    full likelihood's (the returned guide's full-likelihood ELBO equals ``elbo_loss_after``)."""
-    from groupmorph_pyro import likelihoods
-
-    model = GroupMorphModel(3)
-    x = normalize_group(group.images)
-    loc, scale = torch.zeros(1, 2, 3, *x.shape[2:]), torch.full((1, 2, 3, *x.shape[2:]), 0.05)
-    sizes, call = [], likelihoods.GroupNMI.similarity
-    monkeypatch.setattr(likelihoods.GroupNMI, "similarity", lambda self, w: sizes.append(w.shape[2:].numel()) or call(self, w))
-    guide, info = fit_case(model, x, 0, loc, scale, RegisterConfig(lr=0.2, likelihood_voxels=500), steps=8)
-    assert sizes.count(500) == 8 and set(sizes) == {500, 8000}  # steps drawn, guard whole
-    assert info["kept"] == "refined" and info["elbo_loss_after"] < info["elbo_loss_before"] - 0.5, info
-    assert elbo_loss(model, guide, x, 0, RegisterConfig().guard_particles) == pytest.approx(info["elbo_loss_after"], rel=1e-5)
-    assert model.likelihood.__class__ is likelihoods.GroupNMI  # the caller's model is left as it was
-
-
-def test_finetuning_an_amortised_posterior_improves_its_elbo(group):
-    """Fine-tuning from a (random, near-identity) network's posterior must improve the ELBO by a margin
-    (SVI on mean and σ: with the MAP mean, the default, the guard compares log joints instead)."""
+def test_finetuning_an_amortised_posterior_improves_its_log_joint(group):
+    """Fine-tuning from a (random, near-identity) network's posterior moves the mean as a point estimate
+    by SGD; the guard compares log joints at the two means, and the refined mean must win by a margin."""
     cfg = Config()
     cfg.model.num_timepoints, cfg.model.encoder, cfg.model.decoder = 3, [4, 4], [4, 4, 4]
-    cfg.register.finetune_map_mean, cfg.register.finetune_optimizer = False, "adam"
     torch.manual_seed(1)
     res = register(group.images, cfg, build_guide(cfg.model), finetune_steps=5)
     ft = res.summary["finetune"]
-    assert ft["kept"] == "refined" and ft["elbo_loss_after"] < ft["elbo_loss_before"] - 0.5, ft
+    assert ft["fit"] == "map-sgd" and ft["steps_run"] == 5
+    assert ft["kept"] == "refined" and ft["elbo_loss_after"] < ft["elbo_loss_before"] - 1e-3, ft
 
 
-def test_the_sigma_phase_follows_fits_from_zero_and_fine_tuning_only_when_asked(group):
-    """Fine-tuning a network's posterior keeps the σ its SVI steps fitted (no reset, no σ steps, no
-    covariance choice) unless register.finetune_scale_phase; a fit from zero always runs the phase."""
+def test_the_sigma_phase_follows_fits_from_zero_only(group):
+    """Fine-tuning a network's posterior keeps the network's σ (no reset, no covariance choice); a fit
+    from zero resets σ to the prior's mean-field optimum without steps, then picks the family."""
     cfg = Config()
     cfg.model.num_timepoints, cfg.model.encoder, cfg.model.decoder = 3, [4, 4], [4, 4, 4]
-    cfg.register.scale_steps = 2
     torch.manual_seed(1)
     guide = build_guide(cfg.model)
     skipped = register(group.images, cfg, guide, finetune_steps=3).summary["finetune"]
     assert "scale_phase" not in skipped and skipped["steps_run"] == 3
-    cfg.register.finetune_scale_phase = True
-    ran = register(group.images, cfg, guide, finetune_steps=3).summary["finetune"]
-    assert ran["scale_phase"]["steps_run"] == 2 and ran["scale_phase"]["reset"]
-    assert ran["elbo_loss_after"] == ran["scale_phase"]["elbo_loss_after"]
-    cfg.register.finetune_scale_phase = False
     from_zero = register(group.images, cfg, finetune_steps=3).summary["finetune"]
-    assert from_zero["scale_phase"]["steps_run"] == 2
+    assert from_zero["scale_phase"]["steps_run"] == 0 and from_zero["scale_phase"]["reset"]
+    assert from_zero["elbo_loss_after"] == from_zero["scale_phase"]["elbo_loss_after"]
+    assert from_zero["scale_phase"]["covariance"] in ("diagonal", "dct")
 
 
 def test_register_reports_finetune_gain_and_landmarks(group):
@@ -213,7 +191,7 @@ def test_iterate_averaging_returns_the_mean_of_the_last_iterates_and_cosine_ends
         return out
 
     monkeypatch.setattr(Adam, "step", recording_step)
-    settings = RegisterConfig(lr=0.05, patience=0, schedule="cosine", average=0.5)
+    settings = RegisterConfig(lr=0.05, schedule="cosine", average=0.5)
     guide, info = fit_case(model, x, 0, loc, scale, settings, steps=6)
     assert info["kept"] == "refined" and len(seen) == 6
     expected = [torch.stack([s[i] for s in seen[3:]]).mean(0) for i in range(2)]
@@ -232,7 +210,7 @@ def test_coarse_to_fine_reaches_the_full_resolution_result_in_fewer_full_steps()
     for name, pyramid, steps in (("full", [1], 120), ("pyramid", [2, 1], 30)):
         cfg = Config()
         cfg.model.num_timepoints, cfg.model.prior = 3, "laplacian"  # bending: pyramid 0.33, full only 0.60 mm
-        cfg.register.map_mean = False  # as measured; with the MAP mean: full 0.16, pyramid 0.38 mm
+        cfg.register.scale_reset = False  # mean and σ by SVI, as measured; with the MAP mean: full 0.16, pyramid 0.38 mm
         cfg.register.pyramid, cfg.register.coarse_steps = pyramid, 100
         res = register(g.images, cfg, finetune_steps=steps, landmarks=g.landmarks, affine=g.affine, seed=0)
         results[name] = res.summary["landmarks"]
@@ -250,7 +228,7 @@ def test_coarse_to_fine_reaches_the_full_resolution_result_in_fewer_full_steps()
 
 def test_fit_scale_resets_sigma_to_the_priors_mean_field_optimum_and_keeps_the_mean(group):
     """σ_i = 1/sqrt(Λ_ii) with Λ = 0.01 I + L (6-neighbour graph Laplacian): 1/sqrt(6.01) inside,
-    1/sqrt(5.01) on a face, 1/sqrt(3.01) at a corner; then σ-only steps move σ, never the mean."""
+    1/sqrt(5.01) on a face, 1/sqrt(3.01) at a corner; the mean stays. Without the reset σ stays too."""
     from groupmorph_pyro.registration import fit_scale
 
     model = GroupMorphModel(3)
@@ -258,18 +236,15 @@ def test_fit_scale_resets_sigma_to_the_priors_mean_field_optimum_and_keeps_the_m
     loc = torch.zeros(1, 2, 3, *x.shape[2:])
     loc[:, :, 0] = torch.linspace(-1, 1, x.shape[2]).view(-1, 1, 1)
     case = CaseGuide(loc, torch.full_like(loc, 0.05), model.prior_distribution(loc.shape[3:]))
-    reset, info = fit_scale(model, x, 0, case, RegisterConfig(scale_steps=0, covariance="diagonal"))
+    reset, info = fit_scale(model, x, 0, case, RegisterConfig(covariance="diagonal"))
     _, scale = reset.distribution_params()
     assert info["reset"] and info["steps_run"] == 0
     assert scale[0, 0, 0, 5, 5, 5].item() == pytest.approx(6.01 ** -0.5, rel=1e-5)
     assert scale[0, 1, 2, 0, 5, 5].item() == pytest.approx(5.01 ** -0.5, rel=1e-5)
     assert scale[0, 0, 1, 0, 0, 0].item() == pytest.approx(3.01 ** -0.5, rel=1e-5)
-    moved, info = fit_scale(model, x, 0, case, RegisterConfig(scale_steps=4))
-    new_loc, new_scale = moved.distribution_params()
-    assert info["steps_run"] == 4 and info["elbo_loss_after"] <= info["elbo_loss_before"]
-    assert torch.allclose(new_loc, case.distribution_params()[0], atol=1e-6)  # the mean stays
-    if info["kept"] == "refined":
-        assert not torch.allclose(new_scale, scale)
+    assert torch.allclose(reset.distribution_params()[0], case.distribution_params()[0], atol=1e-6)  # the mean stays
+    kept, info = fit_scale(model, x, 0, case, RegisterConfig(scale_reset=False, covariance="diagonal"))
+    assert not info["reset"] and torch.allclose(kept.distribution_params()[1], torch.full_like(loc, 0.05))
 
 
 def test_foreground_mask_keeps_the_body_and_drops_the_air():
@@ -306,62 +281,53 @@ def test_a_point_guide_makes_the_elbo_the_negative_log_joint_at_the_mean():
 
 
 def test_a_map_fit_moves_only_the_mean_and_register_uses_it_from_zero_only(group, monkeypatch):
-    """fit_case(point=True) learns the mean and leaves σ; register fits the mean as a point estimate at
-    every level of a fit from zero (not in the σ phase), and not with map_mean off, without the σ reset,
-    or when fine-tuning a network's posterior."""
+    """fit_case(fit="map") learns the mean and leaves σ; register fits the mean as a point estimate by
+    Adam at every level of a fit from zero when the σ reset follows (by SVI on mean and σ without the
+    reset), and by SGD when fine-tuning a network's posterior, whose σ it keeps."""
     import groupmorph_pyro.registration as R
 
     model = GroupMorphModel(3)
     x = normalize_group(group.images)
     loc, scale = torch.zeros(1, 2, 3, *x.shape[2:]), torch.full((1, 2, 3, *x.shape[2:]), 0.05)
-    guide, info = fit_case(model, x, 0, loc, scale, RegisterConfig(lr=0.1), steps=8, point=True)
+    guide, info = fit_case(model, x, 0, loc, scale, RegisterConfig(lr=0.1), steps=8, fit="map")
     new_loc, new_scale = guide.distribution_params()
     assert info["kept"] == "refined" and info["elbo_loss_after"] < info["elbo_loss_before"]
     assert new_loc.abs().max() > 0.05 and torch.allclose(new_scale, scale, rtol=1e-6, atol=0)  # σ untouched
 
-    calls, optimizers = [], []
+    calls = []
     fit = R.fit_case
 
     def recording(*args, **kwargs):
-        calls.append((kwargs.get("desc", "full"), kwargs.get("point", False)))
-        optimizers.append(kwargs.get("optimizer", "adam"))
+        calls.append((args[9] if len(args) > 9 else kwargs.get("progress", False), kwargs["fit"]))
         return fit(*args, **kwargs)
 
     monkeypatch.setattr(R, "fit_case", recording)
     g = breathing_phantom((24, 24, 24), 3, amplitude=2.0, num_landmarks=6, seed=4)
     cfg = Config()
-    cfg.model.num_timepoints, cfg.register.coarse_steps, cfg.register.scale_steps = 3, 2, 1
-    for on, reset, expected in ((True, True, True), (False, True, False), (True, False, False)):
-        cfg.register.map_mean, cfg.register.scale_reset = on, reset
+    cfg.model.num_timepoints, cfg.register.coarse_steps = 3, 2
+    for reset, expected in ((True, "map"), (False, "svi")):
+        cfg.register.scale_reset = reset
         calls.clear()
         summary = register(g.images, cfg, finetune_steps=2).summary["finetune"]
-        assert summary["map_mean"] is expected
-        assert calls == [("per-case SVI, level 1/2", expected), ("full", expected), ("per-case SVI, σ only", False)]
-        assert summary["optimizer"] == "adam" and set(optimizers) == {"adam"}  # from zero: Adam
-    cfg.register.map_mean, cfg.register.scale_reset, cfg.register.finetune_map_mean = True, True, False
-    cfg.register.finetune_optimizer = "adam"  # SVI on mean and σ fine-tunes by Adam
+        assert summary["fit"] == expected and ("scale_phase" in summary) is reset
+        assert [c[1] for c in calls] == [expected, expected]  # the coarse level, then the full grid
+    cfg.register.scale_reset = True
     cfg.model.encoder, cfg.model.decoder = [4, 4], [4, 4, 4]
     torch.manual_seed(1)
     calls.clear()
     guide = build_guide(cfg.model)
-    assert register(g.images, cfg, guide, finetune_steps=2).summary["finetune"]["map_mean"] is False
-    assert calls == [("full", False)]
-    cfg.register.finetune_map_mean, cfg.register.finetune_optimizer = True, "sgd"  # the defaults: MAP mean by SGD
-    calls.clear()
-    optimizers.clear()
     res = register(g.images, cfg, guide, finetune_steps=2)
-    assert res.summary["finetune"]["map_mean"] is True and calls == [("full", True)]
-    assert res.summary["finetune"]["optimizer"] == "sgd" and optimizers == ["sgd"]
+    assert res.summary["finetune"]["fit"] == "map-sgd" and [c[1] for c in calls] == ["map-sgd"]
     with torch.no_grad():
         _, network_scale = guide.distribution_params(normalize_group(g.images), 0)
     assert np.allclose(res.scale, network_scale[0].numpy(), rtol=1e-5)
 
 
 def test_sgd_moves_the_whitened_mean_along_its_gradient(group):
-    """fit_case(optimizer="sgd"): Nesterov momentum 0.9 from rest, so the first step is exactly
+    """fit_case(fit="map-sgd"): Nesterov momentum 0.9 from rest, so the first step is exactly
     -lr (1 + 0.9) g with g the gradient of the negative log joint in the whitened coordinates, computed
     here by Pyro's loss on a fresh point guide (no jitter: the loss is deterministic). Adam's first step
-    (about -lr sign(g) everywhere) is not proportional to g."""
+    (fit="map": about -lr sign(g) everywhere) is not proportional to g."""
     model = GroupMorphModel(3)
     x = normalize_group(group.images)
     grid = torch.stack(torch.meshgrid(*[torch.linspace(0, 1, n) for n in x.shape[2:]], indexing="ij"))
@@ -371,17 +337,24 @@ def test_sgd_moves_the_whitened_mean_along_its_gradient(group):
     Trace_ELBO().differentiable_loss(model, reference, x, 0).backward()
     g = reference.whitened.grad.detach()
     lr = 1e-4
-    for optimizer in ("sgd", "adam"):
-        case, info = fit_case(model, x, 0, loc, scale, RegisterConfig(lr=lr, schedule="constant", average=0), steps=1,
-                              point=True, optimizer=optimizer, eval_particles=1)
+    for fit in ("map-sgd", "map"):
+        settings = RegisterConfig(lr=lr, schedule="constant", average=0, guard_particles=1)
+        case, info = fit_case(model, x, 0, loc, scale, settings, steps=1, fit=fit)
         assert info["kept"] == "refined", info
         step = case.whitened.detach() - reference.whitened.detach()
         proportional = torch.allclose(step, -lr * 1.9 * g, rtol=1e-3, atol=1e-6 * float(g.abs().max()) * lr)
-        assert proportional is (optimizer == "sgd"), (optimizer, float((step + lr * 1.9 * g).abs().max()))
-    with pytest.raises(ValueError, match="optimizer='sgd' fits a point-estimate mean; it needs point=True"):
-        fit_case(model, x, 0, loc, scale, steps=1, optimizer="sgd")
-    with pytest.raises(ValueError, match=r"optimizer: expected one of \['adam', 'sgd'\], got 'lbfgs'"):
-        fit_case(model, x, 0, loc, scale, steps=1, point=True, optimizer="lbfgs")
+        assert proportional is (fit == "map-sgd"), (fit, float((step + lr * 1.9 * g).abs().max()))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"fit": "sgd"}, r"fit_case: fit: expected one of \['svi', 'map', 'map-sgd'\], got 'sgd'"),
+    ({"steps": -1}, r"steps: expected an integer >= 0, got -1"),
+    ({"steps": True}, r"steps: expected an integer >= 0, got True"),
+])
+def test_fit_case_refuses_bad_arguments(kwargs, match):
+    loc = torch.zeros(1, 2, 3, *SHAPE)
+    with pytest.raises(InputError, match=match):
+        fit_case(GroupMorphModel(3), torch.rand(1, 3, *SHAPE), 0, loc, torch.ones_like(loc), **{"steps": 1, **kwargs})
 
 
 def test_bad_point_estimates_are_refused():
@@ -390,9 +363,6 @@ def test_bad_point_estimates_are_refused():
         CaseGuide(loc, torch.ones_like(loc), point=1)
     with pytest.raises(ValueError, match="a point estimate"):
         CaseGuide(loc, torch.ones_like(loc), spectrum=torch.ones_like(loc), point=True)
-    with pytest.raises(ValueError, match="point=True fits the mean"):
-        fit_case(GroupMorphModel(3), torch.rand(1, 3, *SHAPE), 0, loc, torch.ones_like(loc), steps=1,
-                 fit_mean=False, point=True)
 
 
 def _point_guide(model, shape, k_lat, seed=0):
@@ -477,7 +447,7 @@ def test_fit_case_takes_its_map_steps_with_map_loss(monkeypatch):
     model = GroupMorphModel(2)
     x = torch.rand(1, 2, *shape, generator=torch.Generator().manual_seed(0))
     loc = torch.zeros(1, 1, 3, *shape)
-    fit_case(model, x, 0, loc, torch.full_like(loc, 0.05), RegisterConfig(), steps=3, point=True)
+    fit_case(model, x, 0, loc, torch.full_like(loc, 0.05), RegisterConfig(), steps=3, fit="map")
     assert len(calls) == 3
     fit_case(model, x, 0, loc, torch.full_like(loc, 0.05), RegisterConfig(), steps=3)  # SVI on mean and σ: Pyro's
     assert len(calls) == 3

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from groupmorph_pyro.checks import InputError
-from groupmorph_pyro.config import Config, migrate_voxel_prior
+from groupmorph_pyro.config import Config, migrate
 from groupmorph_pyro.model import build_model, prior_options_for
 from groupmorph_pyro.priors import PRIORS, make_prior, voxel_prior_options
 from groupmorph_pyro.registration import prepare
@@ -61,17 +61,24 @@ def test_register_scales_the_prior_with_the_groups_spacing():
     assert prior_options_for(cfg.model, (3.5,) * 3) == {}
 
 
+def _checkpoint_model(model: dict) -> dict:
+    """A checkpoint's model section as :func:`migrate` reads it."""
+    return migrate({"model": model}, checkpoint=True)["model"]
+
+
 def test_old_checkpoint_sections_keep_their_voxel_weights():
-    assert migrate_voxel_prior({"prior": "bending", "prior_options": {}}) == {
-        "prior": "bending", "prior_options": {"lambda_b": 1.0, "lambda_v": 0.01}, "prior_units": "voxel"}
-    assert migrate_voxel_prior({"prior": "bending", "prior_options": {"lambda_b": 3.0}})["prior_options"] == {
+    assert _checkpoint_model({"prior": "bending", "prior_options": {}}) == {
+        "prior": "bending", "prior_options": {"lambda_b": 1.0, "lambda_v": 0.01}, "prior_units": "voxel",
+        "integration_downsize": 1, "jitter": False}
+    assert _checkpoint_model({"prior": "bending", "prior_options": {"lambda_b": 3.0}})["prior_options"] == {
         "lambda_b": 3.0, "lambda_v": 0.01}
-    assert migrate_voxel_prior({"prior": "laplacian", "prior_options": {}})["prior_options"] == {}
-    new = {"prior": "bending", "prior_options": {}, "prior_units": "mm"}
-    assert migrate_voxel_prior(new) == new  # written with prior_units: as it is
+    assert _checkpoint_model({"prior": "laplacian", "prior_options": {}})["prior_options"] == {}
+    new = {"prior": "bending", "prior_options": {}, "prior_units": "mm", "integration_downsize": 3, "jitter": True}
+    assert _checkpoint_model(new) == new  # written with prior_units: as it is
+    assert migrate({"model": {"prior": "bending"}}) == {"model": {"prior": "bending"}}  # a YAML config: as it is
     legacy = Config.from_dict({"model": {"lambda_u": 1.0, "lambda_v": 0.01, "lambda_b": 1.0}}).model
     assert (legacy.prior, legacy.prior_units) == ("laplacian", "voxel")  # files before prior_options
-    model = build_model(Config.from_dict({"model": migrate_voxel_prior({"prior": "bending"})}).model, spacing=(3.0,) * 3)
+    model = build_model(Config.from_dict({"model": {"prior": "bending"}}, checkpoint=True).model, spacing=(3.0,) * 3)
     assert (model.prior((4, 4, 4)).lambda_b, model.prior((4, 4, 4)).lambda_v) == (1.0, 0.01)
 
 

@@ -327,7 +327,7 @@ def test_apply_on_a_register_output_agrees_with_evaluate_and_simpleitk(tmp_path)
         lms.append(tmp_path / f"l{k}.txt")
         write_landmarks(lms[-1], g.landmarks[k])
     reg = tmp_path / "reg"
-    (tmp_path / "short.yaml").write_text("register:\n  lr: 0.3\n  map_mean: false\n")  # 15 steps at 20³: see test_io_cli.SHORT_FIT
+    (tmp_path / "short.yaml").write_text("register:\n  lr: 0.3\n  scale_reset: false\n")  # 15 steps at 20³: see test_io_cli.SHORT_FIT
     assert main(["register", *map(str, paths), "--out", str(reg), "--finetune-steps", "15", "--quiet",
                  "--config", str(tmp_path / "short.yaml")]) == 0
     spacing = np.array([2.0, 2.0, 2.5])
