@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``groupmorph`` command line: one subcommand per ``_<name>_parser``."""
     p = argparse.ArgumentParser(prog="groupmorph", description="Deep group-wise variational diffeomorphic registration (Pyro).")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _register_parser, _apply_parser, _evaluate_parser, _demo_parser):
+    for add in (_train_parser, _register_parser, _apply_parser, _report_parser, _evaluate_parser, _demo_parser):
         add(sub, argparse.ArgumentDefaultsHelpFormatter)
     return p
 
@@ -98,6 +98,7 @@ def _register_parser(sub, fmt) -> None:
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--no-itk", action="store_true",
                    help="skip the ITK-convention fields transform_<k>_itk / inverse_<k>_itk (LPS mm) for SimpleITK, ANTs, Slicer")
+    r.add_argument("--no-report", action="store_true", help="skip the QC page report.html (see 'groupmorph report')")
     _add_runtime_args(r, inference=True)
 
 
@@ -122,6 +123,18 @@ def _apply_parser(sub, fmt) -> None:
     a.add_argument("--interpolation", choices=["linear", "bspline", "nearest"], default="linear",
                    help="images: trilinear, cubic B-spline or nearest; labels: linear = each label's indicator resampled "
                         "trilinearly, largest wins (no new label values), or nearest")
+
+
+def _report_parser(sub, fmt) -> None:
+    """``groupmorph report``: the QC page of a registration folder."""
+    q = sub.add_parser(
+        "report", formatter_class=fmt, help="write the QC page (one self-contained HTML file) of a registration folder",
+        description="One HTML page that opens from disk with no network access: per timepoint NMI before/after, "
+                    "folding, det J range, SDlogJ, displacement and posterior sd; QC flags with their thresholds; "
+                    "mosaics of three orthogonal views with a before/after flicker against the reference, a "
+                    "checkerboard, det J and sd maps; landmark errors against their posterior sd.")
+    q.add_argument("registration", metavar="REG_DIR", help="a 'groupmorph register' output folder")
+    q.add_argument("--out", help="the page (default: REG_DIR/report.html)")
 
 
 def _evaluate_parser(sub, fmt) -> None:
@@ -194,8 +207,14 @@ def _register_manifest(args) -> int:
         raise InputError("--manifest: images, --landmarks and --resample come from the manifest; give none on the command line")
     device = resolve_device(args.device)
     cfg, guide = _config_and_guide(args, device)
+    def report(run) -> None:  # each newly registered series gets its QC page
+        if run.result is not None and not args.no_report:
+            from .report import write_report
+
+            write_report(run.folder)
+
     rows = register_manifest(args.manifest, args.out, cfg, guide, args.split, args.fixed, args.finetune_steps, device,
-                             args.samples, args.seed, progress=not args.quiet, itk=not args.no_itk)
+                             args.samples, args.seed, progress=not args.quiet, itk=not args.no_itk, on_series=report)
     done = sum(r["status"] == "registered" for r in rows)
     print(f"{done} series registered, {len(rows) - done} already done -> {Path(args.out) / 'batch.csv'}")
     return 0
@@ -237,8 +256,25 @@ def _register(args) -> int:
         print(f"groupmorph: writing outputs to {out}", file=sys.stderr, flush=True)
     write_registration(result, out, affine, args.images, itk=not args.no_itk)
     s = result.summary
+    del result, images  # the report reads the folder one timepoint at a time
     print(f"registered K={len(args.images)} in {s['seconds']:.2f} s: NMI {s['nmi_before']:.3f} -> {s['nmi_after']:.3f}, "
           f"folding {s['folding_percent_all']:.4f}% -> {out}")
+    if not args.no_report:
+        _print_report(out)
+    return 0
+
+
+def _print_report(reg_dir, out=None) -> Path:
+    """Write the QC page of ``reg_dir`` and print its path and size."""
+    from .report import write_report
+
+    path = write_report(reg_dir, out)
+    print(f"report: {path} ({path.stat().st_size / 1e6:.2f} MB; open it in a browser)")
+    return path
+
+
+def _report(args) -> int:
+    _print_report(args.registration, args.out)
     return 0
 
 
@@ -308,6 +344,7 @@ def _demo(args) -> int:
     result = register(group.images, cfg, finetune_steps=args.steps, seed=args.seed, progress=not args.quiet,
                       landmarks=group.landmarks, affine=group.affine)
     write_registration(result, out / "registered", group.affine, inputs)
+    report = _print_report(out / "registered")
     figure = out / "fig4_demo.png"
     comparison_figure(figure, {"unregistered": (group.images, np.ones_like(group.images)),
                                "groupmorph per-case": (result.warped, result.jacobian)},
@@ -321,7 +358,7 @@ def _demo(args) -> int:
           f"({before['n']} landmark pairs); NMI {s['nmi_before']:.3f} -> {s['nmi_after']:.3f}; "
           f"folding {s['folding_percent_all']:.3f} %; {s['seconds']:.1f} s")
     print(f"registration: {out / 'registered'} (summary.json); inputs: {out / 'inputs'}; "
-          f"these figures: {out / 'demo_summary.json'}; picture: {figure}")
+          f"these figures: {out / 'demo_summary.json'}; picture: {figure}; QC report: {report}")
     return 0
 
 
@@ -351,7 +388,7 @@ def _evaluate(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "register": _register, "apply": _apply, "demo": _demo,
+        return {"train": _train, "register": _register, "apply": _apply, "report": _report, "demo": _demo,
                 "evaluate": _evaluate}[args.command](args)
     except InputError as exc:
         print(f"groupmorph: error: {exc}", file=sys.stderr)

@@ -5,7 +5,8 @@ import numpy as np
 
 from .files import atomic_write
 
-__all__ = ["uncertainty_figure", "comparison_figure", "learning_curve_figure", "scaling_figure", "foreground_mask"]
+__all__ = ["uncertainty_figure", "comparison_figure", "learning_curve_figure", "scaling_figure", "foreground_mask",
+           "gray_png", "colour_png", "scatter_png"]
 
 
 def _middle_slice(vol: np.ndarray, axis: int = 2) -> np.ndarray:
@@ -134,3 +135,66 @@ def scaling_figure(path, runs: list, title: str = "per-case registration cost, 2
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
     _save(fig, path, plt)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig, plt, dpi: int = 100) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def gray_png(image: np.ndarray, vmin: float, vmax: float) -> bytes:
+    """A 2D array as an 8-bit grey PNG, one pixel per entry, row 0 at the top; values clipped to [vmin, vmax]."""
+    import io
+
+    from PIL import Image
+
+    scaled = (np.clip(np.nan_to_num(image, nan=vmin), vmin, vmax) - vmin) / max(vmax - vmin, 1e-12)
+    buf = io.BytesIO()
+    Image.fromarray(np.round(255 * scaled).astype(np.uint8), mode="L").save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def colour_png(image: np.ndarray, cmap: str, vmin: float, vmax: float, label: str) -> bytes:
+    """A 2D array in colour map ``cmap`` over [vmin, vmax] with a labelled colour bar (NaN: black), as PNG
+    about one pixel per entry."""
+    plt = _pyplot()
+    h, w = image.shape
+    fig = plt.figure(figsize=(w / 100 + 1.3, max(h / 100, 1.2) + 0.2))
+    ax = fig.add_axes([0.0, 0.05, w / 100 / (w / 100 + 1.3), 0.9])
+    ax.set_facecolor("black")
+    im = ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="equal")
+    ax.axis("off")
+    cax = fig.add_axes([w / 100 / (w / 100 + 1.3) + 0.03, 0.1, 0.04, 0.8])
+    bar = fig.colorbar(im, cax=cax)
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    return _png(fig, plt)
+
+
+def scatter_png(x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str, title: str = "") -> bytes:
+    """A scatter plot of ``y`` against ``x`` as PNG (about 420×320 px)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.2, 3.2), constrained_layout=True)
+    ax.scatter(x, y, s=8, alpha=0.6)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=8)
+    return _png(fig, plt)

@@ -6,7 +6,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["RegistrationResult"]
+__all__ = ["RegistrationResult", "package_version"]
+
+
+def package_version() -> str:
+    """``"groupmorph_pyro <version>"`` of the installed distribution (setup.cfg's version), which the
+    outputs record as what made them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"groupmorph_pyro {version('groupmorph_pyro')}"
+    except PackageNotFoundError:
+        return "groupmorph_pyro (not installed: version unknown)"
 
 
 @dataclass

@@ -7,7 +7,7 @@ import torch
 
 # The `test` extra in setup.cfg: CI installs these, so a test that skips for want of one of them
 # means a broken install step, not an optional feature. Under CI (CI=true) they must import.
-TEST_EXTRAS = ("itk", "voxelmorph", "pydicom", "ants", "nilearn", "SimpleITK", "pandas")
+TEST_EXTRAS = ("itk", "voxelmorph", "pydicom", "ants", "nilearn", "SimpleITK", "pandas", "playwright")
 
 
 def pytest_sessionstart(session):

@@ -171,6 +171,8 @@ def test_demo_command(tmp_path, capsys):
     assert report["landmarks"] == summary["landmarks"] and report["landmarks"]["identity"]["mean_mm"] > 0
     figure = tmp_path / "demo" / "fig4_demo.png"
     assert figure.read_bytes()[:4] == b"\x89PNG" and f"picture: {figure}" in out
+    page = tmp_path / "demo" / "registered" / "report.html"
+    assert page.is_file() and f"QC report: {page}" in out and re.search(rf"report: {re.escape(str(page))} \(\d+\.\d\d MB", out)
 
 
 BAD_CONFIGS = {  # YAML text -> expected message (key, expected type, value)
