@@ -69,13 +69,16 @@ def uncertainty_maps(samples: dict, raw_images: torch.Tensor, spacing, transform
     }
 
 
-def landmark_posterior(samples: dict, landmarks, affine: np.ndarray, transform: GroupTransform) -> dict:
+def landmark_posterior(samples: dict, landmarks, affine: np.ndarray, transform: GroupTransform, shape=None) -> dict:
     """Posterior of each timepoint's landmarks mapped into the common frame, ``φ_k⁻¹(l_k)``.
 
     Args:
-        samples: from :func:`sample_posterior`; landmarks: ``(K, L, 3)`` 0-based voxel coordinates;
-        affine: voxel -> world (mm) matrix of the group; transform: the group's transformation that
-            the samples' latents ``"z"`` belong to (its K, mode, fixed timepoint and variant).
+        samples: from :func:`sample_posterior`; landmarks: ``(K, L, 3)`` 0-based voxel coordinates of
+            the image grid; affine: voxel -> world (mm) matrix of the group; transform: the
+            transformation that the samples' latents ``"z"`` belong to (its K, mode, fixed timepoint,
+            variant and latent grid); shape: the image grid ``(D, H, W)`` when the latents live on a
+            coarser control grid (their inverse maps are computed there and resized to it, as
+            :meth:`GroupTransform.inverse_displacements` does); None: the latents' own grid.
     Returns:
         ``{"positions": (S, K, L, 3) world mm, "mean": (K, L, 3), "cov": (K, L, 3, 3) mm²}``.
     """
@@ -86,7 +89,7 @@ def landmark_posterior(samples: dict, landmarks, affine: np.ndarray, transform: 
     a = torch.as_tensor(np.asarray(affine), dtype=torch.float64)
     out = []
     for z in samples["z"]:  # (1, K_lat, 3, D, H, W)
-        inv = transform.inverse_displacements(z)[0]
+        inv = transform.inverse_displacements(z, shape)[0]
         common = map_points(lm, inv).double()  # (K, L, 3) voxels
         out.append(common @ a[:3, :3].T + a[:3, 3])
     pos = torch.stack(out)  # (S, K, L, 3)

@@ -654,7 +654,7 @@ def add_posterior_samples(group: PreparedGroup, posterior: Posterior, result: Re
     result.uncertainty = uncertainty_maps(draws, group.raw, group.spacing, group.transform)
     positions = None
     if group.landmarks is not None:
-        lp = landmark_posterior(draws, group.landmarks, group.affine, group.transform)
+        lp = landmark_posterior(draws, group.landmarks, group.affine, posterior_transform(group, posterior), group.shape)
         result.landmark_posterior = {"mean_mm": lp["mean"], "cov_mm2": lp["cov"]}
         positions = lp["positions"]
     result.inference_data = to_inference_data(draws, group.x, group.spacing, group.transform, positions)

@@ -35,7 +35,7 @@ from .results import package_version
 from .volumes import affine_spacing, load_displacement, load_group, load_volume
 
 __all__ = ["THRESHOLDS", "MOSAIC_SLICES", "MOSAIC_PIXELS", "NMI_VOXELS", "slice_positions", "mosaic", "checkerboard",
-           "jacobian_stats", "landmark_errors", "qc_flags", "write_report"]
+           "jacobian_stats", "landmark_errors", "qc_flags", "body_mask", "write_report"]
 
 THRESHOLDS = {
     "folding_percent": 0.0,  # a flag when more than this % of voxels have det J <= 0
@@ -180,6 +180,17 @@ class _Folder:
         return np.linalg.norm(np.einsum("ij,j...->i...", self.affine[:3, :3], voxels), axis=0)
 
 
+def body_mask(image: np.ndarray) -> np.ndarray:
+    """The body of a reference image: :func:`~groupmorph_pyro.plots.foreground_mask` opened by one voxel
+    (a 3×3×3 cross), which removes the isolated noise voxels of the air around it; the unopened mask
+    where opening leaves nothing."""
+    from scipy import ndimage
+
+    mask = foreground_mask(image)
+    opened = ndimage.binary_opening(mask)
+    return opened if opened.any() else mask
+
+
 def _read_folder(reg_dir) -> _Folder:
     folder = Path(reg_dir)
     summary_path = folder / "summary.json"
@@ -282,7 +293,7 @@ def _reference(folder: _Folder, inputs: np.ndarray | None, spacing) -> dict:
     else:
         after = np.mean([folder.volume("warped", i) for i in range(folder.k)], axis=0)
         before = inputs.mean(0) if inputs is not None else None
-    ref = {"after": after, "before": before, "after_uri": _gray_mosaic(after, spacing), "body": foreground_mask(after),
+    ref = {"after": after, "before": before, "after_uri": _gray_mosaic(after, spacing), "body": body_mask(after),
            "name": f"timepoint {fixed} (fixed)" if fixed is not None else "the mean image"}
     ref["before_uri"] = _gray_mosaic(before, spacing) if before is not None else None
     return ref

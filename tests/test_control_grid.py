@@ -229,6 +229,14 @@ def test_register_on_a_control_grid_recovers_the_motion(phantom):
     assert res.summary["nmi_after"] > res.summary["nmi_before"]
     # the control grid's own level ran first on the images resampled there (the 4x coarser one is too small)
     assert [level["factor"] for level in res.summary["finetune"]["levels"]] == [2]
+    # the landmarks' posterior is of the image grid's landmarks: its mean lies near the landmarks
+    # mapped by the mean's inverse maps, φ_k⁻¹(l_k) (the posterior sd here is about half a voxel)
+    from groupmorph_pyro.spatial import map_points
+
+    mapped = map_points(torch.as_tensor(phantom.landmarks, dtype=torch.float64),
+                        torch.as_tensor(res.inverse_displacement)).numpy() * np.array([2.0, 2.0, 2.5])
+    gap = np.linalg.norm(res.landmark_posterior["mean_mm"] - mapped, axis=-1)
+    assert gap.mean() < 1.0, gap.mean()
 
 
 def test_prepare_builds_the_control_model_for_large_grids_only(phantom):

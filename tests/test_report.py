@@ -223,3 +223,16 @@ def test_the_page_works_in_a_real_browser(registered, tmp_path):
             assert errors == [] and requests == [], (errors, requests)
         finally:
             browser.close()
+
+
+def test_the_body_mask_drops_isolated_noise_voxels_of_the_air():
+    from groupmorph_pyro.report import body_mask
+
+    image = np.zeros((20, 20, 20))
+    image[5:15, 5:15, 5:15] = 1.0
+    image[1, 1, 1] = image[18, 2, 7] = 1.0  # two bright noise voxels in the air
+    mask = body_mask(image)
+    assert mask[6:14, 6:14, 6:14].all() and mask.sum() > 0.85 * 1000 and not mask[1, 1, 1] and not mask[18, 2, 7]
+    sheet = np.zeros((10, 10, 10))
+    sheet[5] = 1.0  # one voxel thick: nothing survives the opening, so the plain foreground is kept
+    assert body_mask(sheet).sum() == 100 and body_mask(sheet)[5].all()
