@@ -12,9 +12,9 @@ Layers, lowest first; a module imports only modules of lower layers (lazy import
    ``priors``, ``likelihoods``, ``networks``, ``metrics``, ``synthetic`` (phantoms), ``data``
    (DIR-Lab, DICOM, manifests), ``optim`` (the per-case fits' Adam and Nesterov SGD)
 4. model: ``model`` (Pyro model and guides), ``posterior`` (sampling, uncertainty, arviz),
-   ``config``, ``outputs`` (what ``register`` writes), ``prepare`` (data sets -> NIfTI + manifest),
+   ``config``, ``outputs`` (what ``register`` writes), ``prepare`` (data sets -> NIfTI + manifest)
+5. inference: ``registration`` (prepare -> infer -> refine -> summarise -> sample), ``train``;
    ``report`` (the QC page of an output folder)
-5. inference: ``registration`` (prepare -> infer -> refine -> summarise -> sample), ``train``
 6. workflows: ``baselines`` (identity, Elastix, pairwise), ``batch`` (the manifest loop), ``transfer``
    (apply a stored registration to images, label maps and points)
 7. comparison: ``peers`` (the voxelmorph package), ``evaluation`` (Table-1 metrics)
@@ -38,8 +38,8 @@ LAYERS = (
     ("checks", "files", "results"),
     ("spatial", "preprocess", "volumes", "plots"),
     ("group", "priors", "likelihoods", "networks", "metrics", "synthetic", "data", "optim"),
-    ("model", "posterior", "config", "outputs", "prepare", "report"),
-    ("registration", "train"),
+    ("model", "posterior", "config", "outputs", "prepare"),
+    ("registration", "train", "report"),
     ("baselines", "batch", "transfer"),
     ("peers", "evaluation"),
     ("cli",),

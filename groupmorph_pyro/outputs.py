@@ -15,7 +15,8 @@ from .files import atomic_write, write_json
 from .plots import uncertainty_figure
 from .volumes import displacement_to_itk, displacement_to_world, save_nifti
 
-__all__ = ["write_registration", "output_paths", "check_outputs", "FIELD_FILES", "ITK_FILES", "OUTPUTS_VERSION"]
+__all__ = ["write_registration", "output_paths", "check_outputs", "read_summary", "FIELD_FILES", "ITK_FILES",
+           "OUTPUTS_VERSION"]
 
 FIELD_FILES = ("warped", "displacement", "inverse_displacement", "jacobian")
 """Per-timepoint NIfTI files every registration output folder holds: ``<name>_<k>.nii.gz``."""
@@ -110,3 +111,21 @@ def check_outputs(targets: Sequence, input_paths: Sequence = ()) -> None:
     clash = [str(p) for p in targets if Path(p).resolve() in inputs]
     if clash:
         raise InputError(f"refusing to overwrite input file(s) {clash}: choose another --out")
+
+
+def read_summary(folder) -> dict:
+    """``summary.json`` of a registration output folder; one line naming the folder when there is none
+    or it cannot be read as a JSON object."""
+    import json
+
+    folder = Path(folder)
+    path = folder / "summary.json"
+    if not path.is_file():
+        raise InputError(f"{folder}: not a registration output folder (no summary.json)")
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read ({exc})") from exc
+    if not isinstance(summary, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(summary).__name__}")
+    return summary

@@ -29,6 +29,7 @@ import torch
 from .checks import InputError
 from .files import atomic_write_text
 from .likelihoods import nmi
+from .outputs import read_summary
 from .plots import colour_png, foreground_mask, gray_png, scatter_png
 from .preprocess import percentile_normalize
 from .results import package_version
@@ -193,13 +194,7 @@ def body_mask(image: np.ndarray) -> np.ndarray:
 
 def _read_folder(reg_dir) -> _Folder:
     folder = Path(reg_dir)
-    summary_path = folder / "summary.json"
-    if not summary_path.is_file():
-        raise InputError(f"{folder}: not a registration output folder (no summary.json)")
-    try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{summary_path}: cannot read ({exc})") from exc
+    summary = read_summary(folder)
     k = 0
     while all((folder / f"{n}_{k}.nii.gz").is_file() for n in ("warped", "jacobian", "displacement")):
         k += 1

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -32,7 +31,7 @@ from scipy.ndimage import map_coordinates
 from .checks import InputError
 from .data import read_landmarks, write_landmarks
 from .files import atomic_write_text
-from .outputs import check_outputs, output_paths
+from .outputs import check_outputs, output_paths, read_summary
 from .spatial import compose, identity_grid, map_points, warp
 from .volumes import load_displacement, load_volume, read_grid, same_grid, save_nifti
 
@@ -83,15 +82,7 @@ def load_registration(folder) -> StoredRegistration:
     was written before the inverse maps were stored (``summary.json`` without ``outputs_version``).
     """
     folder = Path(folder)
-    summary_path = folder / "summary.json"
-    if not summary_path.is_file():
-        raise InputError(f"{folder}: not a registration output folder (no summary.json)")
-    try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{summary_path}: cannot read ({exc})") from exc
-    if not isinstance(summary, dict):
-        raise InputError(f"{summary_path}: expected a JSON object, got {type(summary).__name__}")
+    summary = read_summary(folder)
     k = 0
     while (folder / f"displacement_{k}.nii.gz").is_file():
         k += 1
