@@ -115,8 +115,9 @@ def same_grid(shape_a, affine_a, shape_b, affine_b, atol: float = 1e-4) -> bool:
 
 def save_nifti(path, data: np.ndarray, affine: np.ndarray, intent: str | None = None, dtype=np.float32) -> None:
     """Write ``data`` (as ``dtype``, float32 by default) with ``affine`` to ``path`` atomically
-    (temporary file + rename)."""
-    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
+    (temporary file + rename). The array is laid out in Fortran order first, the order NIfTI stores,
+    so nibabel writes it without a strided copy per block."""
+    img = nib.Nifti1Image(np.asfortranarray(data, dtype=dtype), affine)
     if intent:
         img.header.set_intent(intent)
     img.header.set_xyzt_units("mm")
@@ -124,8 +125,11 @@ def save_nifti(path, data: np.ndarray, affine: np.ndarray, intent: str | None = 
 
 
 def displacement_to_world(disp_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Voxel displacement ``(3, D, H, W)`` -> world displacement in mm ``(D, H, W, 3)``: ``A[:3,:3] @ u``."""
-    return np.einsum("rc,c...->...r", affine[:3, :3], disp_vox)
+    """Voxel displacement ``(3, D, H, W)`` -> world displacement in mm ``(D, H, W, 3)``: ``A[:3,:3] @ u``,
+    in the displacement's floating dtype (float32 fields stay float32)."""
+    disp_vox = np.asarray(disp_vox)
+    dtype = disp_vox.dtype if np.issubdtype(disp_vox.dtype, np.floating) else np.float64
+    return np.einsum("rc,c...->...r", np.asarray(affine, dtype=np.float64)[:3, :3].astype(dtype), disp_vox)
 
 
 def displacement_to_itk(disp_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
