@@ -33,7 +33,7 @@ from .outputs import read_summary
 from .plots import colour_png, foreground_mask, gray_png, scatter_png
 from .preprocess import percentile_normalize
 from .results import package_version
-from .volumes import affine_spacing, load_displacement, load_group, load_volume
+from .volumes import affine_spacing, load_group, load_volume, read_world_displacement
 
 __all__ = ["THRESHOLDS", "MOSAIC_SLICES", "MOSAIC_PIXELS", "NMI_VOXELS", "slice_positions", "mosaic", "checkerboard",
            "jacobian_stats", "landmark_errors", "qc_flags", "body_mask", "write_report"]
@@ -171,14 +171,19 @@ class _Folder:
     affine: np.ndarray
     shape: tuple
 
+    @property
+    def fixed(self) -> int | None:
+        """The fixed timepoint (all-to-one mode), else None."""
+        fixed = self.summary.get("fixed") if self.summary.get("mode") == "all-to-one" else None
+        return None if fixed is None else int(fixed)
+
     def volume(self, name: str, i: int) -> np.ndarray | None:
         path = self.path / f"{name}_{i}.nii.gz"
         return load_volume(path).data if path.is_file() else None
 
     def displacement_mm(self, i: int) -> np.ndarray:
-        """``|φ_i − Id|`` in mm, ``(D, H, W)``."""
-        voxels = load_displacement(self.path / f"displacement_{i}.nii.gz", self.affine)
-        return np.linalg.norm(np.einsum("ij,j...->i...", self.affine[:3, :3], voxels), axis=0)
+        """``|φ_i − Id|`` in mm, ``(D, H, W)``, from the stored world-mm field."""
+        return np.linalg.norm(read_world_displacement(self.path / f"displacement_{i}.nii.gz", np.float32), axis=-1)
 
 
 def body_mask(image: np.ndarray) -> np.ndarray:
@@ -252,13 +257,15 @@ def _gray_mosaic(volume: np.ndarray, spacing) -> str:
     return _data_uri(gray_png(mosaic(volume, spacing, fill=lo), lo, hi))
 
 
-def _timepoint(folder: _Folder, i: int, reference: dict, before: np.ndarray | None, spacing, sd_max) -> tuple:
-    """The table row and the panels of timepoint ``i``."""
+def _timepoint(folder: _Folder, i: int, reference: dict, before: np.ndarray | None, spacing) -> tuple:
+    """The table row and the panels of timepoint ``i``; with posterior samples the panels hold the sd
+    mosaic as an array (``"sd"``) and the sd's 99th percentile (``"sd_p99"``), coloured later on the
+    group's common scale (:func:`_colour_sd`)."""
     warped, jac = folder.volume("warped", i), folder.volume("jacobian", i)
     body = reference["body"]
     stats = jacobian_stats(jac, body)
     disp = folder.displacement_mm(i)
-    identity = folder.summary.get("mode") == "all-to-one" and folder.summary.get("fixed") == i
+    identity = folder.fixed == i
     row = {"timepoint": i, "role": "fixed" if identity else "", "nmi_before": None if before is None or identity
            else _nmi(before, reference["before"]),
            "nmi_after": None if identity else _nmi(warped, reference["after"]),
@@ -267,28 +274,37 @@ def _timepoint(folder: _Folder, i: int, reference: dict, before: np.ndarray | No
     panels = {"after": _gray_mosaic(warped, spacing), "reference_after": reference["after_uri"]}
     if before is not None:
         panels["before"], panels["reference_before"] = _gray_mosaic(before, spacing), reference["before_uri"]
-    board = checkerboard(_unit(warped), _unit(reference["after"]))
+    board = checkerboard(_unit(warped), reference["after_unit"])
     panels["checkerboard"] = _data_uri(gray_png(mosaic(board, spacing, fill=0.0), 0.0, 1.0))
     panels["jacobian"] = _data_uri(colour_png(mosaic(jac, spacing), "RdBu_r", 0.0, 2.0, "det J (1: volume kept; ≤ 0: folding)"))
     sd = folder.volume("displacement_std_mm", i)
     if sd is not None:
         inside = sd[body] if body.any() else sd.ravel()
         row["sd_mean_mm"], row["sd_p95_mm"] = float(inside.mean()), float(np.percentile(inside, 95))
-        panels["sd"] = _data_uri(colour_png(mosaic(np.where(body, sd, np.nan), spacing), "magma", 0.0, sd_max,
-                                            "posterior sd of displacement (mm), body only"))
+        panels["sd"], panels["sd_p99"] = mosaic(np.where(body, sd, np.nan), spacing), float(np.percentile(sd, 99))
     return row, panels
+
+
+def _colour_sd(panels: list) -> None:
+    """Each timepoint's sd mosaic (an array from :func:`_timepoint`) as a PNG on one colour scale for
+    the group: 0 to the largest 99th percentile of the timepoints' sd (1 mm when that is 0)."""
+    sd_max = max((p.pop("sd_p99") for p in panels if "sd_p99" in p), default=None) or 1.0
+    for p in panels:
+        if "sd" in p:
+            p["sd"] = _data_uri(colour_png(p["sd"], "magma", 0.0, sd_max, "posterior sd of displacement (mm), body only"))
 
 
 def _reference(folder: _Folder, inputs: np.ndarray | None, spacing) -> dict:
     """The reference image before and after registration: the fixed timepoint (all-to-one) or the mean image."""
-    fixed = folder.summary.get("fixed") if folder.summary.get("mode") == "all-to-one" else None
+    fixed = folder.fixed
     if fixed is not None:
-        after = folder.volume("warped", int(fixed))
-        before = inputs[int(fixed)] if inputs is not None else None
+        after = folder.volume("warped", fixed)
+        before = inputs[fixed] if inputs is not None else None
     else:
         after = np.mean([folder.volume("warped", i) for i in range(folder.k)], axis=0)
         before = inputs.mean(0) if inputs is not None else None
     ref = {"after": after, "before": before, "after_uri": _gray_mosaic(after, spacing), "body": body_mask(after),
+           "after_unit": _unit(after),
            "name": f"timepoint {fixed} (fixed)" if fixed is not None else "the mean image"}
     ref["before_uri"] = _gray_mosaic(before, spacing) if before is not None else None
     return ref
@@ -299,7 +315,7 @@ def _landmark_section(folder: _Folder) -> dict | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    fixed = folder.summary.get("fixed") if folder.summary.get("mode") == "all-to-one" else None
+    fixed = folder.fixed
     error, sd = landmark_errors(np.asarray(data["mean_mm"]), np.asarray(data["cov_mm2"]), fixed)
     rows = [{"timepoint": k, "mean": float(error[k].mean()), "median": float(np.median(error[k])),
              "max": float(error[k].max()), "sd": float(sd[k].mean())} for k in range(error.shape[0]) if k != fixed]
@@ -326,13 +342,12 @@ def write_report(reg_dir, out=None) -> Path:
     spacing = affine_spacing(folder.affine)
     inputs, why = _inputs(folder)
     reference = _reference(folder, inputs, spacing)
-    sd_max = max((float(np.percentile(v, 99)) for v in (folder.volume("displacement_std_mm", i) for i in range(folder.k))
-                  if v is not None), default=None) or 1.0
     rows, panels = [], []
     for i in range(folder.k):
-        row, panel = _timepoint(folder, i, reference, None if inputs is None else inputs[i], spacing, sd_max)
+        row, panel = _timepoint(folder, i, reference, None if inputs is None else inputs[i], spacing)
         rows.append(row)
         panels.append(panel)
+    _colour_sd(panels)
     flags = qc_flags(rows, max(spacing))
     page = _render(folder, rows, panels, flags, reference, why, _landmark_section(folder), spacing)
     atomic_write_text(out, page)
@@ -357,7 +372,7 @@ def _render(folder, rows, panels, flags, reference, why, landmarks, spacing) -> 
     return env.from_string(_TEMPLATE).render(
         title=f"groupmorph QC: {folder.path.resolve().name}", rows=rows, panels=panels,
         flags=flags, thresholds=THRESHOLDS, reference=reference["name"], why=why, landmarks=landmarks,
-        settings=settings, model=model, k=folder.k, slices=MOSAIC_SLICES, views=_views(panels))
+        settings=settings, model=model, k=folder.k, slices=MOSAIC_SLICES, bins=BINS, views=_views(panels))
 
 
 def _views(panels: list) -> dict:
@@ -397,7 +412,7 @@ above {{ thresholds.jacobian_max }} anywhere; NMI against the reference falling 
 <td>{{ r.folding_percent|num(4) }}</td><td>{{ r.jacobian_min|num }}</td><td>{{ r.jacobian_max|num }}</td><td>{{ r.sdlogj|num }}</td>
 <td>{{ r.displacement_mean_mm|num(2) }}</td><td>{{ r.get("sd_mean_mm")|num(2) }}</td><td>{{ r.get("sd_p95_mm")|num(2) }}</td></tr>
 {% endfor %}</table>
-<p>NMI: each timepoint against the reference ({{ 32 }} bins, cubic B-spline window); det J, SDlogJ (over the body, det J &gt; 0)
+<p>NMI: each timepoint against the reference ({{ bins }} bins, cubic B-spline window); det J, SDlogJ (over the body, det J &gt; 0)
 and the mean displacement of the posterior mean; sd: the posterior sd of the displacement inside the body.</p>
 {% if landmarks %}<h2>Landmarks</h2>
 <p>Error: each landmark's distance in the common frame from {{ landmarks.reference }} position (posterior means);

@@ -17,6 +17,7 @@ from .checks import InputError
 from .files import atomic_write
 
 __all__ = ["Volume", "affine_spacing", "load_volume", "load_group", "save_nifti", "load_displacement",
+           "read_world_displacement",
            "displacement_to_world", "displacement_to_itk", "same_grid", "read_grid", "RAS_TO_LPS"]
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -143,14 +144,20 @@ def displacement_to_itk(disp_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.einsum("rc,...c->...r", RAS_TO_LPS, displacement_to_world(disp_vox, affine))[..., None, :]
 
 
-def load_displacement(path, affine: np.ndarray) -> np.ndarray:
-    """Read a ``displacement_<k>.nii.gz`` written by :func:`~groupmorph_pyro.outputs.write_registration` (world mm,
-    (X, Y, Z, 1, 3)) back to voxels ``(3, D, H, W)``: the inverse of :func:`displacement_to_world`."""
+def read_world_displacement(path, dtype=np.float64) -> np.ndarray:
+    """A ``displacement_<k>.nii.gz`` written by :func:`~groupmorph_pyro.outputs.write_registration` as stored:
+    world mm along the NIfTI (RAS) axes, ``(X, Y, Z, 3)`` in ``dtype``."""
     path = str(path)
     try:
-        world = np.asarray(nib.load(path).dataobj, dtype=np.float64)
+        world = np.asarray(nib.load(path).dataobj, dtype=dtype)
     except Exception as exc:
         raise InputError(f"{path}: cannot read as a displacement field ({type(exc).__name__}: {exc})") from exc
     if world.ndim != 5 or world.shape[3:] != (1, 3):
         raise InputError(f"{path}: expected a displacement field of shape (X, Y, Z, 1, 3), got {world.shape}")
-    return np.einsum("rc,...c->r...", np.linalg.inv(affine[:3, :3]), world[..., 0, :])
+    return world[..., 0, :]
+
+
+def load_displacement(path, affine: np.ndarray) -> np.ndarray:
+    """Read a ``displacement_<k>.nii.gz`` written by :func:`~groupmorph_pyro.outputs.write_registration` (world mm,
+    (X, Y, Z, 1, 3)) back to voxels ``(3, D, H, W)``: the inverse of :func:`displacement_to_world`."""
+    return np.einsum("rc,...c->r...", np.linalg.inv(affine[:3, :3]), read_world_displacement(path))

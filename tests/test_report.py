@@ -236,3 +236,14 @@ def test_the_body_mask_drops_isolated_noise_voxels_of_the_air():
     sheet = np.zeros((10, 10, 10))
     sheet[5] = 1.0  # one voxel thick: nothing survives the opening, so the plain foreground is kept
     assert body_mask(sheet).sum() == 100 and body_mask(sheet)[5].all()
+
+
+def test_the_page_never_replaces_another_file_of_the_registration_folder(registered, tmp_path, capsys):
+    reg = tmp_path / "reg"
+    shutil.copytree(registered / "reg", reg)
+    notes = reg / "notes.html"
+    notes.write_text("mine")
+    assert main(["report", str(reg), "--out", str(notes)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a file of the registration folder; choose another name" in err
+    assert notes.read_text() == "mine"
