@@ -1,7 +1,7 @@
 """Batch registration of every series of a manifest into one resumable output folder.
 
 Layout: ``<out>/<series>/`` holds what ``groupmorph register`` writes for one group
-(:func:`~groupmorph_pyro.outputs.write_registration`; its ``summary.json`` is written last, so it
+(:class:`~groupmorph_pyro.outputs.FolderWriter`, which writes each field as it is computed; ``summary.json`` last, so it
 marks a finished series), and ``<out>/batch.csv`` one row per series of the split (rewritten
 atomically after each one). A rerun skips the finished series and redoes any that was interrupted.
 This loop serves ``register --manifest`` and (through ``on_series``) ``evaluate --manifest``.
@@ -24,7 +24,7 @@ from .checks import InputError
 from .config import Config
 from .data import SeriesEntry, entry_landmarks, split_entries
 from .files import atomic_write_text
-from .outputs import check_outputs, output_paths, write_registration
+from .outputs import FolderWriter, check_outputs, output_paths
 from .registration import register
 from .results import RegistrationResult
 from .volumes import load_group
@@ -56,8 +56,9 @@ def _write_index(path: Path, rows: list[dict]) -> None:
 class SeriesRun:
     """One series of a manifest loop, handed to ``on_series``: its manifest ``entry``, output
     ``folder``, ``images`` ``(K, D, H, W)`` and ``affine`` as read, its ``landmarks`` ``(K, L, 3)``
-    voxels (or None), and the in-memory ``result`` (None when an earlier run finished the series
-    and it was skipped: read ``folder`` instead)."""
+    voxels (or None), and the ``result`` (its summary, posterior mean and sd; the full-resolution
+    fields were written to ``folder`` as they were computed and are not held: read them there),
+    None when an earlier run finished the series and it was skipped."""
 
     entry: SeriesEntry
     folder: Path
@@ -116,10 +117,11 @@ def register_manifest(manifest, out_dir, config: Config | None = None, guide=Non
         cfg = config if guide is not None else config.with_timepoints(images.shape[0])
         landmarks = entry_landmarks(e, images.shape[1:])
         start = time.perf_counter()
-        result = register(images, cfg, guide, fixed=fixed, finetune_steps=finetune_steps, device=device, seed=seed,
-                          samples=samples, landmarks=landmarks, affine=affine)
-        result.summary.update(series=e.name, wall_seconds=time.perf_counter() - start)
-        write_registration(result, folder, affine, e.images, itk=itk)
+        with FolderWriter(folder, affine, len(e.images), e.images, itk) as writer:
+            result = register(images, cfg, guide, fixed=fixed, finetune_steps=finetune_steps, device=device, seed=seed,
+                              samples=samples, landmarks=landmarks, affine=affine, sink=writer)
+            result.summary.update(series=e.name, wall_seconds=time.perf_counter() - start)
+            writer.finish(result)
         rows.append(_row(e.name, "registered", result.summary, folder))
         _write_index(index, rows)
         if on_series is not None:

@@ -221,7 +221,7 @@ def _register_manifest(args) -> int:
 
 
 def _register(args) -> int:
-    from .outputs import check_outputs, output_paths, write_registration
+    from .outputs import FolderWriter, check_outputs, output_paths
     from .registration import register
     from .volumes import load_group
 
@@ -249,12 +249,11 @@ def _register(args) -> int:
             raise InputError(f"--landmarks: expected {len(args.images)} files (one per image), got {len(args.landmarks)}")
         landmarks = read_landmark_files(args.landmarks, images.shape[1:])
     out = Path(args.out)
-    result = register(images, cfg, guide, args.fixed, args.finetune_steps, device, args.seed, progress=not args.quiet,
-                      samples=args.samples, landmarks=landmarks, affine=affine)
-    result.summary["checkpoint"] = args.checkpoint
-    if not args.quiet:
-        print(f"groupmorph: writing outputs to {out}", file=sys.stderr, flush=True)
-    write_registration(result, out, affine, args.images, itk=not args.no_itk)
+    with FolderWriter(out, affine, len(args.images), args.images, itk=not args.no_itk) as writer:
+        result = register(images, cfg, guide, args.fixed, args.finetune_steps, device, args.seed,
+                          progress=not args.quiet, samples=args.samples, landmarks=landmarks, affine=affine, sink=writer)
+        result.summary["checkpoint"] = args.checkpoint
+        writer.finish(result)
     s = result.summary
     del result, images  # the report reads the folder one timepoint at a time
     print(f"registered K={len(args.images)} in {s['seconds']:.2f} s: NMI {s['nmi_before']:.3f} -> {s['nmi_after']:.3f}, "

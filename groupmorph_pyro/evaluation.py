@@ -24,7 +24,7 @@ from .likelihoods import group_nmi
 from .metrics import folding_percent, landmark_report, pairwise_rmse
 from .preprocess import normalize_group
 from .spatial import invert_displacement
-from .volumes import affine_spacing, load_displacement, load_group, load_volume
+from .volumes import load_displacement, load_group, load_volume
 
 __all__ = ["group_metrics", "landmark_columns", "evaluate_output", "evaluate_manifest", "write_table", "COLUMNS"]
 
@@ -107,25 +107,15 @@ def evaluate_manifest(manifest, out_dir, config: Config | None = None, guide=Non
                       progress: bool = False) -> list[dict]:
     """Register and evaluate every series of ``split`` in a manifest; outputs under ``out_dir/<series>``.
 
-    Runs :func:`~groupmorph_pyro.batch.register_manifest` (so a rerun skips finished series; those
-    are evaluated from their folders, with fixed-point inverse maps) and scores each fresh result in
-    memory (with its exact inverse maps).
+    Runs :func:`~groupmorph_pyro.batch.register_manifest` (so a rerun skips finished series) and
+    scores each series from its folder (:func:`evaluate_output`: the stored maps and inverse maps).
     """
     rows = []
 
     def score(run: SeriesRun) -> None:
         e = run.entry
-        if run.result is None:  # finished by an earlier run: evaluate what it wrote
-            rows.append(evaluate_output(run.folder, e.images, series=e.name, method=_method(guide),
-                                        landmark_files=e.landmarks))
-            return
-        res = run.result
-        row = {"series": e.name, "method": _method(guide), **group_metrics(run.images, res.warped, res.jacobian),
-               "seconds": res.summary["seconds"]}
-        if run.landmarks is not None:
-            row.update(landmark_columns(run.landmarks, res.displacement, res.inverse_displacement,
-                                        affine_spacing(run.affine)))
-        rows.append({c: row.get(c) for c in COLUMNS})
+        landmarks = {"landmarks": run.landmarks} if run.result is not None else {"landmark_files": e.landmarks}
+        rows.append(evaluate_output(run.folder, e.images, series=e.name, method=_method(guide), **landmarks))
 
     register_manifest(manifest, out_dir, config, guide, split, fixed, finetune_steps, device, progress=progress,
                       on_series=score)

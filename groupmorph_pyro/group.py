@@ -266,6 +266,28 @@ class GroupTransform:
         return self.resized(self._maps(z, lambda v: inverse_displacements(
             v, self.diffeomorphic, self.integration_steps, self._chunk(v), self.integration_downsize)), shape)
 
+    def timepoint_displacement(self, z: torch.Tensor, k: int, shape=None, inverse: bool = False) -> torch.Tensor:
+        """Timepoint k's ``φ_k − Id`` (or, with ``inverse``, ``φ_k⁻¹ − Id``) in voxels, ``(B, 3, D, H, W)``:
+        ``displacements(z, shape)[:, k]`` computed alone, so that full-resolution outputs need one
+        timepoint's maps at a time (``shape`` as :meth:`displacements`). All-to-one: the fixed
+        timepoint's map is the identity (zeros)."""
+        k = check_integer("k", k, 0)
+        if k >= self.num_timepoints:
+            raise InputError(f"k: expected a timepoint 0..{self.num_timepoints - 1}, got {k}")
+        grid = tuple(z.shape[3:]) if shape is None else tuple(int(n) for n in shape)
+        if self.mode == "all-to-one":
+            _check_latents(z, self.num_timepoints, self.mode, self.fixed)
+            if k == self.fixed:
+                return z.new_zeros((z.shape[0], 3, *grid))
+            v = z[:, self.latent_indices.index(k)][:, None]
+        else:
+            v = self.fields(z)[:, k][:, None]
+        if inverse:
+            maps = inverse_displacements(v, self.diffeomorphic, self.integration_steps, None, self.integration_downsize)
+        else:
+            maps = self._forward(v)
+        return self.resized(maps, shape)[:, 0]
+
     def resized(self, disp: torch.Tensor, shape=None) -> torch.Tensor:
         """Maps ``(B, K, 3, d, h, w)`` on a control grid moved to the grid ``shape`` over the same extent
         (:func:`~groupmorph_pyro.spatial.resize_displacement`: trilinear, in that grid's voxels), a few

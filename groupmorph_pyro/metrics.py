@@ -40,13 +40,15 @@ def map_landmarks(landmarks: torch.Tensor, disp: torch.Tensor, inverse_disp: tor
     return torch.stack(out, dim=0)  # [i, j]: set j in image i
 
 
-def landmark_distances(landmarks, disp=None, inverse_disp=None, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+def landmark_distances(landmarks, disp=None, inverse_disp=None, spacing=(1.0, 1.0, 1.0), mapped=None) -> np.ndarray:
     """Distances ``‖φ_i(φ_j⁻¹(l_j)) − l_i‖`` in mm for all ordered pairs ``i ≠ j``.
 
     Args:
         landmarks: ``(K, L, 3)`` voxel coordinates; disp / inverse_disp: ``(K, 3, D, H, W)`` voxels,
             or None for the identity (no registration).
         spacing: voxel size in mm along the array axes.
+        mapped: instead of the fields, :func:`map_landmarks`' ``(K, K, L, 3)`` voxel coordinates (e.g.
+            assembled one timepoint's maps at a time).
     Returns:
         ``(K*(K-1), L)`` array of distances in mm, pairs in row-major order (i, j), i ≠ j.
     """
@@ -55,7 +57,11 @@ def landmark_distances(landmarks, disp=None, inverse_disp=None, spacing=(1.0, 1.
     k = lm.shape[0] if lm.dim() == 3 else 0
     if lm.dim() != 3 or lm.shape[-1] != 3 or k < 2:
         raise InputError(f"landmarks: expected (K >= 2, L, 3) voxel coordinates, got {tuple(lm.shape)}")
-    if disp is None:
+    if mapped is not None:
+        mapped = torch.as_tensor(mapped, dtype=torch.float64)
+        if mapped.shape != (k, *lm.shape):
+            raise InputError(f"mapped: expected (K, K, L, 3) = {(k, *lm.shape)}, got {tuple(mapped.shape)}")
+    elif disp is None:
         mapped = lm[None, :].expand(k, k, *lm.shape[1:])
     else:
         mapped = map_landmarks(lm, torch.as_tensor(disp), torch.as_tensor(inverse_disp))  # float64 (lm's), per timepoint
@@ -87,7 +93,7 @@ def pairwise_rmse(images) -> float:
     return float(torch.stack(vals).mean())
 
 
-def landmark_report(landmarks, disp=None, inverse_disp=None, spacing=(1.0, 1.0, 1.0)) -> dict:
+def landmark_report(landmarks, disp=None, inverse_disp=None, spacing=(1.0, 1.0, 1.0), mapped=None) -> dict:
     """The landmark summary used everywhere (register's summary.json, evaluation tables, the demo):
     distance before (identity) and after a registration, each ``{"mean_mm", "sd_mm", "n"}`` over all
     ordered pairs i ≠ j and landmarks.
@@ -95,11 +101,12 @@ def landmark_report(landmarks, disp=None, inverse_disp=None, spacing=(1.0, 1.0, 
     Args:
         landmarks: ``(K, L, 3)`` 0-based voxel coordinates; disp, inverse_disp: ``(K, 3, D, H, W)``
             ``φ_k − Id`` and ``φ_k⁻¹ − Id`` in voxels (None: only the identity row);
-        spacing: voxel size in mm along the array axes.
+        spacing: voxel size in mm along the array axes;
+        mapped: the registered landmarks as :func:`landmark_distances` takes them, instead of the fields.
     Returns:
         ``{"identity": {...}, "registered": {...}}`` (``registered`` only with fields).
     """
     report = {"identity": summarize_distances(landmark_distances(landmarks, spacing=spacing))}
-    if disp is not None:
-        report["registered"] = summarize_distances(landmark_distances(landmarks, disp, inverse_disp, spacing))
+    if disp is not None or mapped is not None:
+        report["registered"] = summarize_distances(landmark_distances(landmarks, disp, inverse_disp, spacing, mapped))
     return report

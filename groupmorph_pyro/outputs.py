@@ -1,21 +1,24 @@
 """Registration outputs on disk: what ``groupmorph register`` writes for one group.
 
-Outputs are written atomically (temporary file + rename), never over an input file, and only
-after every output has been computed, so a failure leaves no partial results.
+Outputs are written atomically (temporary file + rename), never over an input file, into a staging
+folder that is moved into place once every output has been computed, so a failure leaves no partial
+results.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .checks import InputError
+from .checks import InputError, check_integer
 from .files import atomic_write, write_json
 from .plots import uncertainty_figure
-from .volumes import displacement_to_itk, displacement_to_world, save_nifti
+from .volumes import displacement_to_itk, displacement_to_world, load_volume, save_nifti
 
-__all__ = ["write_registration", "output_paths", "check_outputs", "read_summary", "FIELD_FILES", "ITK_FILES",
+__all__ = ["FolderWriter", "write_registration", "output_paths", "check_outputs", "read_summary", "FIELD_FILES", "ITK_FILES",
            "OUTPUTS_VERSION"]
 
 FIELD_FILES = ("warped", "displacement", "inverse_displacement", "jacobian")
@@ -27,8 +30,115 @@ OUTPUTS_VERSION = 2
 without the key were written before them)."""
 
 
+class FolderWriter:
+    """Writes a registration's output folder (the files :func:`write_registration` lists) while the
+    registration computes it: pass it as :func:`~groupmorph_pyro.registration.register`'s ``sink``,
+    which hands it each timepoint's full-resolution arrays as they are computed, then call
+    :meth:`finish` with the result. Files go to ``<out_dir>/.partial/`` first and are moved into
+    ``out_dir`` by :meth:`finish`, ``summary.json`` last, so a failed registration leaves no output
+    files (use it as a context manager: an exception removes ``.partial``).
+
+    Args:
+        out_dir: the output folder (created); affine: the group's voxel -> world matrix (4×4);
+        num_timepoints: K; input_paths: files it refuses to overwrite (checked here, before any work);
+        itk: also write the ITK-convention fields.
+    """
+
+    STAGE = ".partial"
+
+    def __init__(self, out_dir, affine: np.ndarray, num_timepoints: int, input_paths: Sequence = (), itk: bool = True):
+        self.out_dir, self.num_timepoints = Path(out_dir), check_integer("num_timepoints", num_timepoints, 2)
+        self.affine = np.asarray(affine, dtype=np.float64)
+        if self.affine.shape != (4, 4) or not np.isfinite(self.affine).all():
+            raise InputError(f"affine: expected a finite 4x4 matrix, got shape {self.affine.shape}")
+        self.input_paths, self.itk = list(input_paths), bool(itk)
+        check_outputs(output_paths(self.out_dir, self.num_timepoints, self.itk), self.input_paths)
+        world = lambda u: displacement_to_world(u, self.affine)[..., None, :]  # noqa: E731
+        itk_field = lambda u: displacement_to_itk(u, self.affine)  # noqa: E731
+        same = lambda a: a  # noqa: E731
+        # array name -> [(file name, conversion (one file at a time: memory), NIfTI intent)]
+        self.files = {"warped": [("warped", same, None)], "jacobian": [("jacobian", same, None)],
+                      "displacement": [("displacement", world, "vector")],
+                      "inverse_displacement": [("inverse_displacement", world, "vector")]}
+        if self.itk:
+            self.files["displacement"].append((ITK_FILES[0], itk_field, "vector"))
+            self.files["inverse_displacement"].append((ITK_FILES[1], itk_field, "vector"))
+        self.stage = self.out_dir / self.STAGE
+        shutil.rmtree(self.stage, ignore_errors=True)  # what an interrupted run left
+        self.stage.mkdir(parents=True)
+        self.staged: list[Path] = []
+
+    def __enter__(self) -> FolderWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the staged files (nothing is left in ``out_dir`` but what was there before)."""
+        shutil.rmtree(self.stage, ignore_errors=True)
+
+    def __call__(self, k: int, arrays: dict) -> None:
+        """Write timepoint k's arrays (names as :class:`~groupmorph_pyro.results.RegistrationResult`'s
+        fields, one timepoint each, voxels) to the staging folder."""
+        if not 0 <= int(k) < self.num_timepoints:
+            raise InputError(f"k: expected a timepoint 0..{self.num_timepoints - 1}, got {k}")
+        unknown = sorted(set(arrays) - set(self.files))
+        if unknown:
+            raise InputError(f"unknown output array(s) {unknown}: expected some of {sorted(self.files)}")
+        for name, data in arrays.items():
+            for file, convert, intent in self.files[name]:
+                path = _per_timepoint(self.stage, file, int(k))
+                save_nifti(path, convert(data), self.affine, intent)
+                self.staged.append(path)
+
+    def finish(self, result) -> list:
+        """Write the result's posterior products and ``summary.json``, and move every staged file into
+        ``out_dir``. Refuses (and discards) when a field file of some timepoint was never written.
+        Returns the written paths."""
+        k, out, stage = self.num_timepoints, self.out_dir, self.stage
+        missing = [p.name for p in output_paths(stage, k, self.itk)[:-1] if p not in set(self.staged)]
+        if missing:
+            self.discard()
+            raise InputError(f"{out}: output file(s) never computed: {missing}")
+        extra = []
+        if getattr(result, "uncertainty", None):
+            for name, maps in result.uncertainty.items():
+                for i in range(k):
+                    save_nifti(stage / f"{name}_{i}.nii.gz", maps[i], self.affine)
+                    extra.append(f"{name}_{i}.nii.gz")
+            for i in range(k):
+                read = lambda n: load_volume(stage / f"{n}_{i}.nii.gz").data  # noqa: E731
+                uncertainty_figure(stage / f"uncertainty_{i}.png", read("warped"),
+                                   result.uncertainty["displacement_std_mm"][i], read("jacobian"), title=f"timepoint {i}",
+                                   identity=result.summary.get("fixed") == i and result.summary.get("mode") == "all-to-one")
+                extra.append(f"uncertainty_{i}.png")
+        if getattr(result, "inference_data", None) is not None:
+            atomic_write(stage / "posterior.nc", result.inference_data.to_netcdf)
+            extra.append("posterior.nc")
+        if getattr(result, "landmark_posterior", None):
+            lp = result.landmark_posterior
+            write_json(stage / "landmarks_posterior.json", {
+                "frame": "common frame (fixed image in all-to-one mode), world mm",
+                "mean_mm": np.asarray(lp["mean_mm"]).tolist(), "cov_mm2": np.asarray(lp["cov_mm2"]).tolist()})
+            extra.append("landmarks_posterior.json")
+        names = [p.name for p in self.staged] + extra
+        check_outputs([out / n for n in extra], self.input_paths)
+        for name in names:
+            os.replace(stage / name, out / name)
+        summary = dict(result.summary, outputs_version=OUTPUTS_VERSION)
+        if self.input_paths:
+            summary["inputs"] = [str(Path(p).resolve()) for p in self.input_paths]
+        write_json(out / "summary.json", summary)
+        self.discard()
+        return [str(out / n) for n in names] + [str(out / "summary.json")]
+
+
 def write_registration(result, out_dir, affine: np.ndarray, input_paths: Sequence = (), itk: bool = True) -> list:
-    """Write a :class:`~groupmorph_pyro.results.RegistrationResult` to ``out_dir``.
+    """Write a :class:`~groupmorph_pyro.results.RegistrationResult` to ``out_dir``
+    (:class:`FolderWriter`; a registration run with ``sink=FolderWriter(...)`` writes the same files
+    without holding the full-resolution fields).
 
     Files (k = 0-based timepoint, in input order; every grid is the group's, ``affine``):
 
@@ -47,50 +157,15 @@ def write_registration(result, out_dir, affine: np.ndarray, input_paths: Sequenc
 
     Refuses to write over any input file. Returns the written paths.
     """
-    out_dir = Path(out_dir)
-    k = result.warped.shape[0]
-    world = lambda u: displacement_to_world(u, affine)[..., None, :]  # noqa: E731
-    same = lambda a: a  # noqa: E731
-    arrays = {"warped": (result.warped, None, same), "displacement": (result.displacement, "vector", world),
-              "inverse_displacement": (result.inverse_displacement, "vector", world),
-              "jacobian": (result.jacobian, None, same)}
-    if itk:
-        itk_field = lambda u: displacement_to_itk(u, affine)  # noqa: E731
-        arrays[ITK_FILES[0]] = (result.displacement, "vector", itk_field)
-        arrays[ITK_FILES[1]] = (result.inverse_displacement, "vector", itk_field)
-    # (path, array, conversion, intent); conversions run one file at a time while writing (memory)
-    plan = [(_per_timepoint(out_dir, name, i), data[i], convert, intent)
-            for i in range(k) for name, (data, intent, convert) in arrays.items()]
-    extra = []
-    if getattr(result, "uncertainty", None):
-        for name, maps in result.uncertainty.items():
-            plan += [(out_dir / f"{name}_{i}.nii.gz", maps[i], same, None) for i in range(k)]
-        extra += [out_dir / f"uncertainty_{i}.png" for i in range(k)]
-    if getattr(result, "inference_data", None) is not None:
-        extra.append(out_dir / "posterior.nc")
-    if getattr(result, "landmark_posterior", None):
-        extra.append(out_dir / "landmarks_posterior.json")
-    targets = [p for p, *_ in plan] + extra + [out_dir / "summary.json"]
-    check_outputs(targets, input_paths)
-    for path, data, convert, intent in plan:
-        save_nifti(path, convert(data), affine, intent)
-    if getattr(result, "uncertainty", None):
-        for i in range(k):
-            uncertainty_figure(out_dir / f"uncertainty_{i}.png", result.warped[i],
-                               result.uncertainty["displacement_std_mm"][i], result.jacobian[i], title=f"timepoint {i}",
-                               identity=result.summary.get("fixed") == i and result.summary.get("mode") == "all-to-one")
-    if getattr(result, "inference_data", None) is not None:
-        atomic_write(out_dir / "posterior.nc", result.inference_data.to_netcdf)
-    if getattr(result, "landmark_posterior", None):
-        lp = result.landmark_posterior
-        write_json(out_dir / "landmarks_posterior.json", {
-            "frame": "common frame (fixed image in all-to-one mode), world mm",
-            "mean_mm": np.asarray(lp["mean_mm"]).tolist(), "cov_mm2": np.asarray(lp["cov_mm2"]).tolist()})
-    summary = dict(result.summary, outputs_version=OUTPUTS_VERSION)
-    if input_paths:
-        summary["inputs"] = [str(Path(p).resolve()) for p in input_paths]
-    write_json(out_dir / "summary.json", summary)
-    return [str(p) for p in targets]
+    fields = {name: getattr(result, name) for name in ("warped", "displacement", "inverse_displacement", "jacobian")}
+    none = [name for name, value in fields.items() if value is None]
+    if none:
+        raise InputError(f"write_registration: the result holds no {none} (a registration with a sink wrote them "
+                         "as it ran: finish that FolderWriter instead)")
+    with FolderWriter(out_dir, affine, result.warped.shape[0], input_paths, itk) as writer:
+        for k in range(result.warped.shape[0]):
+            writer(k, {name: value[k] for name, value in fields.items()})
+        return writer.finish(result)
 
 
 def _per_timepoint(out_dir: Path, name: str, k: int) -> Path:

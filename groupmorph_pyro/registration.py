@@ -26,7 +26,7 @@ from .checks import InputError, check_integer
 from .config import Config, RegisterConfig
 from .group import GroupTransform
 from .likelihoods import group_nmi, is_order_free
-from .metrics import folding_percent, landmark_report
+from .metrics import landmark_report
 from .model import (CaseGuide, GroupMorphGuide, GroupMorphModel, build_model, chunked_elbo_loss, chunked_map_loss,
                     has_map_loss, latent_chunk, map_loss, serve_guide)
 from .optim import Adam, NesterovSGD
@@ -34,7 +34,8 @@ from .priors import SPACING_EXPONENTS, DCTGaussianField, compact
 from .posterior import landmark_posterior, sample_posterior, to_inference_data, uncertainty_maps
 from .preprocess import normalize_group, sliding_window
 from .results import RegistrationResult, package_version
-from .spatial import control_factor, level_shape, resample_grid, resize_displacement
+from .spatial import (control_factor, jacobian_determinant, level_shape, map_points, resample_grid, resize_displacement,
+                      warp)
 from .volumes import affine_spacing
 
 __all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "FITS", "fit_case", "mean_fit", "fit_pyramid", "fit_scale", "correlated_start", "prepare",
@@ -541,22 +542,21 @@ def _resize_latents(loc: torch.Tensor, shape) -> torch.Tensor:
     return resize_displacement(loc.reshape(b * k_lat, 3, *loc.shape[3:]), shape).reshape(b, k_lat, 3, *shape)
 
 
-def nmi_report(group: PreparedGroup, disp: torch.Tensor, start: Posterior | None = None,
+def nmi_report(group: PreparedGroup, warped: torch.Tensor, start: Posterior | None = None,
                finetune: dict | None = None) -> dict:
     """The group's mean pairwise NMI (``model.bins``, ``model.histogram``) on the normalised images:
-    ``{"before": unregistered, "after": warped by disp, "start": warped by the maps of the posterior a
+    ``{"before": unregistered, "after": of warped, "start": warped by the maps of the posterior a
     fine-tuning started from (None without fine-tuning; "before" for a start from zero)}``.
 
     Args:
-        disp: ``(1, K, 3, D, H, W)`` displacements of the posterior mean (voxels).
+        warped: ``(1, K, D, H, W)`` the normalised group ``group.x`` warped by the posterior mean's maps.
     """
     mcfg, t = group.config.model, group.transform
-    nmi = lambda d: float(group_nmi(t.warp(group.x, d), mcfg.bins, histogram=mcfg.histogram)[0])  # noqa: E731
+    nmi = lambda w: float(group_nmi(w, mcfg.bins, histogram=mcfg.histogram)[0])  # noqa: E731
     with torch.no_grad():
-        report = {"before": float(group_nmi(group.x, mcfg.bins, histogram=mcfg.histogram)[0]), "after": nmi(disp),
-                  "start": None}
+        report = {"before": nmi(group.x), "after": nmi(warped), "start": None}
         if finetune is not None:
-            report["start"] = report["before"] if _from_identity(start) else nmi(t.displacements(start.loc))
+            report["start"] = report["before"] if _from_identity(start) else nmi(t.warp(group.x, t.displacements(start.loc)))
     return report
 
 
@@ -565,31 +565,72 @@ def _from_identity(start: Posterior) -> bool:
     return not compact(start.loc).any()
 
 
-def summarise(group: PreparedGroup, posterior: Posterior, disp: torch.Tensor, seconds: float,
-              amortized: bool, start: Posterior | None = None, finetune: dict | None = None,
-              nmi: dict | None = None) -> RegistrationResult:
-    """Maps, inverse maps, det J and the warped group of the posterior mean, with the summary:
-    NMI before/after, folding, settings, landmark distances and the fine-tuning report (compared with
-    the ``start`` posterior it refined).
+class _Kept:
+    """The sink :func:`summarise` uses without one of the caller's: each named array of every
+    timepoint kept in one ``(K, ...)`` array, allocated when the name first arrives."""
+
+    def __init__(self, num_timepoints: int):
+        self.num_timepoints, self.arrays = num_timepoints, {}
+
+    def __call__(self, k: int, arrays: dict) -> None:
+        for name, value in arrays.items():
+            if name not in self.arrays:
+                self.arrays[name] = np.empty((self.num_timepoints, *value.shape), value.dtype)
+            self.arrays[name][k] = value
+
+
+def summarise(group: PreparedGroup, posterior: Posterior, seconds: float, amortized: bool,
+              start: Posterior | None = None, finetune: dict | None = None, sink=None) -> RegistrationResult:
+    """Maps, inverse maps, det J and the warped group of the posterior mean at full resolution, one
+    timepoint at a time, with the summary: NMI before/after, folding, settings, landmark distances
+    and the fine-tuning report (compared with the ``start`` posterior it refined).
 
     Args:
-        disp: ``(1, K, 3, D, H, W)`` displacements of the posterior mean (voxels), already computed
-            inside the timed section; seconds: the timed inference.
-        nmi: :func:`nmi_report` of these maps (None: computed here, which needs ``group.x``).
+        seconds: the timed inference so far; the time spent computing the forward maps is added.
+        sink: ``sink(k, arrays)`` receives timepoint k's full-resolution outputs (a dict of numpy
+            arrays: ``"inverse_displacement"`` (3, D, H, W) first for every timepoint, then
+            ``"displacement"`` (3, D, H, W), ``"warped"`` and ``"jacobian"`` (D, H, W); voxels, as
+            :class:`RegistrationResult` holds them), and the result holds none of them (its four
+            field attributes are None): memory for one timepoint's maps, e.g.
+            :class:`~groupmorph_pyro.outputs.FolderWriter` writing them as they come. None: the
+            result holds them all.
     """
-    mcfg, t = group.config.model, group.transform
+    mcfg, t = group.config.model, posterior_transform(group, posterior)
     model = posterior.model or group.model
-    nmi = nmi or nmi_report(group, disp, start, finetune)
-    with torch.no_grad():  # one full-resolution output at a time, the inverse maps first
-        inv = posterior_transform(group, posterior).inverse_displacements(posterior.loc, group.shape)
-        warped = t.warp(group.raw, disp)[0]
-        jac = t.jacobians(disp)[0]
+    num = group.raw.shape[1]
+    kept = _Kept(num) if sink is None else None
+    emit = kept or sink
+    cpu = lambda v: v.detach().cpu().numpy()  # noqa: E731
+    lm = None if group.landmarks is None else torch.as_tensor(np.asarray(group.landmarks, dtype=np.float64))
+    common, mapped, warped_x, folded = [], [], [], []
+    with torch.no_grad():
+        for k in range(num):  # the inverse maps first: every landmark set in the common frame
+            inv = t.timepoint_displacement(posterior.loc, k, group.shape, inverse=True)
+            if lm is not None:
+                common.append(map_points(lm[k:k + 1], inv))
+            emit(k, {"inverse_displacement": cpu(inv[0])})
+            del inv
+        for k in range(num):
+            clock = time.perf_counter()
+            disp = t.timepoint_displacement(posterior.loc, k, group.shape)
+            seconds += time.perf_counter() - clock
+            warped_x.append(warp(group.x[:, k:k + 1], disp, check=False)[:, 0])
+            jac = jacobian_determinant(disp)[0]
+            folded.append(int(torch.count_nonzero(jac <= 0)))
+            if lm is not None:  # every set mapped into image k
+                mapped.append(torch.cat([map_points(c, disp) for c in common]))
+            emit(k, {"displacement": cpu(disp[0]), "warped": cpu(warp(group.raw[:, k:k + 1], disp, check=False)[0, 0]),
+                     "jacobian": cpu(jac)})
+            del disp, jac
+    nmi = nmi_report(group, torch.stack(warped_x, dim=1), start, finetune)
+    del warped_x
+    voxels = math.prod(group.shape)
     summary = {
         "seconds": seconds,
         "nmi_before": nmi["before"],
         "nmi_after": nmi["after"],
-        "folding_percent": [folding_percent(j) for j in jac],
-        "folding_percent_all": folding_percent(jac),
+        "folding_percent": [100.0 * n / voxels for n in folded],
+        "folding_percent_all": 100.0 * sum(folded) / (voxels * num),
         "amortized": amortized,
         "per_case_steps": group.steps,
         "final_loss_per_voxel": finetune["losses"][-1] if finetune and finetune["losses"] else None,
@@ -603,13 +644,12 @@ def summarise(group: PreparedGroup, posterior: Posterior, disp: torch.Tensor, se
         "control_factor": model.control_factor,
         "sample_points": model.points,
     }
-    cpu = lambda v: v.detach().cpu().numpy()  # noqa: E731
     own = lambda v: cpu(v.contiguous() if 0 in v.stride() else v)  # noqa: E731  (an expanded σ or start: its own array)
-    result = RegistrationResult(cpu(warped), cpu(disp[0]), cpu(inv[0]), cpu(jac), own(posterior.loc[0]),
-                                own(posterior.scale[0]), summary)
-    if group.landmarks is not None:
-        summary["landmarks"] = landmark_report(group.landmarks, result.displacement, result.inverse_displacement,
-                                               group.spacing)
+    fields = kept.arrays if kept else {}
+    result = RegistrationResult(fields.get("warped"), fields.get("displacement"), fields.get("inverse_displacement"),
+                                fields.get("jacobian"), own(posterior.loc[0]), own(posterior.scale[0]), summary)
+    if lm is not None:
+        summary["landmarks"] = landmark_report(group.landmarks, spacing=group.spacing, mapped=torch.stack(mapped))
     if finetune is not None:
         summary["finetune"] = _finetune_report(group, start, finetune, nmi, summary)
     return result
@@ -666,7 +706,7 @@ def add_posterior_samples(group: PreparedGroup, posterior: Posterior, result: Re
 def register(images, config: Config | None = None, guide: GroupMorphGuide | None = None, fixed: int | None = None,
              finetune_steps: int | None = None, device: str | torch.device = "cpu", seed: int = 0,
              progress: bool = False, likelihood=None, prior=None, samples: int = 0, landmarks=None,
-             affine=None) -> RegistrationResult:
+             affine=None, sink=None) -> RegistrationResult:
     """Register a group of K images.
 
     With ``guide`` (trained): one amortised pass gives the posterior; ``finetune_steps > 0`` then
@@ -695,8 +735,12 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
             distances and uncertainty maps, the frame of landmark posteriors and, with
             ``model.prior_units: mm`` (the default), the prior's weights per voxel.
         seed: seeds Pyro's random streams (torch, numpy, random) for a reproducible result.
+        sink: ``sink(k, arrays)`` receives each timepoint's full-resolution maps, inverse maps, det J
+            and warped image as they are computed, and the result holds none of them (:func:`summarise`;
+            :class:`~groupmorph_pyro.outputs.FolderWriter` writes them to a folder): the memory of
+            one timepoint's outputs instead of K. None: the result holds them.
     Returns:
-        :class:`RegistrationResult` (posterior-mean fields; posterior products when ``samples``).
+        :class:`RegistrationResult` (posterior-mean fields unless ``sink``; posterior products when ``samples``).
     """
     if int(samples) != samples or samples < 0:
         raise InputError(f"samples: expected an integer >= 0, got {samples!r}")
@@ -711,16 +755,11 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     posterior, finetune = refine(group, start, progress)
     if not samples:  # only sampling needs the guide (a per-case one holds its whitened mean: memory)
         posterior = Posterior(posterior.loc, posterior.scale, model=posterior.model)
-    with torch.no_grad():
-        disp = posterior_transform(group, posterior).displacements(posterior.loc, group.shape)
     if group.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - clock
-    say(f"inference took {seconds:.1f} s; computing NMI, inverse maps and det J")
-    nmi = nmi_report(group, disp, start, finetune)
-    if not samples:  # only sampling reads the normalised group again: free it before the outputs (memory)
-        group = dataclasses.replace(group, x=None)
-    result = summarise(group, posterior, disp, seconds, guide is not None, start, finetune, nmi)
+    say(f"fit took {seconds:.1f} s; computing the maps, inverse maps, det J and NMI at full resolution")
+    result = summarise(group, posterior, seconds, guide is not None, start, finetune, sink)
     if samples:
         say(f"drawing {samples} posterior samples (uncertainty maps, landmark posterior)")
         add_posterior_samples(group, posterior, result, samples)
