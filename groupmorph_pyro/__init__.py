@@ -14,7 +14,8 @@ Layers, lowest first; a module imports only modules of lower layers (lazy import
 4. model: ``model`` (Pyro model and guides), ``posterior`` (sampling, uncertainty, arviz),
    ``config``, ``outputs`` (what ``register`` writes), ``prepare`` (data sets -> NIfTI + manifest)
 5. inference: ``registration`` (prepare -> infer -> refine -> summarise -> sample), ``train``;
-   ``report`` (the QC page of an output folder)
+   ``report`` (the QC page of an output folder), ``memory`` (the peak a registration will need,
+   against what is available)
 6. workflows: ``baselines`` (identity, Elastix, pairwise), ``batch`` (the manifest loop), ``transfer``
    (apply a stored registration to images, label maps and points)
 7. comparison: ``peers`` (the voxelmorph package), ``evaluation`` (Table-1 metrics)
@@ -39,7 +40,7 @@ LAYERS = (
     ("spatial", "preprocess", "volumes", "plots"),
     ("group", "priors", "likelihoods", "networks", "metrics", "synthetic", "data", "optim"),
     ("model", "posterior", "config", "outputs", "prepare"),
-    ("registration", "train", "report"),
+    ("registration", "train", "report", "memory"),
     ("baselines", "batch", "transfer"),
     ("peers", "evaluation"),
     ("cli",),

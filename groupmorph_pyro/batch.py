@@ -1,16 +1,23 @@
 """Batch registration of every series of a manifest into one resumable output folder.
 
 Layout: ``<out>/<series>/`` holds what ``groupmorph register`` writes for one group
-(:class:`~groupmorph_pyro.outputs.FolderWriter`, which writes each field as it is computed; ``summary.json`` last, so it
-marks a finished series), and ``<out>/batch.csv`` one row per series of the split (rewritten
-atomically after each one). A rerun skips the finished series and redoes any that was interrupted.
-This loop serves ``register --manifest`` and (through ``on_series``) ``evaluate --manifest``.
+(:class:`~groupmorph_pyro.outputs.FolderWriter`, which writes each field as it is computed and
+``summary.json`` last, so that file marks a finished series), ``<out>/batch.csv`` one row per series
+of the split (rewritten atomically after each one) and ``<out>/batch.log`` one line per series. A
+rerun skips the finished series and redoes any that was interrupted. This loop serves
+``register --manifest`` and (through ``on_series``) ``evaluate --manifest``.
+
+A cohort spread over a cluster runs one process per shard (:func:`parse_shard`: ``I/N``, or the
+index of a SLURM array task or a Kubernetes indexed Job): each registers its share
+(:func:`shard_entries`) into the same folder and lists it in ``batch-<I>-of-<N>.csv``;
+:func:`merge_shards` then writes ``batch.csv``.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +30,14 @@ from tqdm.auto import tqdm
 from .checks import InputError
 from .config import Config
 from .data import SeriesEntry, entry_landmarks, split_entries
-from .files import atomic_write_text
+from .files import atomic_write_text, write_json
 from .outputs import FolderWriter, check_outputs, output_paths
 from .registration import register
 from .results import RegistrationResult
-from .volumes import load_group
+from .memory import check_memory
+from .volumes import load_group, read_grid
 
-__all__ = ["register_manifest", "SeriesRun", "BATCH_COLUMNS"]
+__all__ = ["register_manifest", "SeriesRun", "BATCH_COLUMNS", "parse_shard", "shard_entries", "merge_shards", "PLAN"]
 
 BATCH_COLUMNS = ["series", "status", "seconds", "nmi_before", "nmi_after", "folding_percent_all",
                  "landmark_mm_before", "landmark_mm_after", "folder"]
@@ -71,8 +79,10 @@ class SeriesRun:
 def register_manifest(manifest, out_dir, config: Config | None = None, guide=None, split: str = "test",
                       fixed: int | None = None, finetune_steps: int | None = None, device="cpu",
                       samples: int = 0, seed: int = 0, progress: bool = True,
-                      on_series: Callable[[SeriesRun], None] | None = None, itk: bool = True) -> list[dict]:
-    """Register every series of ``split`` in ``manifest``; finished series are skipped.
+                      on_series: Callable[[SeriesRun], None] | None = None, itk: bool = True,
+                      shard: tuple[int, int] | None = None, force: bool = False) -> list[dict]:
+    """Register every series of ``split`` in ``manifest`` (or, with ``shard``, this shard's share of
+    them); finished series are skipped.
 
     Every check that needs no registration runs before the first series (unique names, K against
     the network, outputs that would overwrite inputs).
@@ -85,9 +95,17 @@ def register_manifest(manifest, out_dir, config: Config | None = None, guide=Non
         fixed, finetune_steps, device, samples, seed: passed to ``register`` for each series.
         on_series: called with a :class:`SeriesRun` after each series (registered or skipped).
         itk: also write the ITK-convention fields (:func:`~groupmorph_pyro.outputs.write_registration`).
+        shard: ``(index, count)`` (:func:`parse_shard`): register the series :func:`shard_entries`
+            gives this shard, listing them in ``batch-<index>-of-<count>.csv`` instead of
+            ``batch.csv``; the split's series and the count are recorded in ``batch-plan.json``, and a
+            folder sharded another way is refused. :func:`merge_shards` writes ``batch.csv`` once every
+            shard is done.
+        force: skip the memory check (per case, from zero: every series to register is checked from its
+            headers before the first, :func:`~groupmorph_pyro.memory.check_memory`).
     Returns:
         one row per series (:data:`BATCH_COLUMNS`); ``status`` is ``"registered"`` or ``"skipped"``
-        (already finished by an earlier run).
+        (already finished by an earlier run). Each series also gets a line in the log next to the
+        CSV (``batch.log`` or ``batch-<index>-of-<count>.log``).
     """
     out_dir = Path(out_dir)
     config = config or Config()
@@ -103,16 +121,27 @@ def register_manifest(manifest, out_dir, config: Config | None = None, guide=Non
             raise InputError(f"{manifest}: the network was trained for K={k} timepoints, got series {wrong}")
     for e in entries:
         check_outputs(output_paths(out_dir / e.name, len(e.images), itk) + [out_dir / "batch.csv"], e.images)
-    rows, index = [], out_dir / "batch.csv"
-    bar = tqdm(entries, desc="register", unit="series", disable=not progress)
-    for e in bar:
+    index = out_dir / "batch.csv"
+    if shard is not None:
+        index = _claim_shard(out_dir, split, names, *shard)
+        entries = shard_entries(entries, *shard)
+    log = index.with_suffix(".log")
+    todo = {e.name for e in entries if not (out_dir / e.name / "summary.json").is_file()}
+    if guide is None and not force:
+        for e in entries:
+            if e.name in todo:
+                check_memory(read_grid(e.images[0])[0], len(e.images), config, samples, what=f"series {e.name}")
+    rows = []
+    bar = tqdm(total=len(todo), desc="register", unit="series", disable=not progress)  # elapsed and time left
+    for e in entries:
         folder = out_dir / e.name
-        bar.set_postfix(series=e.name)
-        if (folder / "summary.json").is_file():
+        if e.name not in todo:
             rows.append(_row(e.name, "skipped", json.loads((folder / "summary.json").read_text()), folder))
+            _log(log, rows[-1], len(rows), len(entries))
             if on_series is not None:
                 on_series(SeriesRun(e, folder, None, None, None, None))
             continue
+        bar.set_postfix(series=e.name)
         images, affine, _ = load_group(e.images)
         cfg = config if guide is not None else config.with_timepoints(images.shape[0])
         landmarks = entry_landmarks(e, images.shape[1:])
@@ -124,7 +153,128 @@ def register_manifest(manifest, out_dir, config: Config | None = None, guide=Non
             writer.finish(result)
         rows.append(_row(e.name, "registered", result.summary, folder))
         _write_index(index, rows)
+        _log(log, rows[-1], len(rows), len(entries))
+        bar.update(1)
         if on_series is not None:
             on_series(SeriesRun(e, folder, images, affine, landmarks, result))
+    bar.close()
     _write_index(index, rows)
     return rows
+
+
+def parse_shard(text: str, environ=None) -> tuple[int, int]:
+    """``--shard`` as ``(index, count)``, index 0-based.
+
+    * ``"I/N"``: shard I of N (0 <= I < N);
+    * ``"auto"``: a SLURM job array's task: ``SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN`` (0 when
+      unset) of ``SLURM_ARRAY_TASK_COUNT`` (``#SBATCH --array=0-<N−1>`` or ``1-<N>``, step 1);
+    * ``"auto/N"``: of N shards, the index from Kubernetes' ``JOB_COMPLETION_INDEX`` (an indexed Job
+      with ``completions: N``) or else ``SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN``.
+
+    ``environ``: the variables (default ``os.environ``)."""
+    env = os.environ if environ is None else environ
+    head, _, tail = str(text).partition("/")
+
+    def integer(name: str, value) -> int:
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise InputError(f"--shard {text}: {name} must be an integer, got {value!r}") from None
+
+    if head == "auto":
+        if tail:
+            count = integer("N", tail)
+            if "JOB_COMPLETION_INDEX" in env:
+                index = integer("JOB_COMPLETION_INDEX", env["JOB_COMPLETION_INDEX"])
+            elif "SLURM_ARRAY_TASK_ID" in env:
+                index = integer("SLURM_ARRAY_TASK_ID", env["SLURM_ARRAY_TASK_ID"]) - integer(
+                    "SLURM_ARRAY_TASK_MIN", env.get("SLURM_ARRAY_TASK_MIN", 0))
+            else:
+                raise InputError(f"--shard {text}: neither JOB_COMPLETION_INDEX (Kubernetes indexed Job) nor "
+                                 "SLURM_ARRAY_TASK_ID (SLURM job array) is set")
+        else:
+            missing = [v for v in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT") if v not in env]
+            if missing:
+                raise InputError(f"--shard auto: {' and '.join(missing)} not set (not a SLURM array task; "
+                                 "Kubernetes indexed Jobs: --shard auto/N with N = completions)")
+            index = integer("SLURM_ARRAY_TASK_ID", env["SLURM_ARRAY_TASK_ID"]) - integer(
+                "SLURM_ARRAY_TASK_MIN", env.get("SLURM_ARRAY_TASK_MIN", 0))
+            count = integer("SLURM_ARRAY_TASK_COUNT", env["SLURM_ARRAY_TASK_COUNT"])
+    else:
+        if not tail:
+            raise InputError(f"--shard: expected I/N (0 <= I < N), auto or auto/N, got {text!r}")
+        index, count = integer("I", head), integer("N", tail)
+    if count < 1 or not 0 <= index < count:
+        raise InputError(f"--shard {text}: expected a shard index 0 <= I < N with N >= 1, got I={index}, N={count} "
+                         "(SLURM: a job array with step 1, e.g. --array=0-{N-1})")
+    return index, count
+
+
+def shard_entries(entries: list, index: int, count: int) -> list:
+    """Shard ``index`` of ``count``'s series: every ``count``-th of the split in manifest order from
+    position ``index`` (the same manifest gives every shard the same share; series appended to the
+    manifest keep the others' shares)."""
+    if count < 1 or not 0 <= index < count:
+        raise InputError(f"shard: expected 0 <= index < count, got index={index}, count={count}")
+    return list(entries)[index::count]
+
+
+PLAN = "batch-plan.json"
+"""The sharded run's plan in the output folder: ``{"split", "shards", "series"}`` (every series of the split, in order)."""
+
+
+def _shard_files(out_dir: Path, index: int, count: int) -> Path:
+    return out_dir / f"batch-{index}-of-{count}.csv"
+
+
+def _claim_shard(out_dir: Path, split: str, names: list, index: int, count: int) -> Path:
+    """Record the plan (or check it against the one there) and return this shard's CSV path."""
+    plan = {"split": split, "shards": int(count), "series": list(names)}
+    path = out_dir / PLAN
+    if path.is_file():
+        there = json.loads(path.read_text())
+        if there != plan:
+            what = (f"{there.get('shards')} shards" if there.get("shards") != count
+                    else f"split {there.get('split')!r} with series {there.get('series')}")
+            raise InputError(f"{out_dir}: sharded as {what}, this run asks for {count} shards of split {split!r} "
+                             f"with {len(names)} series: use the same manifest and N, or another --out")
+    else:
+        write_json(path, plan)
+    return _shard_files(out_dir, index, count)
+
+
+def merge_shards(out_dir) -> list[dict]:
+    """Write ``batch.csv`` of a sharded run: every shard's rows in the manifest's order, the file one
+    process would have written (timings apart). Refuses, naming the shards and series left, while
+    any shard is unfinished. Returns the rows."""
+    out_dir = Path(out_dir)
+    path = out_dir / PLAN
+    if not path.is_file():
+        raise InputError(f"{out_dir}: no sharded run to merge (no {PLAN}: register --manifest ... --shard I/N writes it)")
+    plan = json.loads(path.read_text())
+    count, series = int(plan["shards"]), list(plan["series"])
+    rows, left = {}, []
+    for index in range(count):
+        csv_path = _shard_files(out_dir, index, count)
+        got = {r["series"]: r for r in csv.DictReader(io.StringIO(csv_path.read_text()))} if csv_path.is_file() else {}
+        missing = [s for s in series[index::count] if s not in got or not (out_dir / s / "summary.json").is_file()]
+        if missing:
+            left.append(f"shard {index}/{count}: {len(missing)} series left ({', '.join(missing[:3])}"
+                        f"{', ...' if len(missing) > 3 else ''})")
+        rows.update(got)
+    if left:
+        raise InputError(f"{out_dir}: cannot merge yet: {'; '.join(left)}")
+    ordered = [{c: rows[s][c] for c in BATCH_COLUMNS} for s in series]
+    _write_index(out_dir / "batch.csv", ordered)
+    return ordered
+
+
+def _log(path: Path, row: dict, done: int, total: int) -> None:
+    """One line per series in the log next to the CSV (appended)."""
+    fmt = lambda v: "-" if v in (None, "") else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    line = (f"{stamp} [{done}/{total}] {row['series']}: {row['status']}, {fmt(row['seconds'])} s, "
+            f"NMI {fmt(row['nmi_before'])} -> {fmt(row['nmi_after'])}, folding {fmt(row['folding_percent_all'])} %, "
+            f"landmarks {fmt(row['landmark_mm_before'])} -> {fmt(row['landmark_mm_after'])} mm\n")
+    with open(path, "a") as fh:
+        fh.write(line)

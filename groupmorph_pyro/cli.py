@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``groupmorph`` command line: one subcommand per ``_<name>_parser``."""
     p = argparse.ArgumentParser(prog="groupmorph", description="Deep group-wise variational diffeomorphic registration (Pyro).")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _register_parser, _apply_parser, _report_parser, _evaluate_parser, _demo_parser):
+    for add in (_train_parser, _register_parser, _merge_parser, _apply_parser, _report_parser, _evaluate_parser,
+                _demo_parser):
         add(sub, argparse.ArgumentDefaultsHelpFormatter)
     return p
 
@@ -80,6 +81,13 @@ def _register_parser(sub, fmt) -> None:
     r.add_argument("images", nargs="*", help="K 3D images (NIfTI), one per timepoint, in order")
     r.add_argument("--manifest", help="register every series of --split instead (resumable: finished series are skipped)")
     r.add_argument("--split", default="test", help="with --manifest: which split to register")
+    r.add_argument("--shard", metavar="I/N",
+                   help="with --manifest: register only shard I (0-based) of N into --out, listed in batch-I-of-N.csv; "
+                        "'auto' reads a SLURM array task's SLURM_ARRAY_TASK_ID/_COUNT, 'auto/N' a Kubernetes indexed "
+                        "Job's JOB_COMPLETION_INDEX (see 'groupmorph merge')")
+    r.add_argument("--merge", action="store_true",
+                   help="with --shard: once this shard is done, write batch.csv if every shard is done "
+                        "(otherwise say which are left)")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--checkpoint", help="trained model (amortised inference); without it: per-case SVI")
     r.add_argument("--config", help="YAML config for per-case SVI without a checkpoint (default: the package defaults; configs/dirlab_4dct.yaml has the paper's)")
@@ -99,7 +107,19 @@ def _register_parser(sub, fmt) -> None:
     r.add_argument("--no-itk", action="store_true",
                    help="skip the ITK-convention fields transform_<k>_itk / inverse_<k>_itk (LPS mm) for SimpleITK, ANTs, Slicer")
     r.add_argument("--no-report", action="store_true", help="skip the QC page report.html (see 'groupmorph report')")
+    r.add_argument("--force", action="store_true",
+                   help="run even when the memory check (per-case path) estimates more memory than is available")
     _add_runtime_args(r, inference=True)
+
+
+def _merge_parser(sub, fmt) -> None:
+    """``groupmorph merge``: batch.csv of a sharded manifest run."""
+    m = sub.add_parser(
+        "merge", formatter_class=fmt, help="write batch.csv of a cohort registered in shards (register --shard I/N)",
+        description="Check that every shard of 'groupmorph register --manifest M --shard I/N --out REG_DIR' has "
+                    "finished all its series and write REG_DIR/batch.csv: the rows one process would have written, "
+                    "in the manifest's order. Exits 2, naming the shards and series left, while any is unfinished.")
+    m.add_argument("registration", metavar="REG_DIR", help="the --out folder of the shards")
 
 
 def _apply_parser(sub, fmt) -> None:
@@ -201,12 +221,16 @@ def _config_and_guide(args, device):
 
 
 def _register_manifest(args) -> int:
-    from .batch import register_manifest
+    from .batch import merge_shards, parse_shard, register_manifest
 
     if args.images or args.landmarks or args.resample:
         raise InputError("--manifest: images, --landmarks and --resample come from the manifest; give none on the command line")
+    if args.merge and not args.shard:
+        raise InputError("--merge: only with --shard (an unsharded run writes batch.csv itself)")
+    shard = parse_shard(args.shard) if args.shard else None
     device = resolve_device(args.device)
     cfg, guide = _config_and_guide(args, device)
+
     def report(run) -> None:  # each newly registered series gets its QC page
         if run.result is not None and not args.no_report:
             from .report import write_report
@@ -214,16 +238,33 @@ def _register_manifest(args) -> int:
             write_report(run.folder)
 
     rows = register_manifest(args.manifest, args.out, cfg, guide, args.split, args.fixed, args.finetune_steps, device,
-                             args.samples, args.seed, progress=not args.quiet, itk=not args.no_itk, on_series=report)
+                             args.samples, args.seed, progress=not args.quiet, itk=not args.no_itk, on_series=report,
+                             shard=shard, force=args.force)
     done = sum(r["status"] == "registered" for r in rows)
-    print(f"{done} series registered, {len(rows) - done} already done -> {Path(args.out) / 'batch.csv'}")
+    index = Path(args.out) / (f"batch-{shard[0]}-of-{shard[1]}.csv" if shard else "batch.csv")
+    print(f"{done} series registered, {len(rows) - done} already done -> {index}")
+    if args.merge:
+        try:
+            merged = merge_shards(args.out)
+        except InputError as exc:  # other shards still running: their last one merges, or 'groupmorph merge'
+            print(f"not merged: {exc}")
+        else:
+            print(f"merged {len(merged)} series -> {Path(args.out) / 'batch.csv'}")
+    return 0
+
+
+def _merge(args) -> int:
+    from .batch import merge_shards
+
+    rows = merge_shards(args.registration)
+    print(f"merged {len(rows)} series -> {Path(args.registration) / 'batch.csv'}")
     return 0
 
 
 def _register(args) -> int:
     from .outputs import FolderWriter, check_outputs, output_paths
     from .registration import register
-    from .volumes import load_group
+    from .volumes import load_group, read_grid
 
     if args.samples < 0:
         raise InputError(f"--samples: expected an integer >= 0, got {args.samples}")
@@ -231,12 +272,18 @@ def _register(args) -> int:
         raise InputError(f"--finetune-steps: expected an integer >= 0, got {args.finetune_steps}")
     if args.manifest:
         return _register_manifest(args)
+    if args.shard or args.merge:
+        raise InputError("--shard/--merge: only with --manifest (one group is one process)")
     if len(args.images) < 2:
         raise InputError(f"expected at least 2 images (K >= 2), got {len(args.images)}")
     check_outputs(output_paths(args.out, len(args.images), itk=not args.no_itk), args.images)
     device = resolve_device(args.device)
-    images, affine, _ = load_group(args.images, resample=args.resample)
     cfg, guide = _config_and_guide(args, device)
+    if guide is None and not args.force:  # from the headers, before any image is read
+        from .memory import check_memory
+
+        check_memory(read_grid(args.images[0])[0], len(args.images), cfg, args.samples)
+    images, affine, _ = load_group(args.images, resample=args.resample)
     if not args.checkpoint:
         cfg.model.num_timepoints = len(args.images)
     elif cfg.model.num_timepoints != len(args.images):
@@ -387,8 +434,8 @@ def _evaluate(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "register": _register, "apply": _apply, "report": _report, "demo": _demo,
-                "evaluate": _evaluate}[args.command](args)
+        return {"train": _train, "register": _register, "merge": _merge, "apply": _apply, "report": _report,
+                "demo": _demo, "evaluate": _evaluate}[args.command](args)
     except InputError as exc:
         print(f"groupmorph: error: {exc}", file=sys.stderr)
         return 2

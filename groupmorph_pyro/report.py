@@ -91,7 +91,7 @@ def mosaic(volume: np.ndarray, spacing=(1.0, 1.0, 1.0), count: int = MOSAIC_SLIC
     for axis in range(3):
         rest = [a for a in range(3) if a != axis]
         extent = (volume.shape[rest[1]] * spacing[rest[1]], volume.shape[rest[0]] * spacing[rest[0]])
-        rows.append([_resize(np.take(volume, i, axis=axis).T[::-1], extent, pixels)
+        rows.append([_resize(volume[(slice(None),) * axis + (i,)].T[::-1], extent, pixels)  # a view, not a copy
                      for i in slice_positions(volume.shape[axis], count)])
     h = max(s.shape[0] for row in rows for s in row)
     w = max(s.shape[1] for row in rows for s in row)

@@ -5,12 +5,14 @@ affine (no reorientation); writes are atomic (:mod:`groupmorph_pyro.files`).
 """
 from __future__ import annotations
 
+import gzip
 import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import nibabel as nib
 import numpy as np
+from nibabel.fileholders import FileHolder
 from scipy.ndimage import affine_transform
 
 from .checks import InputError
@@ -18,8 +20,11 @@ from .files import atomic_write
 
 __all__ = ["Volume", "affine_spacing", "load_volume", "load_group", "save_nifti", "load_displacement",
            "read_world_displacement",
-           "displacement_to_world", "displacement_to_itk", "same_grid", "read_grid", "RAS_TO_LPS"]
+           "displacement_to_world", "displacement_to_itk", "same_grid", "read_grid", "RAS_TO_LPS", "GZIP_LEVEL"]
 
+GZIP_LEVEL = 0
+"""zlib level of the ``.nii.gz`` files :func:`save_nifti` writes: 0 stores the volume uncompressed
+inside the gzip stream (written at disk speed; float32 fields and images compress little)."""
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 """World coordinates: NIfTI's RAS+ (nibabel, this package) -> ITK's LPS+ (ITK, SimpleITK, ANTs, Slicer)."""
 
@@ -117,12 +122,21 @@ def same_grid(shape_a, affine_a, shape_b, affine_b, atol: float = 1e-4) -> bool:
 def save_nifti(path, data: np.ndarray, affine: np.ndarray, intent: str | None = None, dtype=np.float32) -> None:
     """Write ``data`` (as ``dtype``, float32 by default) with ``affine`` to ``path`` atomically
     (temporary file + rename). The array is laid out in Fortran order first, the order NIfTI stores,
-    so nibabel writes it without a strided copy per block."""
+    so nibabel writes it without a strided copy per block. A ``.gz`` path is a gzip stream of
+    level :data:`GZIP_LEVEL` (stored blocks: every NIfTI reader opens it)."""
     img = nib.Nifti1Image(np.asfortranarray(data, dtype=dtype), affine)
     if intent:
         img.header.set_intent(intent)
     img.header.set_xyzt_units("mm")
-    atomic_write(path, lambda tmp: nib.save(img, tmp))
+
+    def write(tmp) -> None:
+        if not str(tmp).endswith(".gz"):
+            nib.save(img, tmp)
+            return
+        with gzip.GzipFile(tmp, "wb", compresslevel=GZIP_LEVEL, mtime=0) as fh:
+            img.to_file_map({"image": FileHolder(fileobj=fh)})
+
+    atomic_write(path, write)
 
 
 def displacement_to_world(disp_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -141,7 +155,9 @@ def displacement_to_itk(disp_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
     what ``itk::DisplacementFieldTransform`` (SimpleITK, ANTs, Slicer) expects: ``T(x) = x + d(x)``
     with ``x`` and ``d`` in physical LPS millimetres. Components: ``d_LPS = diag(-1, -1, 1) A[:3,:3] u``.
     """
-    return np.einsum("rc,...c->...r", RAS_TO_LPS, displacement_to_world(disp_vox, affine))[..., None, :]
+    lps = np.eye(4)
+    lps[:3, :3] = RAS_TO_LPS @ np.asarray(affine, dtype=np.float64)[:3, :3]  # one pass over the field
+    return displacement_to_world(disp_vox, lps)[..., None, :]
 
 
 def read_world_displacement(path, dtype=np.float64) -> np.ndarray:

@@ -167,3 +167,24 @@ def test_write_registration_of_a_streamed_result_is_an_error(tmp_path, phantom):
     with pytest.raises(InputError, match="holds no"):
         write_registration(result, tmp_path / "again", g.affine)
     assert all(p.is_file() for p in output_paths(tmp_path / "reg", K))
+
+
+def test_save_nifti_writes_a_stored_gzip_stream_every_reader_opens(tmp_path):
+    """``.nii.gz`` at GZIP_LEVEL 0: a gzip stream holding the NIfTI bytes as they are (its size is the
+    uncompressed file's plus the stream's headers), read back by nibabel to the bit with its affine and intent."""
+    import gzip
+
+    from groupmorph_pyro.volumes import GZIP_LEVEL, save_nifti
+
+    assert GZIP_LEVEL == 0
+    data = np.random.default_rng(0).normal(size=(7, 8, 9, 1, 3)).astype(np.float32)
+    affine = np.array([[-2.0, 0, 0, 10], [0, 2.0, 0, -5], [0, 0, 2.5, 3], [0, 0, 0, 1]])
+    save_nifti(tmp_path / "f.nii.gz", data, affine, "vector")
+    save_nifti(tmp_path / "f.nii", data, affine, "vector")
+    raw = (tmp_path / "f.nii").read_bytes()
+    packed = (tmp_path / "f.nii.gz").read_bytes()
+    assert packed[:2] == b"\x1f\x8b" and gzip.decompress(packed) == raw
+    assert len(raw) < len(packed) < len(raw) + 200
+    img = nib.load(tmp_path / "f.nii.gz")
+    assert np.array_equal(np.asarray(img.dataobj), data) and np.allclose(img.affine, affine)
+    assert img.header.get_intent()[0] == "vector"
