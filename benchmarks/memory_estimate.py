@@ -1,14 +1,15 @@
 """The memory check's estimate against the measured peak of ``groupmorph register``.
 
     python benchmarks/memory_estimate.py --cases 64x64x48:6 128x128x68:6 256x256x96:6 64x64x48:4:10 --out runs/memory-estimate
-    python benchmarks/memory_estimate.py --cases 24x24x20:3 --steps 1 --out /tmp/me   # tiny, for the test-suite
+    python benchmarks/memory_estimate.py --cases 32x32x24:3 --steps 1 --out /tmp/me   # tiny, for the test-suite
 
 Each case (``DxHxW:K`` or ``DxHxW:K:S`` with S posterior samples) is a breathing phantom (seed 1,
 2 × 2 × 2.5 mm) written as K NIfTI files; ``groupmorph register`` runs on them in a child process
 with the package defaults except ``--steps`` steps per phase (every step of a phase needs the same
 memory, so the peak is the full run's in a fraction of its time), the QC page included. The
-child's peak resident set size (``ru_maxrss`` of that child alone, from ``os.wait4``) is compared
-with :func:`groupmorph_pyro.memory.estimate_peak` for the same grid, K, config and samples.
+child's peak resident set size (its ``VmHWM``, read by the child itself as it exits: the program's
+own peak, not the size it had when forked from this one) is compared with
+:func:`groupmorph_pyro.memory.estimate_peak` for the same grid, K, config and samples.
 Writes ``memory_estimate.json`` (rows: case, path, measured and estimated GiB, estimate / measured).
 """
 from __future__ import annotations
@@ -57,16 +58,28 @@ def measure(shape, k: int, samples: int, steps: int, work: Path, threads: int) -
     del g
     config = work / "steps.yaml"
     config.write_text(yaml.safe_dump({"register": {"steps": steps, "coarse_steps": steps, "sample_steps": steps}}))
-    argv = [sys.executable, "-m", "groupmorph_pyro.cli", "register", *paths, "--out", str(work / "out"),
+    peak = work / "peak.txt"
+    argv = [sys.executable, "-c", CHILD, str(peak), "register", *paths, "--out", str(work / "out"),
             "--config", str(config), "--quiet", "--samples", str(samples), "--force"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     start = time.perf_counter()
-    child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"groupmorph register failed on {shape}, K={k}:\n{output}")
-    return {"peak_bytes": usage.ru_maxrss * 1024, "wall_seconds": time.perf_counter() - start}
+    run = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"groupmorph register failed on {shape}, K={k}:\n{run.stdout}")
+    return {"peak_bytes": int(peak.read_text()), "wall_seconds": time.perf_counter() - start}
+
+
+CHILD = """
+import atexit, sys
+from pathlib import Path
+def peak():
+    hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM:'))
+    Path(sys.argv[1]).write_text(str(int(hwm.split()[1]) * 1024))
+atexit.register(peak)
+from groupmorph_pyro.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+"""The child: ``groupmorph`` with the given arguments, writing its peak resident bytes to argv[1] as it exits."""
 
 
 def main(argv=None) -> dict:

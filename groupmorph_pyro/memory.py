@@ -34,17 +34,18 @@ __all__ = ["estimate_peak", "available_memory", "check_memory", "BASE_BYTES", "F
            "OUTPUT_BYTES", "SAMPLE_BYTES"]
 
 GIB = 2**30
-BASE_BYTES = int(0.55 * GIB)
-"""Resident memory of the process before registration: Python, torch, Pyro and the package (bytes)."""
-FIT_BYTES = 900
+BASE_BYTES = 450_000_000
+"""The process's own resident memory besides the stages (bytes): Python, torch, Pyro, the package and
+the runtime's buffers."""
+FIT_BYTES = 262
 """A per-case SVI step's peak per latent-grid voxel and timepoint (bytes): fields, integration,
 warps, histograms and their autograd graph."""
-POINT_BYTES = 400
+POINT_BYTES = 150
 """A sampled likelihood's cost per random point and timepoint (bytes), on a control grid."""
-OUTPUT_BYTES = 60
+OUTPUT_BYTES = 100
 """One timepoint's full-resolution outputs at a time, per voxel (bytes): its map or inverse map
 (3 × float32), the world and ITK conversions written from it, the warps and det J."""
-SAMPLE_BYTES = 60
+SAMPLE_BYTES = 110
 """Posterior samples, per voxel, timepoint and sample (bytes): each sample's maps and det J, their
 float64 moments and the warped images."""
 

@@ -172,3 +172,26 @@ def test_scale_benchmark_rejects_unknown_cases_before_any_work(tmp_path, capsys)
         _load("scale").main(["--cases", "mni152-big", "--out", str(tmp_path)])
     assert "unknown case 'mni152-big'" in capsys.readouterr().err
     assert not (tmp_path / "scale.json").exists()
+
+
+def test_memory_estimate_benchmark_smoke(tmp_path, capsys):
+    """One tiny case: the child's own peak (more than Python and torch alone, less than the machine)
+    beside the estimate for the same grid, K and samples."""
+    from groupmorph_pyro.config import Config
+    from groupmorph_pyro.memory import GIB, estimate_peak
+
+    report = _load("memory_estimate").main(["--cases", "32x32x24:3:2", "--steps", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "memory_estimate.json").read_text())
+    assert saved["rows"] == report["rows"] and saved["commit"] and saved["finished"]
+    (row,) = saved["rows"]
+    assert row["case"] == "32x32x24:3:2" and row["samples"] == 2 and row["path"] == "image grid"
+    assert 0.15 < row["measured_gib"] < 8.0
+    assert row["estimated_gib"] == pytest.approx(estimate_peak((32, 32, 24), 3, Config(), 2)["bytes"] / GIB)
+    assert row["estimate_over_measured"] == pytest.approx(row["estimated_gib"] / row["measured_gib"])
+    assert "32x32x24:3:2" in capsys.readouterr().out
+
+
+def test_memory_estimate_benchmark_rejects_a_bad_case(tmp_path):
+    with pytest.raises(SystemExit, match="expected DxHxW:K or DxHxW:K:S, got '24x24:3'"):
+        _load("memory_estimate").main(["--cases", "24x24:3", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()

@@ -18,13 +18,14 @@ import yaml
 from groupmorph_pyro.batch import PLAN, merge_shards, parse_shard, register_manifest, shard_entries
 from groupmorph_pyro.checks import InputError
 from groupmorph_pyro.cli import main
-from groupmorph_pyro.config import Config, load_config
+from groupmorph_pyro.config import load_config
+from groupmorph_pyro.evaluation import evaluate_manifest
 from test_batch import _manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "examples" / "cluster"
 NAMES = ("a", "b", "c", "d", "e")
-FAST = {"register": {"steps": 4, "coarse_steps": 2}}
+FAST = {"register": {"steps": 20, "coarse_steps": 10, "lr": 0.3, "scale_reset": False}}  # refines at 20³ (test_io_cli.SHORT_FIT)
 
 
 def _env(**variables):
@@ -93,6 +94,11 @@ def test_slurm_array_script_equals_one_process(cohort):
     assert shares == [2, 2, 1]
     log = (out / "batch-0-of-3.log").read_text().splitlines()
     assert len(log) == 2 and re.search(r"\[1/2\] a: registered, [\d.]+ s, NMI [\d.]+ -> [\d.]+, folding", log[0])
+    # evaluate --manifest on the merged folder: every series scored from its files, none registered again
+    stamp = (out / "c" / "warped_0.nii.gz").stat().st_mtime_ns
+    rows = evaluate_manifest(manifest, out, load_config(root / "fast.yaml"))
+    assert [r["series"] for r in rows] == list(NAMES) and all(r["landmark_mm_after"] > 0 for r in rows)
+    assert (out / "c" / "warped_0.nii.gz").stat().st_mtime_ns == stamp
 
 
 def test_kubernetes_indexed_job_equals_one_process(cohort):
@@ -131,7 +137,7 @@ def test_merge_refuses_while_a_shard_is_unfinished(cohort, capsys):
     register_manifest(manifest, out, cfg, progress=False, itk=False, shard=(1, 2))
     rows = merge_shards(out)
     assert [r["series"] for r in rows] == list(NAMES)
-    assert [r["status"] for r in rows] == ["registered"] * 3 + ["skipped", "registered"]
+    assert [r["status"] for r in rows] == ["registered", "skipped", "registered", "registered", "registered"]
     # --merge on a shard: merges when every shard is done
     assert main(["register", "--manifest", str(manifest), "--out", str(out), "--shard", "0/2", "--merge",
                  "--config", str(root / "fast.yaml"), "--quiet", "--no-itk"]) == 0
