@@ -92,7 +92,7 @@ def _read_int(path: Path) -> int | None:
 
 def available_memory() -> int | None:
     """The memory (bytes) this process can grow to: the smaller of ``MemAvailable`` (``/proc/meminfo``)
-    plus what it already holds, and its cgroup's limit (v2 ``memory.max`` or v1
+    plus what it already holds (at most ``MemTotal``), and its cgroup's limit (v2 ``memory.max`` or v1
     ``memory.limit_in_bytes``) less what the rest of the cgroup holds. None where neither is known."""
     own = 0
     try:
@@ -102,9 +102,10 @@ def available_memory() -> int | None:
         pass
     limits = []
     try:
-        meminfo = Path("/proc/meminfo").read_text().splitlines()
-        limits.append(next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")) + own)
-    except (OSError, StopIteration, ValueError):
+        meminfo = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith(("MemAvailable:", "MemTotal:"))}
+        limits.append(min(meminfo["MemAvailable"] + own, meminfo["MemTotal"]))  # shared pages count in both
+    except (OSError, KeyError, ValueError):
         pass
     cgroup = _cgroup_dir()
     if cgroup is not None:

@@ -65,6 +65,7 @@ class FolderWriter:
             self.files["inverse_displacement"].append((ITK_FILES[1], itk_field, "vector"))
         self.stage = self.out_dir / self.STAGE
         shutil.rmtree(self.stage, ignore_errors=True)  # what an interrupted run left
+        self.created = not self.out_dir.exists()  # removed again by discard() if still empty
         self.stage.mkdir(parents=True)
         self.staged: list[Path] = []
 
@@ -76,8 +77,11 @@ class FolderWriter:
             self.discard()
 
     def discard(self) -> None:
-        """Remove the staged files (nothing is left in ``out_dir`` but what was there before)."""
+        """Remove the staged files, and ``out_dir`` itself if this writer created it and it is empty
+        (nothing is left but what was there before)."""
         shutil.rmtree(self.stage, ignore_errors=True)
+        if self.created and self.out_dir.is_dir() and not any(self.out_dir.iterdir()):
+            self.out_dir.rmdir()
 
     def __call__(self, k: int, arrays: dict) -> None:
         """Write timepoint k's arrays (names as :class:`~groupmorph_pyro.results.RegistrationResult`'s
