@@ -34,10 +34,10 @@ from .files import atomic_write_text, write_json
 from .outputs import FolderWriter, check_outputs, output_paths
 from .registration import register
 from .results import RegistrationResult
-from .memory import check_memory
-from .volumes import load_group, read_grid
+from .memory import check_files
+from .volumes import load_group
 
-__all__ = ["register_manifest", "SeriesRun", "BATCH_COLUMNS", "parse_shard", "shard_entries", "merge_shards", "PLAN"]
+__all__ = ["register_manifest", "SeriesRun", "BATCH_COLUMNS", "parse_shard", "shard_entries", "merge_shards", "index_path", "PLAN"]
 
 BATCH_COLUMNS = ["series", "status", "seconds", "nmi_before", "nmi_after", "folding_percent_all",
                  "landmark_mm_before", "landmark_mm_after", "folder"]
@@ -121,16 +121,16 @@ def register_manifest(manifest, out_dir, config: Config | None = None, guide=Non
             raise InputError(f"{manifest}: the network was trained for K={k} timepoints, got series {wrong}")
     for e in entries:
         check_outputs(output_paths(out_dir / e.name, len(e.images), itk) + [out_dir / "batch.csv"], e.images)
-    index = out_dir / "batch.csv"
+    index = index_path(out_dir, shard)
     if shard is not None:
-        index = _claim_shard(out_dir, split, names, *shard)
+        _claim_shard(out_dir, split, names, *shard)
         entries = shard_entries(entries, *shard)
     log = index.with_suffix(".log")
     todo = {e.name for e in entries if not (out_dir / e.name / "summary.json").is_file()}
     if guide is None and not force:
         for e in entries:
             if e.name in todo:
-                check_memory(read_grid(e.images[0])[0], len(e.images), config, samples, what=f"series {e.name}")
+                check_files(e.images, config, samples, what=f"series {e.name}")
     rows = []
     bar = tqdm(total=len(todo), desc="register", unit="series", disable=not progress)  # elapsed and time left
     for e in entries:
@@ -223,12 +223,13 @@ PLAN = "batch-plan.json"
 """The sharded run's plan in the output folder: ``{"split", "shards", "series"}`` (every series of the split, in order)."""
 
 
-def _shard_files(out_dir: Path, index: int, count: int) -> Path:
-    return out_dir / f"batch-{index}-of-{count}.csv"
+def index_path(out_dir, shard: tuple[int, int] | None = None) -> Path:
+    """The CSV a manifest run lists its series in: ``batch.csv``, or shard ``(I, N)``'s ``batch-I-of-N.csv``."""
+    return Path(out_dir) / ("batch.csv" if shard is None else f"batch-{shard[0]}-of-{shard[1]}.csv")
 
 
-def _claim_shard(out_dir: Path, split: str, names: list, index: int, count: int) -> Path:
-    """Record the plan (or check it against the one there) and return this shard's CSV path."""
+def _claim_shard(out_dir: Path, split: str, names: list, index: int, count: int) -> None:
+    """Record the plan, or check it against the one there."""
     plan = {"split": split, "shards": int(count), "series": list(names)}
     path = out_dir / PLAN
     if path.is_file():
@@ -240,7 +241,6 @@ def _claim_shard(out_dir: Path, split: str, names: list, index: int, count: int)
                              f"with {len(names)} series: use the same manifest and N, or another --out")
     else:
         write_json(path, plan)
-    return _shard_files(out_dir, index, count)
 
 
 def merge_shards(out_dir) -> list[dict]:
@@ -255,7 +255,7 @@ def merge_shards(out_dir) -> list[dict]:
     count, series = int(plan["shards"]), list(plan["series"])
     rows, left = {}, []
     for index in range(count):
-        csv_path = _shard_files(out_dir, index, count)
+        csv_path = index_path(out_dir, (index, count))
         got = {r["series"]: r for r in csv.DictReader(io.StringIO(csv_path.read_text()))} if csv_path.is_file() else {}
         missing = [s for s in series[index::count] if s not in got or not (out_dir / s / "summary.json").is_file()]
         if missing:
@@ -265,7 +265,7 @@ def merge_shards(out_dir) -> list[dict]:
     if left:
         raise InputError(f"{out_dir}: cannot merge yet: {'; '.join(left)}")
     ordered = [{c: rows[s][c] for c in BATCH_COLUMNS} for s in series]
-    _write_index(out_dir / "batch.csv", ordered)
+    _write_index(index_path(out_dir), ordered)
     return ordered
 
 

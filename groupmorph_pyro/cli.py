@@ -221,7 +221,7 @@ def _config_and_guide(args, device):
 
 
 def _register_manifest(args) -> int:
-    from .batch import merge_shards, parse_shard, register_manifest
+    from .batch import index_path, merge_shards, parse_shard, register_manifest
 
     if args.images or args.landmarks or args.resample:
         raise InputError("--manifest: images, --landmarks and --resample come from the manifest; give none on the command line")
@@ -241,30 +241,29 @@ def _register_manifest(args) -> int:
                              args.samples, args.seed, progress=not args.quiet, itk=not args.no_itk, on_series=report,
                              shard=shard, force=args.force)
     done = sum(r["status"] == "registered" for r in rows)
-    index = Path(args.out) / (f"batch-{shard[0]}-of-{shard[1]}.csv" if shard else "batch.csv")
-    print(f"{done} series registered, {len(rows) - done} already done -> {index}")
+    print(f"{done} series registered, {len(rows) - done} already done -> {index_path(args.out, shard)}")
     if args.merge:
         try:
             merged = merge_shards(args.out)
         except InputError as exc:  # other shards still running: their last one merges, or 'groupmorph merge'
             print(f"not merged: {exc}")
         else:
-            print(f"merged {len(merged)} series -> {Path(args.out) / 'batch.csv'}")
+            print(f"merged {len(merged)} series -> {index_path(args.out)}")
     return 0
 
 
 def _merge(args) -> int:
-    from .batch import merge_shards
+    from .batch import index_path, merge_shards
 
     rows = merge_shards(args.registration)
-    print(f"merged {len(rows)} series -> {Path(args.registration) / 'batch.csv'}")
+    print(f"merged {len(rows)} series -> {index_path(args.registration)}")
     return 0
 
 
 def _register(args) -> int:
     from .outputs import FolderWriter, check_outputs, output_paths
     from .registration import register
-    from .volumes import load_group, read_grid
+    from .volumes import load_group
 
     if args.samples < 0:
         raise InputError(f"--samples: expected an integer >= 0, got {args.samples}")
@@ -280,9 +279,9 @@ def _register(args) -> int:
     device = resolve_device(args.device)
     cfg, guide = _config_and_guide(args, device)
     if guide is None and not args.force:  # from the headers, before any image is read
-        from .memory import check_memory
+        from .memory import check_files
 
-        check_memory(read_grid(args.images[0])[0], len(args.images), cfg, args.samples)
+        check_files(args.images, cfg, args.samples)
     images, affine, _ = load_group(args.images, resample=args.resample)
     if not args.checkpoint:
         cfg.model.num_timepoints = len(args.images)

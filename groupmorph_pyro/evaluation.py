@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from .data import read_landmark_files
 from .files import atomic_write_text, write_json
 from .likelihoods import group_nmi
 from .metrics import folding_percent, landmark_report, pairwise_rmse
+from .outputs import read_summary
 from .preprocess import normalize_group
 from .spatial import invert_displacement
 from .volumes import load_displacement, load_group, load_volume
@@ -70,10 +70,7 @@ def evaluate_output(folder, images=None, landmarks=None, series: str = "", metho
         one row with the :data:`COLUMNS` keys.
     """
     folder = Path(folder)
-    summary_path = folder / "summary.json"
-    if not summary_path.is_file():
-        raise InputError(f"{folder}: not a registration output folder (no summary.json)")
-    summary = json.loads(summary_path.read_text())
+    summary = read_summary(folder)
     paths = list(images or summary.get("inputs") or [])
     if len(paths) < 2:
         raise InputError(f"{folder}: input images unknown (summary.json has no 'inputs'); pass them explicitly")

@@ -263,8 +263,11 @@ class GroupTransform:
     def inverse_displacements(self, z: torch.Tensor, shape=None) -> torch.Tensor:
         """``φ_k⁻¹ − Id`` in voxels, ``(B, K, 3, D, H, W)``: ``exp(−v_k)``, or a fixed-point inverse
         (``shape`` as :meth:`displacements`)."""
-        return self.resized(self._maps(z, lambda v: inverse_displacements(
-            v, self.diffeomorphic, self.integration_steps, self._chunk(v), self.integration_downsize)), shape)
+        return self.resized(self._maps(z, self._inverse), shape)
+
+    def _inverse(self, v: torch.Tensor) -> torch.Tensor:
+        return inverse_displacements(v, self.diffeomorphic, self.integration_steps, self._chunk(v),
+                                     self.integration_downsize)
 
     def timepoint_displacement(self, z: torch.Tensor, k: int, shape=None, inverse: bool = False) -> torch.Tensor:
         """Timepoint k's ``φ_k − Id`` (or, with ``inverse``, ``φ_k⁻¹ − Id``) in voxels, ``(B, 3, D, H, W)``:
@@ -282,11 +285,7 @@ class GroupTransform:
             v = z[:, self.latent_indices.index(k)][:, None]
         else:
             v = self.fields(z)[:, k][:, None]
-        if inverse:
-            maps = inverse_displacements(v, self.diffeomorphic, self.integration_steps, None, self.integration_downsize)
-        else:
-            maps = self._forward(v)
-        return self.resized(maps, shape)[:, 0]
+        return self.resized((self._inverse if inverse else self._forward)(v), shape)[:, 0]
 
     def resized(self, disp: torch.Tensor, shape=None) -> torch.Tensor:
         """Maps ``(B, K, 3, d, h, w)`` on a control grid moved to the grid ``shape`` over the same extent

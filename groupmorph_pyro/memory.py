@@ -30,7 +30,7 @@ from .checks import InputError, check_integer, check_spatial_shape
 from .config import Config
 from .spatial import control_factor, level_shape
 
-__all__ = ["estimate_peak", "available_memory", "check_memory", "BASE_BYTES", "FIT_BYTES", "POINT_BYTES",
+__all__ = ["estimate_peak", "available_memory", "check_memory", "check_files", "BASE_BYTES", "FIT_BYTES", "POINT_BYTES",
            "OUTPUT_BYTES", "SAMPLE_BYTES"]
 
 GIB = 2**30
@@ -155,3 +155,11 @@ def check_memory(shape, num_timepoints: int, config: Config | None = None, sampl
     raise InputError(f"{what} ({'x'.join(map(str, shape))}, K={num_timepoints}"
                      f"{f', {samples} samples' if samples else ''}) needs about {estimate['bytes'] / GIB:.1f} GiB, "
                      f"{available / GIB:.1f} GiB available: would fit with {' or '.join(hints)}; --force runs it anyway")
+
+
+def check_files(paths, config: Config | None = None, samples: int = 0, what: str = "this group") -> dict:
+    """:func:`check_memory` of a group given as its K image files, read from the first file's header
+    only (no image is read)."""
+    from .volumes import read_grid
+
+    return check_memory(read_grid(paths[0])[0], len(paths), config, samples, what=what)

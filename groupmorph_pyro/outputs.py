@@ -102,7 +102,8 @@ class FolderWriter:
         ``out_dir``. Refuses (and discards) when a field file of some timepoint was never written.
         Returns the written paths."""
         k, out, stage = self.num_timepoints, self.out_dir, self.stage
-        missing = [p.name for p in output_paths(stage, k, self.itk)[:-1] if p not in set(self.staged)]
+        staged = set(self.staged)
+        missing = [p.name for p in output_paths(stage, k, self.itk)[:-1] if p not in staged]
         if missing:
             self.discard()
             raise InputError(f"{out}: output file(s) never computed: {missing}")
@@ -112,8 +113,9 @@ class FolderWriter:
                 for i in range(k):
                     save_nifti(stage / f"{name}_{i}.nii.gz", maps[i], self.affine)
                     extra.append(f"{name}_{i}.nii.gz")
-            for i in range(k):
-                read = lambda n: load_volume(stage / f"{n}_{i}.nii.gz").data  # noqa: E731
+            for i in range(k):  # the result's arrays, or (streamed) the files staged from them
+                read = lambda n: (getattr(result, n)[i] if getattr(result, n, None) is not None  # noqa: E731
+                                  else load_volume(stage / f"{n}_{i}.nii.gz").data)
                 uncertainty_figure(stage / f"uncertainty_{i}.png", read("warped"),
                                    result.uncertainty["displacement_std_mm"][i], read("jacobian"), title=f"timepoint {i}",
                                    identity=result.summary.get("fixed") == i and result.summary.get("mode") == "all-to-one")
@@ -161,7 +163,7 @@ def write_registration(result, out_dir, affine: np.ndarray, input_paths: Sequenc
 
     Refuses to write over any input file. Returns the written paths.
     """
-    fields = {name: getattr(result, name) for name in ("warped", "displacement", "inverse_displacement", "jacobian")}
+    fields = {name: getattr(result, name) for name in FIELD_FILES}
     none = [name for name, value in fields.items() if value is None]
     if none:
         raise InputError(f"write_registration: the result holds no {none} (a registration with a sink wrote them "
