@@ -81,7 +81,8 @@ def child(spec: dict) -> dict:
         cfg = Config()
         cfg.model.num_timepoints = images.shape[0]
         for key, value in spec.get("settings", {}).items():
-            setattr(cfg.register, key, value)
+            section, _, name = key.rpartition(".")
+            setattr(getattr(cfg, section or "register"), name, value)
         run = lambda: register(images, cfg, affine=np.diag([*spacing, 1.0]))  # noqa: E731
     elif method == "elastix":
         run = lambda: elastix_all_to_one(images, spacing, 0, spec.get("elastix"))  # noqa: E731
@@ -124,7 +125,8 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--threads", type=int, default=2, help="CPU threads of every method (torch, ITK, ANTs)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="register.KEY=VALUE for the GroupMorph runs (integers), e.g. sample_points=65536")
+                   help="settings of the GroupMorph runs (integers): register.KEY=VALUE as KEY=VALUE, other sections as "
+                        "SECTION.KEY=VALUE, e.g. sample_points=65536 model.integration_steps=5")
     p.add_argument("--groups", help="folder that keeps the generated groups (a rerun reads them instead of remaking them)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--child", help=argparse.SUPPRESS)

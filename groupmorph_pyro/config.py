@@ -175,12 +175,13 @@ class RegisterConfig(_Section):
     fit_voxels: int = 524288  # per-case from zero: largest latent grid (voxels per timepoint); larger images get a control grid this size or smaller (0 = the image grid)
     sample_points: int = 131072  # on a control grid, the likelihood reads the full-resolution images at this many random points per evaluation
     sample_steps: int = 200  # on a control grid, steps of the last phase (the one reading the images at sample_points); `steps` on the image grid
+    integration_voxels: int = 65536  # on a control grid, the squarings run on a grid of at most this many voxels per field (coarser than model.integration_downsize gives where needed; 0 = no limit)
     guard_particles: int = 2  # particles of the ELBO estimates that decide whether a fit is kept
     window: list[int] = field(default_factory=list)  # amortised pass on tiles of this size (d, h, w); [] = whole volume
     overlap: float = 0.25  # tile overlap fraction for `window`
 
     def validate(self):
-        for name in ("steps", "coarse_steps", "guard_particles", "fit_voxels", "sample_steps"):
+        for name in ("steps", "coarse_steps", "guard_particles", "fit_voxels", "sample_steps", "integration_voxels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"register.{name}: expected an integer >= 0, got {value!r}")

@@ -299,11 +299,19 @@ def fit_model(model: GroupMorphModel, config: Config, shape, spacing, from_zero:
     :class:`~groupmorph_pyro.model.GroupMorphModel`); ``model`` itself otherwise, i.e. for grids within
     the budget, for fine-tuning a network's posterior (``from_zero`` False, also for a custom prior),
     for likelihoods that need whole images (``lncc``, custom ones), and for priors registered without
-    spacing exponents."""
+    spacing exponents.
+
+    On the control grid the squarings run on a grid ``d`` times coarser than it: the larger of
+    ``round(model.integration_downsize / f)`` (about as many image voxels apart as on the image grid)
+    and the smallest ``d`` whose grid has at most ``register.integration_voxels`` voxels (0: no
+    limit), so that their cost stays bounded however large the control grid."""
     factor = control_factor(shape, config.register.fit_voxels) if from_zero else 1
     if factor == 1 or not is_order_free(model.likelihood) or config.model.prior not in SPACING_EXPONENTS:
         return model
-    return build_model(config.model, likelihood=model.likelihood, spacing=spacing, control_factor=factor,
+    downsize = max(round(config.model.integration_downsize / factor),
+                   control_factor(level_shape(shape, factor), config.register.integration_voxels))
+    return build_model(dataclasses.replace(config.model, integration_downsize=downsize * factor),
+                       likelihood=model.likelihood, spacing=spacing, control_factor=factor,
                        points=config.register.sample_points)
 
 

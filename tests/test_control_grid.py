@@ -208,6 +208,34 @@ def test_fit_model_uses_a_control_grid_only_where_it_applies(phantom):
     assert fit_model(model, cfg, (32, 32, 24), spacing) is model  # no budget
 
 
+def test_the_squarings_on_a_control_grid_stay_within_integration_voxels():
+    """fit_model's twin integrates on the control grid made d times coarser: d = round(downsize / f)
+    while that grid is within register.integration_voxels, the smallest d within it otherwise."""
+    cfg = Config()
+    cfg.model.num_timepoints = 3
+    cfg.register.fit_voxels = 524288
+    spacing = (2.0, 2.0, 2.5)
+    model = build_model(cfg.model, spacing=spacing)
+    shape = (512, 512, 136)  # control factor 5: a 103 x 103 x 28 grid of 297,052 voxels
+
+    def squarings_grid(fitted):
+        latent = fitted.latent_shape(shape)
+        return level_shape(latent, fitted.transform().integration_downsize)
+
+    fitted = fit_model(model, cfg, shape, spacing)
+    assert fitted.latent_shape(shape) == (103, 103, 28)
+    assert squarings_grid(fitted) == (52, 52, 15)  # d = 2: 40,560 voxels; d = 1 would be 297,052
+    cfg.register.integration_voxels = 20000
+    assert squarings_grid(fit_model(model, cfg, shape, spacing)) == (35, 35, 10)  # d = 3: 12,250
+    cfg.register.integration_voxels = 0  # no limit: round(3 / 5) = 1, the control grid itself
+    assert squarings_grid(fit_model(model, cfg, shape, spacing)) == (103, 103, 28)
+    cfg.register.integration_voxels = 65536
+    cfg.model.integration_downsize = 12  # coarser than the limit asks: round(12 / 5) = 2 is kept
+    assert squarings_grid(fit_model(model, cfg, shape, spacing)) == (52, 52, 15)
+    cfg.model.integration_downsize = 20
+    assert squarings_grid(fit_model(model, cfg, shape, spacing)) == (27, 27, 8)  # d = round(20 / 5) = 4
+
+
 def test_register_on_a_control_grid_recovers_the_motion(phantom):
     """End to end: a phantom forced onto a control grid 2x coarser (fit_voxels) is registered at full
     resolution; most of the known motion is recovered, without folding, and the outputs are on the image grid."""
