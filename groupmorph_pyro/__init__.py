@@ -18,8 +18,10 @@ Layers, lowest first; a module imports only modules of lower layers (lazy import
    against what is available)
 6. workflows: ``baselines`` (identity, Elastix, pairwise), ``batch`` (the manifest loop), ``transfer``
    (apply a stored registration to images, label maps and points)
-7. comparison: ``peers`` (the voxelmorph package), ``evaluation`` (Table-1 metrics)
-8. interface: ``cli``
+7. analyses: ``derived`` (trajectories, ventilation, the mid-position image and enhancement curves
+   from a stored registration)
+8. comparison: ``peers`` (the voxelmorph package), ``evaluation`` (Table-1 metrics)
+9. interface: ``cli``
 """
 from .checks import InputError
 
@@ -42,6 +44,7 @@ LAYERS = (
     ("model", "posterior", "config", "outputs", "prepare"),
     ("registration", "train", "report", "memory"),
     ("baselines", "batch", "transfer"),
+    ("derived",),
     ("peers", "evaluation"),
     ("cli",),
 )

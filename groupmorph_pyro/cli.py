@@ -1,4 +1,5 @@
-"""Command line: ``groupmorph train | register | apply | evaluate | demo``.
+"""Command line: ``groupmorph train | register | merge | apply | midposition | ventilation | trajectory |
+curves | report | evaluate | demo``.
 
 Bad input prints one line ``groupmorph: error: ...`` to stderr and exits with code 2, before
 anything is written.
@@ -44,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``groupmorph`` command line: one subcommand per ``_<name>_parser``."""
     p = argparse.ArgumentParser(prog="groupmorph", description="Deep group-wise variational diffeomorphic registration (Pyro).")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _register_parser, _merge_parser, _apply_parser, _report_parser, _evaluate_parser,
-                _demo_parser):
+    for add in (_train_parser, _register_parser, _merge_parser, _apply_parser, _midposition_parser,
+                _ventilation_parser, _trajectory_parser, _curves_parser, _report_parser, _evaluate_parser, _demo_parser):
         add(sub, argparse.ArgumentDefaultsHelpFormatter)
     return p
 
@@ -143,6 +144,77 @@ def _apply_parser(sub, fmt) -> None:
     a.add_argument("--interpolation", choices=["linear", "bspline", "nearest"], default="linear",
                    help="images: trilinear, cubic B-spline or nearest; labels: linear = each label's indicator resampled "
                         "trilinearly, largest wins (no new label values), or nearest")
+    a.add_argument("--samples", type=int, metavar="S",
+                   help="with --labels: carry the label map under S draws of the stored posterior and write each label's "
+                        "probability (4D NIfTI at --out), the most probable label (<stem>_labels.nii.gz) and <stem>.json")
+    a.add_argument("--seed", type=int, default=0, help="with --samples: the draws' seed")
+
+
+def _add_sample_args(parser, what: str) -> None:
+    """``--samples S`` (``what`` they add, from S draws of the stored posterior) and ``--seed``."""
+    parser.add_argument("--samples", type=int, default=0, metavar="S",
+                        help=f"also {what} over S draws of the stored posterior (posterior.npz)")
+    parser.add_argument("--seed", type=int, default=0, help="with --samples: the draws' seed")
+
+
+def _midposition_parser(sub, fmt) -> None:
+    """``groupmorph midposition``: the mid-position image of a registration folder."""
+    m = sub.add_parser(
+        "midposition", formatter_class=fmt, help="the mid-position image: every timepoint moved to the mean position",
+        description="Each timepoint moved to the group's mean position, m = (1/K) sum_k phi_k, and averaged "
+                    "(x_k o phi_k o m^-1, one trilinear interpolation per image). Writes the NIfTI and a PNG of three "
+                    "orthogonal slices beside it.")
+    m.add_argument("registration", metavar="REG_DIR", help="a 'groupmorph register' output folder")
+    m.add_argument("--out", required=True, help="the mid-position image (NIfTI); its PNG is written beside it")
+    m.add_argument("--images", nargs="+", metavar="IMG",
+                   help="the K timepoints (default: the inputs the registration's summary.json names)")
+
+
+def _ventilation_parser(sub, fmt) -> None:
+    """``groupmorph ventilation``: local volume change between two timepoints inside a mask."""
+    v = sub.add_parser(
+        "ventilation", formatter_class=fmt, help="local volume change (det J - 1) from timepoint I to J inside a mask",
+        description="det J - 1 of the map carrying timepoint I's tissue to J (q -> phi_J(phi_I^-1(q))), on I's grid: "
+                    "+0.2 = 20 % more volume at J. Writes the NIfTI (0 outside the mask), a PNG and a JSON of the mean, "
+                    "sd, percentiles and volume change (mL) over the mask and per label (e.g. lobes).")
+    v.add_argument("registration", metavar="REG_DIR", help="a 'groupmorph register' output folder")
+    v.add_argument("--from", dest="source", required=True, metavar="I", help="timepoint (0-based) of the mask, e.g. exhale")
+    v.add_argument("--to", dest="target", required=True, metavar="J", help="timepoint (0-based) to compare with, e.g. inhale")
+    v.add_argument("--mask", required=True, metavar="SEG",
+                   help="label map on timepoint I's grid (NIfTI): 0 outside, 1.. inside (each label summarised)")
+    v.add_argument("--out", required=True, help="the ventilation map (NIfTI); PNG and JSON beside it")
+    _add_sample_args(v, "the posterior sd of each voxel's value (<stem>_sd.nii.gz)")
+
+
+def _trajectory_parser(sub, fmt) -> None:
+    """``groupmorph trajectory``: points followed through every timepoint."""
+    t = sub.add_parser(
+        "trajectory", formatter_class=fmt, help="follow points of timepoint I through every timepoint",
+        description="Points given in timepoint I's image mapped to every timepoint (p -> phi_k(phi_I^-1(p))). Writes a "
+                    "CSV with columns timepoint, point, x, y, z (world mm, RAS) and a PNG of each coordinate over the "
+                    "timepoints.")
+    t.add_argument("registration", metavar="REG_DIR", help="a 'groupmorph register' output folder")
+    t.add_argument("--points", required=True, metavar="FILE",
+                   help="DIR-Lab text (1-based voxel 'x y z' per line) or .csv with world-mm columns x, y, z (RAS)")
+    t.add_argument("--frame", required=True, metavar="I", help="timepoint (0-based) the points are given in, or 'common'")
+    t.add_argument("--out", required=True, help="the trajectory CSV; its PNG is written beside it")
+    _add_sample_args(t, "each point's sd and 5th/95th percentiles (mm)")
+
+
+def _curves_parser(sub, fmt) -> None:
+    """``groupmorph curves``: mean intensity per label over the timepoints, before and after registration."""
+    c = sub.add_parser(
+        "curves", formatter_class=fmt, help="enhancement curves per label before and after registration, and subtractions",
+        description="Mean intensity in each label of a label map drawn on timepoint I, at every timepoint: before "
+                    "(each timepoint read where it lies) and after registration (each moved to I). Writes a CSV (label, "
+                    "voxels, timepoint, before, after), a PNG, and the subtraction images x_k - x_0 before and after "
+                    "(<stem>_subtraction_<k>_before/after.nii.gz).")
+    c.add_argument("registration", metavar="REG_DIR", help="a 'groupmorph register' output folder")
+    c.add_argument("--labels", required=True, metavar="SEG", help="label map on timepoint I's grid (NIfTI, 0 outside)")
+    c.add_argument("--frame", required=True, metavar="I", help="timepoint (0-based) the labels are drawn on")
+    c.add_argument("--out", required=True, help="the curves CSV; PNG and subtraction images beside it")
+    c.add_argument("--images", nargs="+", metavar="IMG",
+                   help="the K timepoints (default: the inputs the registration's summary.json names)")
 
 
 def _report_parser(sub, fmt) -> None:
@@ -326,10 +398,69 @@ def _report(args) -> int:
 def _apply(args) -> int:
     from .transfer import apply_to_file
 
+    if args.samples is not None:
+        if not args.labels:
+            raise InputError("--samples: only with --labels (label probabilities under the posterior)")
+        if args.samples < 1:
+            raise InputError(f"--samples: expected an integer >= 1, got {args.samples}")
+        from .derived import write_label_probabilities
+
+        out, best, table = write_label_probabilities(args.registration, args.labels, args.source, args.target,
+                                                     args.samples, args.out, args.seed)
+        print(f"label probabilities from {args.source} to {args.target} under {args.samples} posterior samples -> "
+              f"{out} ({best}, {table})")
+        return 0
+
     out = apply_to_file(args.registration, args.source, args.target, args.out, image=args.image, labels=args.labels,
                         points=args.points, interpolation=args.interpolation)
     what = "image" if args.image else "label map" if args.labels else "points"
     print(f"{what} moved from {args.source} to {args.target} -> {out}")
+    return 0
+
+
+def _check_samples(samples: int) -> None:
+    if samples < 0:
+        raise InputError(f"--samples: expected an integer >= 0, got {samples}")
+
+
+def _midposition(args) -> int:
+    from .derived import write_midposition
+
+    out, figure = write_midposition(args.registration, args.out, args.images)
+    print(f"mid-position image -> {out} ({figure})")
+    return 0
+
+
+def _ventilation(args) -> int:
+    import json
+
+    from .derived import write_ventilation
+
+    _check_samples(args.samples)
+    out, figure, table, *spread = write_ventilation(args.registration, args.source, args.target, args.mask, args.out,
+                                                    args.samples, args.seed)
+    figures = json.loads(Path(table).read_text())["all"]
+    sd = f", posterior sd {figures['sd_mean']:.4f} on average" if spread else ""
+    print(f"ventilation {args.source} -> {args.target}: mean {figures['mean']:+.4f}, median {figures['p50']:+.4f}, "
+          f"{figures['volume_change_ml']:+.1f} mL over {figures['volume_ml']:.1f} mL{sd} -> {out} "
+          f"({', '.join(map(str, [figure, table, *spread]))})")
+    return 0
+
+
+def _trajectory(args) -> int:
+    from .derived import write_trajectory
+
+    _check_samples(args.samples)
+    out, figure = write_trajectory(args.registration, args.points, args.frame, args.out, args.samples, args.seed)
+    print(f"trajectories from timepoint {args.frame} -> {out} ({figure})")
+    return 0
+
+
+def _curves(args) -> int:
+    from .derived import write_curves
+
+    paths = write_curves(args.registration, args.labels, args.frame, args.out, args.images)
+    print(f"curves -> {paths[0]} ({paths[1]}; {len(paths) - 2} subtraction images)")
     return 0
 
 
@@ -433,7 +564,8 @@ def _evaluate(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "register": _register, "merge": _merge, "apply": _apply, "report": _report,
+        return {"train": _train, "register": _register, "merge": _merge, "apply": _apply, "midposition": _midposition,
+                "ventilation": _ventilation, "trajectory": _trajectory, "curves": _curves, "report": _report,
                 "demo": _demo, "evaluate": _evaluate}[args.command](args)
     except InputError as exc:
         print(f"groupmorph: error: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@ results.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -19,7 +20,7 @@ from .plots import uncertainty_figure
 from .volumes import displacement_to_itk, displacement_to_world, load_volume, save_nifti
 
 __all__ = ["FolderWriter", "write_registration", "output_paths", "check_outputs", "read_summary", "FIELD_FILES", "ITK_FILES",
-           "OUTPUTS_VERSION"]
+           "OUTPUTS_VERSION", "POSTERIOR_FILE", "save_posterior_state", "load_posterior_state"]
 
 FIELD_FILES = ("warped", "displacement", "inverse_displacement", "jacobian")
 """Per-timepoint NIfTI files every registration output folder holds: ``<name>_<k>.nii.gz``."""
@@ -123,6 +124,9 @@ class FolderWriter:
         if getattr(result, "inference_data", None) is not None:
             atomic_write(stage / "posterior.nc", result.inference_data.to_netcdf)
             extra.append("posterior.nc")
+        if getattr(result, "posterior", None) is not None:
+            save_posterior_state(stage / POSTERIOR_FILE, result.posterior)
+            extra.append(POSTERIOR_FILE)
         if getattr(result, "landmark_posterior", None):
             lp = result.landmark_posterior
             write_json(stage / "landmarks_posterior.json", {
@@ -157,6 +161,8 @@ def write_registration(result, out_dir, affine: np.ndarray, input_paths: Sequenc
       ``inverse_<k>_itk.nii.gz`` (``φ_k⁻¹ − Id`` on image k's grid) in LPS mm, as
       ``itk::DisplacementFieldTransform`` reads them (:func:`~groupmorph_pyro.volumes.displacement_to_itk`);
     * ``summary.json`` (with ``outputs_version``);
+    * ``posterior.npz`` when the result holds its posterior (:func:`save_posterior_state`; every
+      ``register`` result does): what ``apply --samples`` and the derived commands draw from;
     * with posterior samples also ``displacement_std_mm_<k>``, ``warped_std_<k>``,
       ``folding_probability_<k>`` (.nii.gz), ``uncertainty_<k>.png``, ``posterior.nc`` (arviz) and,
       with landmarks, ``landmarks_posterior.json``.
@@ -210,3 +216,50 @@ def read_summary(folder) -> dict:
     if not isinstance(summary, dict):
         raise InputError(f"{path}: expected a JSON object, got {type(summary).__name__}")
     return summary
+
+
+POSTERIOR_FILE = "posterior.npz"
+"""The fitted posterior in a registration folder (:func:`save_posterior_state`; drawn from by
+:func:`groupmorph_pyro.posterior.draw_latents`)."""
+_STATE_FORMAT = 1
+_SETTINGS = ("family", "num_timepoints", "mode", "fixed", "diffeomorphic", "integration_steps",
+             "integration_downsize", "shape")
+
+
+def save_posterior_state(path, state: dict) -> None:
+    """Write a posterior state (:func:`groupmorph_pyro.registration.posterior_state`: ``loc``, ``sigma``,
+    optionally ``spectrum``, and the transformation's settings) as ``.npz`` (the arrays in float32, the
+    settings as JSON), atomically."""
+    arrays = {name: np.asarray(state[name], dtype=np.float32) for name in ("loc", "sigma", "spectrum")
+              if state.get(name) is not None}
+    settings = {name: state[name] for name in _SETTINGS}
+    settings["format"] = _STATE_FORMAT
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, settings=np.array(json.dumps(settings)), **arrays)
+
+    atomic_write(path, write)
+
+
+def load_posterior_state(folder) -> dict:
+    """The posterior state stored in a registration folder (:data:`POSTERIOR_FILE`); one line naming
+    the folder when it has none (a registration written without it, e.g. by a peer) or it is unreadable."""
+    path = Path(folder) / POSTERIOR_FILE
+    if not path.is_file():
+        raise InputError(f"{folder}: no {POSTERIOR_FILE} (the fitted posterior); posterior samples need a folder "
+                         f"written by groupmorph register")
+    try:
+        with np.load(path) as data:
+            settings = json.loads(str(data["settings"]))
+            state = {name: data[name] for name in ("loc", "sigma", "spectrum") if name in data.files}
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{path}: not a readable posterior ({exc})") from exc
+    if settings.get("format") != _STATE_FORMAT or "loc" not in state or "sigma" not in state:
+        raise InputError(f"{path}: expected posterior format {_STATE_FORMAT} with loc and sigma, got format "
+                         f"{settings.get('format')!r} with {sorted(state)}")
+    state.update({name: settings[name] for name in _SETTINGS})
+    state["shape"] = tuple(state["shape"])
+    return state
+
+

@@ -6,7 +6,7 @@ import numpy as np
 from .files import atomic_write
 
 __all__ = ["uncertainty_figure", "comparison_figure", "learning_curve_figure", "scaling_figure", "foreground_mask",
-           "gray_png", "colour_png", "scatter_png"]
+           "gray_png", "colour_png", "scatter_png", "slices_figure", "curves_figure"]
 
 
 def _middle_slice(vol: np.ndarray, axis: int = 2) -> np.ndarray:
@@ -191,10 +191,64 @@ def scatter_png(x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str, title: s
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.2, 3.2), constrained_layout=True)
     ax.scatter(x, y, s=8, alpha=0.6)
+    _small_axis(ax, xlabel, ylabel, title, title_size=8)
+    return _png(fig, plt)
+
+
+def _small_axis(ax, xlabel: str, ylabel: str = "", title: str = "", title_size: int = 9) -> None:
+    """Labels at 8 pt, ticks at 7 pt, a light grid and the title (when given) of a small panel."""
     ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_ylabel(ylabel, fontsize=8)
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
     if title:
-        ax.set_title(title, fontsize=8)
-    return _png(fig, plt)
+        ax.set_title(title, fontsize=title_size)
+
+
+def slices_figure(path, volume: np.ndarray, cmap: str, label: str, title: str = "", vmin: float | None = None,
+                  vmax: float | None = None, limit: float | None = None) -> None:
+    """Three orthogonal middle slices of a ``(D, H, W)`` volume with one colour bar ``label``, as PNG
+    (written atomically). ``limit``: a symmetric range ``[−limit, limit]`` (instead of vmin, vmax);
+    NaN voxels are black."""
+    plt = _pyplot()
+    if limit is not None:
+        vmin, vmax = -float(limit), float(limit)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4), constrained_layout=True)
+    for axis, ax in enumerate(axes):
+        ax.set_facecolor("black")
+        im = ax.imshow(_middle_slice(volume, axis), cmap=cmap, vmin=vmin, vmax=vmax, origin="lower")
+        ax.set_title(f"slice {volume.shape[axis] // 2} of {volume.shape[axis]} along array axis {axis}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes, shrink=0.8, label=label)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _save(fig, path, plt)
+
+
+def curves_figure(path, panels: dict, xlabel: str, title: str = "", legend: tuple | None = None,
+                  bands: dict | None = None) -> None:
+    """One panel per entry of ``panels`` (name -> ``(T, n)`` values over T steps, one line per column;
+    ``legend`` names the columns), side by side with a shared x axis 0..T−1, as PNG (written atomically).
+    ``bands``: name -> ``(low, high)``, each ``(T, n)``, shaded around the lines of that panel."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.6, 3.2), constrained_layout=True,
+                             squeeze=False)
+    for ax, (name, values) in zip(axes[0], panels.items()):
+        values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+        lines = ax.plot(np.arange(len(values)), values, marker="o" if legend else None, markersize=3,
+                        linewidth=1.2 if legend else 0.6, alpha=1.0 if legend else 0.5)
+        if bands and name in bands:
+            low, high = (np.asarray(b, dtype=np.float64).reshape(values.shape) for b in bands[name])
+            for i, line in enumerate(lines):
+                ax.fill_between(np.arange(len(values)), low[:, i], high[:, i], color=line.get_color(), alpha=0.15,
+                                linewidth=0)
+        if legend:
+            for line, text in zip(lines, legend):
+                line.set_label(text)
+            ax.legend(fontsize=7)
+        _small_axis(ax, xlabel, title=name)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _save(fig, path, plt)

@@ -10,13 +10,15 @@ import numpy as np
 import torch
 from pyro.infer import Predictive
 
-from .checks import InputError, check_spacing
+from .checks import InputError, check_integer, check_spacing
 from .files import atomic_write
 from .group import GroupTransform
 from .likelihoods import group_nmi
+from .priors import CorrelatedNormal
 from .spatial import map_points
 
-__all__ = ["sample_posterior", "uncertainty_maps", "landmark_posterior", "to_inference_data", "save_inference_data"]
+__all__ = ["sample_posterior", "uncertainty_maps", "landmark_posterior", "to_inference_data", "save_inference_data",
+           "state_transform", "draw_latents"]
 
 
 def sample_posterior(model, guide, images: torch.Tensor, fixed, num_samples: int) -> dict:
@@ -131,3 +133,37 @@ def to_inference_data(samples: dict, images: torch.Tensor, spacing, transform: G
 def save_inference_data(idata, path) -> None:
     """Write InferenceData to netCDF atomically (temporary file + rename)."""
     atomic_write(path, idata.to_netcdf)
+
+
+# ---- drawing from a stored posterior ---------------------------------------------------------------
+#
+# A posterior state (:func:`groupmorph_pyro.registration.posterior_state`, stored by
+# :func:`groupmorph_pyro.outputs.save_posterior_state`) is a dict of numpy arrays and settings, enough
+# to draw the latent fields again without the images or the fit: ``loc`` (K_lat, 3, d, h, w) the mean
+# and ``sigma`` its per-voxel sd (``family`` "diagonal": N(loc, sigma²)) or modulation with
+# ``spectrum`` (``family`` "dct": :class:`~groupmorph_pyro.priors.CorrelatedNormal`), each in the
+# smallest shape that broadcasts to loc; and the transformation's settings (``num_timepoints``,
+# ``mode``, ``fixed``, ``diffeomorphic``, ``integration_steps``, ``integration_downsize`` on the latent
+# grid, ``shape`` the image grid).
+
+def state_transform(state: dict) -> GroupTransform:
+    """The :class:`~groupmorph_pyro.group.GroupTransform` the state's latents belong to (one map at a
+    time on full-resolution grids)."""
+    return GroupTransform(state["num_timepoints"], state["mode"], state["fixed"], state["diffeomorphic"],
+                          state["integration_steps"], "auto", state["integration_downsize"])
+
+
+def draw_latents(state: dict, num_samples: int, seed: int = 0):
+    """``num_samples`` draws of the latent fields, each ``(1, K_lat, 3, d, h, w)`` float32 (voxels of the
+    latent grid), one at a time, from a generator of their own seeded with ``seed`` (the global random
+    state is not used)."""
+    n = check_integer("samples", num_samples, 1)
+    loc = torch.from_numpy(np.asarray(state["loc"], dtype=np.float32))[None]
+    sigma = torch.from_numpy(np.asarray(state["sigma"], dtype=np.float32))[None]
+    if state["family"] == "dct":
+        draw = CorrelatedNormal(loc, sigma, torch.from_numpy(np.asarray(state["spectrum"], dtype=np.float32))[None]).from_noise
+    else:
+        draw = lambda eps: loc + sigma * eps  # noqa: E731
+    generator = torch.Generator().manual_seed(int(seed))
+    for _ in range(n):
+        yield draw(torch.randn(loc.shape, generator=generator))

@@ -278,6 +278,10 @@ class CorrelatedNormal(TorchDistribution):
 
     def rsample(self, sample_shape=torch.Size()):
         eps = torch.randn(torch.Size(sample_shape) + self.loc.shape, device=self.loc.device, dtype=self.loc.dtype)
+        return self.from_noise(eps)
+
+    def from_noise(self, eps: torch.Tensor) -> torch.Tensor:
+        """The draw ``loc + a ⊙ IDCT(s ⊙ ε)`` of standard normal noise ``ε`` (loc's shape, or with leading sample dims)."""
         return self.loc + self.scale * idct3(self.spectrum * eps)
 
     def log_prob(self, value):

@@ -690,6 +690,24 @@ def posterior_transform(group: PreparedGroup, posterior: Posterior):
     return (posterior.model or group.model).transform(group.fixed, chunk="auto")
 
 
+def posterior_state(group: PreparedGroup, posterior: Posterior) -> dict:
+    """The posterior as numpy arrays and settings (the form :mod:`groupmorph_pyro.posterior` stores and
+    draws from): the mean, and the correlated family's per-voxel modulation and spectrum when the
+    guide is a per-case guide of that family (``family`` "dct"), else the marginal sd (``family``
+    "diagonal": a network's posterior, a diagonal or point-estimate per-case guide, or no guide);
+    with the transformation's settings on the latent grid and the image grid's shape."""
+    t = posterior_transform(group, posterior)
+    guide = posterior.guide
+    cpu = lambda v: compact(v.detach())[0].cpu().numpy().astype(np.float32)  # noqa: E731
+    state = {"loc": posterior.loc.detach()[0].cpu().numpy().astype(np.float32), "family": "diagonal",
+             "sigma": cpu(posterior.scale), "spectrum": None, "num_timepoints": t.num_timepoints, "mode": t.mode,
+             "fixed": t.fixed, "diffeomorphic": t.diffeomorphic, "integration_steps": t.integration_steps,
+             "integration_downsize": t.integration_downsize, "shape": list(group.shape)}
+    if isinstance(guide, CaseGuide) and guide.correlated and not guide.point:
+        state.update(family="dct", sigma=cpu(guide.log_scale.exp()), spectrum=cpu(guide.log_spectrum.exp()))
+    return state
+
+
 def add_posterior_samples(group: PreparedGroup, posterior: Posterior, result: RegistrationResult, samples: int) -> None:
     """Draw ``samples`` joint posterior samples and add uncertainty maps, the landmarks' posterior
     and arviz InferenceData to ``result`` (and their headline numbers to its summary). Samples of a
@@ -761,6 +779,7 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     say(_plan(group, guide))
     start = infer(group, guide)
     posterior, finetune = refine(group, start, progress)
+    state = posterior_state(group, posterior)
     if not samples:  # only sampling needs the guide (a per-case one holds its whitened mean: memory)
         posterior = Posterior(posterior.loc, posterior.scale, model=posterior.model)
     if group.device.type == "cuda":
@@ -768,6 +787,7 @@ def register(images, config: Config | None = None, guide: GroupMorphGuide | None
     seconds = time.perf_counter() - clock
     say(f"fit took {seconds:.1f} s; computing the maps, inverse maps, det J and NMI at full resolution")
     result = summarise(group, posterior, seconds, guide is not None, start, finetune, sink)
+    result.posterior = state
     if samples:
         say(f"drawing {samples} posterior samples (uncertainty maps, landmark posterior)")
         add_posterior_samples(group, posterior, result, samples)

@@ -32,6 +32,8 @@ class RegistrationResult:
         loc, scale: ``(K_lat, 3, D, H, W)`` posterior mean and sd of the latent fields (voxels).
         summary: seconds, NMI before/after, folding, fine-tuning gain, settings (JSON-serialisable).
         uncertainty, landmark_posterior, inference_data: posterior products when samples were drawn.
+        posterior: the fitted posterior, enough to draw fields later (numpy arrays and settings:
+            :func:`groupmorph_pyro.registration.posterior_state`); None for methods without one.
     """
 
     warped: np.ndarray
@@ -44,3 +46,4 @@ class RegistrationResult:
     uncertainty: dict | None = None  # (K, D, H, W) maps: displacement_std_mm, warped_std, folding_probability
     landmark_posterior: dict | None = None  # mean_mm (K, L, 3), cov_mm2 (K, L, 3, 3), world mm, common frame
     inference_data: object = None  # arviz.InferenceData of the posterior samples
+    posterior: dict | None = None  # loc, sigma (and spectrum), transformation settings

@@ -36,7 +36,8 @@ from .spatial import compose, identity_grid, map_points, warp
 from .volumes import load_displacement, load_volume, read_grid, same_grid, save_nifti
 
 __all__ = ["StoredRegistration", "load_registration", "transfer_field", "transfer_image", "transfer_labels",
-           "transfer_points", "apply_registration", "apply_to_file", "IMAGE_INTERPOLATIONS", "LABEL_INTERPOLATIONS"]
+           "transfer_points", "apply_registration", "apply_to_file", "check_frame", "read_csv_points", "label_dtype", "Frame",
+           "IMAGE_INTERPOLATIONS", "LABEL_INTERPOLATIONS"]
 
 Frame = Union[int, str]
 IMAGE_INTERPOLATIONS = ("linear", "bspline", "nearest")
@@ -105,7 +106,7 @@ def load_registration(folder) -> StoredRegistration:
                               None if fixed is None else int(fixed))
 
 
-def _frame(reg: StoredRegistration, value, name: str) -> Frame:
+def check_frame(reg: StoredRegistration, value, name: str) -> Frame:
     """A timepoint index in ``[0, K)`` or ``"common"`` (strings of digits are indices)."""
     if isinstance(value, str):
         if value.strip().lower() == "common":
@@ -131,7 +132,7 @@ def transfer_field(reg: StoredRegistration, source: Frame, target: Frame) -> np.
         ``(3, D, H, W)`` float64 displacement ``u`` in voxels on the target grid with
         ``out(q) = img(q + u(q))``, i.e. ``q + u(q) = φ_source(φ_target⁻¹(q))``.
     """
-    source, target = _frame(reg, source, "source (--from)"), _frame(reg, target, "target (--to)")
+    source, target = check_frame(reg, source, "source (--from)"), check_frame(reg, target, "target (--to)")
     outer, inner = _field(reg, source, inverse=False), _field(reg, target, inverse=True)
     if outer is None and inner is None:
         return np.zeros((3, *reg.shape))
@@ -178,7 +179,7 @@ def transfer_image(image: np.ndarray, reg: StoredRegistration, source: Frame, ta
     return _resample(image, transfer_field(reg, source, target), interpolation).astype(np.float32)
 
 
-def _label_dtype(values: np.ndarray):
+def label_dtype(values: np.ndarray):
     """The smallest integer type holding every label value."""
     lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
     for dtype in (np.uint8, np.int16, np.int32):
@@ -217,7 +218,7 @@ def transfer_labels(labels: np.ndarray, reg: StoredRegistration, source: Frame, 
             weight = _resample((labels == value).astype(np.float64), field, "linear")
             better = weight > best
             out[better], best[better] = value, weight[better]
-    return np.round(out).astype(_label_dtype(values))
+    return np.round(out).astype(label_dtype(values))
 
 
 def _check_near_grid(points: np.ndarray, shape) -> None:
@@ -247,7 +248,7 @@ def transfer_points(points: np.ndarray, reg: StoredRegistration, source: Frame, 
     if not np.isfinite(pts).all():
         raise InputError("points: expected finite coordinates, got NaN/inf")
     _check_near_grid(pts, reg.shape)
-    source, target = _frame(reg, source, "source (--from)"), _frame(reg, target, "target (--to)")
+    source, target = check_frame(reg, source, "source (--from)"), check_frame(reg, target, "target (--to)")
     p = torch.from_numpy(pts)[None]
     inverse, forward = _field(reg, source, inverse=True), _field(reg, target, inverse=False)
     if inverse is not None:
@@ -293,7 +294,7 @@ def _volume_on_grid(path, reg: StoredRegistration, source: Frame) -> np.ndarray:
     return vol.data
 
 
-def _read_csv_points(path, reg: StoredRegistration) -> tuple[list, list, np.ndarray]:
+def read_csv_points(path, reg: StoredRegistration) -> tuple[list, list, np.ndarray]:
     """``(header, rows, (L, 3) voxel coordinates)`` of a CSV with world-mm columns x, y, z (RAS)."""
     try:
         text = Path(path).read_text()
@@ -354,7 +355,7 @@ def apply_to_file(registration_dir, source: Frame, target: Frame, out, *, image=
         raise InputError(f"expected exactly one of --image, --labels, --points, got {[n for n, _ in given] or 'none'}")
     kind, path = given[0]
     reg = load_registration(registration_dir)
-    source, target = _frame(reg, source, "source (--from)"), _frame(reg, target, "target (--to)")
+    source, target = check_frame(reg, source, "source (--from)"), check_frame(reg, target, "target (--to)")
     folder = Path(registration_dir)
     k = reg.num_timepoints
     protected = [path, *output_paths(folder, k), *[p for p in folder.glob("*") if p.is_file()]]
@@ -362,7 +363,7 @@ def apply_to_file(registration_dir, source: Frame, target: Frame, out, *, image=
     out = Path(out)
     if kind == "points":
         if Path(path).suffix.lower() == ".csv":
-            header, rows, vox = _read_csv_points(path, reg)
+            header, rows, vox = read_csv_points(path, reg)
             moved = transfer_points(vox, reg, source, target)
             _write_csv_points(out, header, rows, moved, reg.affine)
         else:

@@ -195,3 +195,18 @@ def test_memory_estimate_benchmark_rejects_a_bad_case(tmp_path):
     with pytest.raises(SystemExit, match="expected DxHxW:K or DxHxW:K:S, got '24x24:3'"):
         _load("memory_estimate").main(["--cases", "24x24:3", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_ventilation_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/ventilation.py scores GroupMorph's and Elastix's det J − 1 against the phantom's known
+    one with the same code, and writes its JSON with command, commit and machine."""
+    pytest.importorskip("itk")
+    rows = _load("ventilation").main(["--methods", "groupmorph", "elastix", "--shape", "40", "40", "32",
+                                      "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "ventilation.json").read_text())
+    assert saved["command"].startswith("python benchmarks/ventilation.py") and saved["commit"] and saved["rows"] == rows
+    assert [r["method"] for r in rows] == ["groupmorph", "elastix"]
+    for r in rows:
+        assert r["mask_voxels"] > 1000 and r["seconds"] > 0 and r["truth_mean"] == rows[0]["truth_mean"]
+        assert r["correlation"] > 0.3 and r["mean_absolute_error"] < r["truth_sd"] + abs(r["truth_mean"])
+    assert "| groupmorph |" in capsys.readouterr().out

@@ -3,6 +3,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*/pipeline.py"))
@@ -28,6 +29,12 @@ def test_example_smoke(tmp_path, path):
     for name in results:
         out = tmp_path / "registered" / name
         assert (out / "summary.json").exists() and (out / "warped_0.nii.gz").exists()
+        derived = tmp_path / "derived" / name
+        wanted = {"dirlab_4dct": ["midposition.nii.gz", "midposition.png", "trajectories.csv", "trajectories.png"],
+                  "breast_mr": ["curves.csv", "curves.png", "curves_subtraction_1_after.nii.gz"]}[path.parent.name]
+        assert all((derived / f).is_file() for f in wanted), sorted(p.name for p in derived.iterdir())
+        if path.parent.name == "dirlab_4dct":
+            assert any(derived.glob("ventilation_0_to_*.json")) and np.isfinite(results[name]["outputs"]["ventilation_mean"])
     assert (tmp_path / "model" / "last.pt").exists()
 
 
