@@ -4,10 +4,11 @@
     python benchmarks/ventilation.py --methods groupmorph --shape 48 48 40 --out /tmp/vent   # quick
 
 A breathing phantom (``synthetic.breathing_phantom``, K phases, phase 0 the reference: its velocity is
-0) has a known map from phase 0 to phase J, ``ψ_J⁻¹ = exp(−v_J)``; its ``det J − 1`` on phase 0's grid
-is the truth. Each method registers the group all-to-one (fixed 0) with its defaults, and the same
-code (``derived.ventilation``, the map ``φ_J ∘ φ_0⁻¹``) turns its fields into a ventilation map. Inside
-the lungs (dark voxels enclosed by the body in the noise-free phase 0) the script reports the mean
+0) has a known map from phase 0 to the last phase J, ``ψ_J⁻¹ = exp(−v_J)``, and back, ``ψ_J``; their
+``det J − 1`` (on phase 0's and phase J's grid) are the truth. Each method registers the group
+all-to-one (fixed 0) with its defaults, and the same code (``derived.ventilation``, the map
+``φ_to ∘ φ_from⁻¹``) turns its fields into a ventilation map each way. Inside the lungs (dark voxels
+enclosed by the body in the noise-free source phase) the script reports the mean
 of each map against the truth's, the mean absolute error, the correlation with the truth, the
 landmark error (mm) and the wall seconds. Writes ``ventilation.json`` (command, commit, machine, rows).
 """
@@ -38,12 +39,13 @@ def lung_mask(image: np.ndarray) -> np.ndarray:
     return binary_fill_holes(body) & ~body
 
 
-def truth_map(velocity: np.ndarray) -> np.ndarray:
-    """det J − 1 of ``exp(−v)`` (phase 0's tissue carried to the phase of velocity v), float64."""
+def truth_map(velocity: np.ndarray, sign: float) -> np.ndarray:
+    """det J − 1 of ``exp(sign · v)``, float64: sign −1, phase 0's tissue carried to the phase of
+    velocity v (on phase 0's grid); +1, that phase's tissue carried back to phase 0 (on its grid)."""
     from groupmorph_pyro.spatial import integrate_velocity, jacobian_determinant
 
-    inv = integrate_velocity(-torch.from_numpy(velocity[None]).double())
-    return jacobian_determinant(inv)[0].numpy() - 1.0
+    field = integrate_velocity(sign * torch.from_numpy(velocity[None]).double())
+    return jacobian_determinant(field)[0].numpy() - 1.0
 
 
 def register_with(method: str, images: np.ndarray, spacing, threads: int):
@@ -65,15 +67,16 @@ def register_with(method: str, images: np.ndarray, spacing, threads: int):
     return result, time.perf_counter() - start
 
 
-def score(result, truth: np.ndarray, mask: np.ndarray, target: int, group) -> dict:
-    """Ventilation 0 -> target of a result's fields against the truth inside the mask, and its landmark error."""
+def score(result, truth: np.ndarray, mask: np.ndarray, source: int, target: int, group) -> dict:
+    """Ventilation source -> target of a result's fields against the truth inside the mask (on source's
+    grid), and the result's landmark error."""
     from groupmorph_pyro.derived import ventilation
     from groupmorph_pyro.evaluation import landmark_columns
     from groupmorph_pyro.transfer import StoredRegistration
 
     reg = StoredRegistration("(in memory)", group.affine, result.displacement.astype(np.float64),
                              result.inverse_displacement.astype(np.float64), "all-to-one", 0)
-    got = ventilation(reg, 0, target)[mask]
+    got = ventilation(reg, source, target)[mask]
     want = truth[mask]
     row = {"mean": float(got.mean()), "truth_mean": float(want.mean()), "truth_sd": float(want.std()),
            "mean_absolute_error": float(np.abs(got - want).mean()), "correlation": float(np.corrcoef(got, want)[0, 1]),
@@ -99,24 +102,27 @@ def main(argv=None) -> list:
     stamp = record("ventilation.py", argv, args.threads)
     group = breathing_phantom(tuple(args.shape), args.timepoints, amplitude=args.amplitude, seed=args.seed)
     clean = breathing_phantom(tuple(args.shape), args.timepoints, amplitude=args.amplitude, noise=0.0,
-                              seed=args.seed).images[0]
-    target = args.timepoints - 1
-    mask = lung_mask(clean)
-    truth = truth_map(group.velocities[target])
+                              seed=args.seed).images
+    last = args.timepoints - 1
+    directions = [(0, last, lung_mask(clean[0]), truth_map(group.velocities[last], -1.0)),
+                  (last, 0, lung_mask(clean[last]), truth_map(group.velocities[last], 1.0))]
     rows = []
     for method in args.methods:
         result, seconds = register_with(method, group.images, group.spacing, args.threads)
-        row = {"method": method, "from": 0, "to": target, "seconds": seconds, "mask_voxels": int(mask.sum()),
-               **score(result, truth, mask, target, group)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for source, target, mask, truth in directions:
+            row = {"method": method, "from": source, "to": target, "seconds": seconds, "mask_voxels": int(mask.sum()),
+                   **score(result, truth, mask, source, target, group)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     out = Path(args.out)
     write_json(out / "ventilation.json", {**stamp, "finished": now(), "case": {
         "phantom": "breathing_phantom", "shape": args.shape, "timepoints": args.timepoints,
         "amplitude": args.amplitude, "seed": args.seed, "spacing": list(group.spacing)}, "rows": rows})
-    print("\n| method | mean (truth) | MAE | correlation | landmarks mm | seconds |\n| --- | --- | --- | --- | --- | --- |")
+    print("\n| method | from -> to | mean (truth) | MAE | correlation | landmarks mm | seconds |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['method']} | {r['mean']:+.3f} ({r['truth_mean']:+.3f}) | {r['mean_absolute_error']:.3f} | "
+        print(f"| {r['method']} | {r['from']} -> {r['to']} | {r['mean']:+.3f} ({r['truth_mean']:+.3f}) | "
+              f"{r['mean_absolute_error']:.3f} | "
               f"{r['correlation']:.3f} | {r['landmark_mm']:.3f} | {r['seconds']:.1f} |")
     return rows
 

@@ -205,8 +205,19 @@ def test_ventilation_benchmark_smoke(tmp_path, capsys):
                                       "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "ventilation.json").read_text())
     assert saved["command"].startswith("python benchmarks/ventilation.py") and saved["commit"] and saved["rows"] == rows
-    assert [r["method"] for r in rows] == ["groupmorph", "elastix"]
+    assert [(r["method"], r["from"]) for r in rows] == [("groupmorph", 0), ("groupmorph", 2), ("elastix", 0), ("elastix", 2)]
     for r in rows:
-        assert r["mask_voxels"] > 1000 and r["seconds"] > 0 and r["truth_mean"] == rows[0]["truth_mean"]
+        same = rows[0] if r["from"] == 0 else rows[1]  # one truth per direction, whatever the method
+        assert r["mask_voxels"] > 1000 and r["seconds"] > 0 and r["truth_mean"] == same["truth_mean"]
         assert r["correlation"] > 0.3 and r["mean_absolute_error"] < r["truth_sd"] + abs(r["truth_mean"])
     assert "| groupmorph |" in capsys.readouterr().out
+
+
+def test_derived_truth_benchmark_writes_every_figure(tmp_path):
+    out = _load("derived_truth").main(["--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "derived_truth.json").read_text())
+    assert saved["command"].startswith("python benchmarks/derived_truth.py") and saved["commit"] and saved["machine"]
+    assert set(out) == {"midposition", "trajectory", "ventilation", "curves", "label_probabilities"}
+    assert out["midposition"]["rmse"] < min(out["midposition"]["phase_rmse"])
+    assert out["trajectory"]["error_mm"] < out["trajectory"]["identity_mm"]
+    assert out["curves"]["lesion_error_after"] < out["curves"]["lesion_error_before"]

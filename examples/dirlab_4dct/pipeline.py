@@ -1,4 +1,5 @@
-"""DIR-Lab 4DCT end to end: prepare -> train -> register -> evaluate (landmark distance, mm).
+"""DIR-Lab 4DCT end to end: prepare -> train -> register -> evaluate (landmark distance, mm) -> the
+mid-position image, ventilation inside a rough lung mask, and the landmarks' trajectories.
 
 Real data (DIR-Lab needs a registration with the DIR-Lab group; nothing is downloaded here)::
 
@@ -15,11 +16,15 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+from scipy.ndimage import binary_fill_holes
+
 from groupmorph_pyro.config import load_config
-from groupmorph_pyro.data import entry_landmarks, load_manifest, split_entries, write_manifest
+from groupmorph_pyro.data import entry_landmarks, load_manifest, split_entries, write_landmarks, write_manifest
+from groupmorph_pyro.derived import write_midposition, write_trajectory, write_ventilation
 from groupmorph_pyro.files import write_json
 from groupmorph_pyro.outputs import write_registration
-from groupmorph_pyro.volumes import load_group
+from groupmorph_pyro.volumes import load_group, save_nifti
 from groupmorph_pyro.metrics import landmark_report
 from groupmorph_pyro.prepare import prepare_dirlab, write_dirlab_twin
 from groupmorph_pyro.registration import register
@@ -85,12 +90,37 @@ def main(args=None) -> dict:
         report.update(seconds=res.summary["seconds"], nmi_before=res.summary["nmi_before"],
                       nmi_after=res.summary["nmi_after"], folding_percent=res.summary["folding_percent_all"])
         results[e.name] = report
+        report["outputs"] = after_registration(work / "registered" / e.name, work / "derived" / e.name, images,
+                                               affine, entry_landmarks(e, images.shape[1:]), args.fixed)
     write_json(work / "results.json", results)
     for name, r in results.items():
         print(f"{name}: landmark distance {r['identity']['mean_mm']:.2f} ± {r['identity']['sd_mm']:.2f} mm (identity) -> "
               f"{r['registered']['mean_mm']:.2f} ± {r['registered']['sd_mm']:.2f} mm in {r['seconds']:.2f} s; "
               f"folding {r['folding_percent']:.3f}%")
     return results
+
+
+def rough_lung_mask(image: np.ndarray) -> np.ndarray:
+    """Dark voxels enclosed by the body: below the midpoint of the 1st and 99th percentiles, inside the
+    body's filled outline (enough for a ventilation summary; use a real segmentation for studies)."""
+    lo, hi = np.percentile(image, [1, 99])
+    body = image > (lo + hi) / 2
+    return (binary_fill_holes(body) & ~body).astype(np.uint8)
+
+
+def after_registration(reg_dir: Path, out: Path, images, affine, landmarks, fixed: int) -> dict:
+    """5. The mid-position image, ventilation from the fixed phase to the phase farthest from it (inside
+    a rough lung mask), and the fixed phase's landmarks followed through every phase."""
+    out.mkdir(parents=True, exist_ok=True)
+    mask = out / f"lungs_{fixed}.nii.gz"
+    save_nifti(mask, rough_lung_mask(images[fixed]), affine, dtype=np.uint8)
+    far = int(np.argmax([np.abs(images[k] - images[fixed]).mean() for k in range(len(images))]))
+    write_landmarks(out / f"landmarks_{fixed}.txt", landmarks[fixed])
+    midp, _ = write_midposition(reg_dir, out / "midposition.nii.gz")
+    vent, _, table = write_ventilation(reg_dir, fixed, far, mask, out / f"ventilation_{fixed}_to_{far}.nii.gz")
+    traj, _ = write_trajectory(reg_dir, out / f"landmarks_{fixed}.txt", fixed, out / "trajectories.csv")
+    return {"midposition": str(midp), "ventilation": str(vent), "trajectories": str(traj),
+            "ventilation_mean": json.loads(table.read_text())["all"]["mean"]}
 
 
 if __name__ == "__main__":
