@@ -160,9 +160,9 @@ def curves(reg: StoredRegistration, images: np.ndarray, labels: np.ndarray, fram
         images: ``(K, D, H, W)`` the timepoints on the registration's grid.
         labels: ``(D, H, W)`` integer labels in ``frame``, 0 outside.
     Returns:
-        ``{"labels": [l, ...], "voxels": [n_l, ...], "before": (K, n) float64, "after": (K, n) float64,
-        "subtraction_before": (K, D, H, W) float32 x_k − x_0, "subtraction_after": (K, D, H, W) float32
-        (x_k − x_0) with both in ``frame``}``.
+        a dict: ``labels`` the label values ≥ 1 (ascending) and ``voxels`` their sizes; ``before`` and
+        ``after`` ``(K, n)`` float64 mean intensities; ``subtraction_before`` ``(K, D, H, W)`` float32
+        ``x_k − x_0``, and ``subtraction_after`` the same with both timepoints moved to ``frame``.
     """
     frame = check_frame(reg, frame, "frame (--frame)")
     images = _check_images(images, reg)

@@ -40,7 +40,7 @@ from .volumes import affine_spacing
 
 __all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "FITS", "fit_case", "mean_fit", "fit_pyramid", "fit_scale", "correlated_start", "prepare",
            "fit_model", "level_model", "posterior_transform", "infer", "refine", "nmi_report", "summarise", "add_posterior_samples",
-           "register"]
+           "posterior_state", "register"]
 
 
 @dataclass
