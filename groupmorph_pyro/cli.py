@@ -157,6 +157,12 @@ def _add_sample_args(parser, what: str) -> None:
     parser.add_argument("--seed", type=int, default=0, help="with --samples: the draws' seed")
 
 
+def _add_images_arg(parser) -> None:
+    """``--images``: the K timepoints, when the inputs summary.json names have moved."""
+    parser.add_argument("--images", nargs="+", metavar="IMG",
+                        help="the K timepoints (default: the inputs the registration's summary.json names)")
+
+
 def _midposition_parser(sub, fmt) -> None:
     """``groupmorph midposition``: the mid-position image of a registration folder."""
     m = sub.add_parser(
@@ -166,8 +172,7 @@ def _midposition_parser(sub, fmt) -> None:
                     "orthogonal slices beside it.")
     m.add_argument("registration", metavar="REG_DIR", help="a 'groupmorph register' output folder")
     m.add_argument("--out", required=True, help="the mid-position image (NIfTI); its PNG is written beside it")
-    m.add_argument("--images", nargs="+", metavar="IMG",
-                   help="the K timepoints (default: the inputs the registration's summary.json names)")
+    _add_images_arg(m)
 
 
 def _ventilation_parser(sub, fmt) -> None:
@@ -213,8 +218,7 @@ def _curves_parser(sub, fmt) -> None:
     c.add_argument("--labels", required=True, metavar="SEG", help="label map on timepoint I's grid (NIfTI, 0 outside)")
     c.add_argument("--frame", required=True, metavar="I", help="timepoint (0-based) the labels are drawn on")
     c.add_argument("--out", required=True, help="the curves CSV; PNG and subtraction images beside it")
-    c.add_argument("--images", nargs="+", metavar="IMG",
-                   help="the K timepoints (default: the inputs the registration's summary.json names)")
+    _add_images_arg(c)
 
 
 def _report_parser(sub, fmt) -> None:
@@ -401,8 +405,7 @@ def _apply(args) -> int:
     if args.samples is not None:
         if not args.labels:
             raise InputError("--samples: only with --labels (label probabilities under the posterior)")
-        if args.samples < 1:
-            raise InputError(f"--samples: expected an integer >= 1, got {args.samples}")
+        _check_samples(args.samples, 1)
         from .derived import write_label_probabilities
 
         out, best, table = write_label_probabilities(args.registration, args.labels, args.source, args.target,
@@ -418,9 +421,9 @@ def _apply(args) -> int:
     return 0
 
 
-def _check_samples(samples: int) -> None:
-    if samples < 0:
-        raise InputError(f"--samples: expected an integer >= 0, got {samples}")
+def _check_samples(samples: int, minimum: int = 0) -> None:
+    if samples < minimum:
+        raise InputError(f"--samples: expected an integer >= {minimum}, got {samples}")
 
 
 def _midposition(args) -> int:

@@ -25,12 +25,13 @@ import torch
 from .checks import InputError
 from .data import read_landmarks
 from .files import atomic_write_text, write_json
-from .outputs import check_outputs, load_posterior_state, output_paths, read_summary
+from .outputs import load_posterior_state, read_summary
 from .plots import curves_figure, slices_figure
 from .posterior import draw_latents, state_transform
 from .spatial import compose, invert_displacement, jacobian_determinant, map_points, warp
-from .transfer import (Frame, StoredRegistration, check_frame, load_registration, read_csv_points, transfer_field,
-                       label_dtype, transfer_image, transfer_points)
+from .transfer import (Frame, StoredRegistration, between_frames, check_frame, check_label_map, check_new_outputs,
+                       label_dtype, load_registration, read_csv_points, transfer_field, transfer_image, transfer_points,
+                       voxels_to_world)
 from .volumes import affine_spacing, load_volume, same_grid, save_nifti
 
 __all__ = ["trajectory", "ventilation", "ventilation_summary", "midposition", "curves", "label_probabilities",
@@ -198,10 +199,7 @@ def sampled_fields(state: dict, reg: StoredRegistration, source: Frame, target: 
         for z in draw_latents(state, samples, seed):
             outer = None if source == "common" else t.timepoint_displacement(z, source, reg.shape)
             inner = None if target == "common" else t.timepoint_displacement(z, target, reg.shape, inverse=True)
-            if outer is None and inner is None:
-                yield torch.zeros((1, 3, *reg.shape))
-            else:
-                yield inner if outer is None else outer if inner is None else compose(outer, inner)
+            yield between_frames(outer, inner, reg.shape, dtype=z.dtype)
 
 
 def trajectory_samples(reg: StoredRegistration, state: dict, points: np.ndarray, frame: Frame, samples: int,
@@ -256,10 +254,7 @@ def label_probabilities(reg: StoredRegistration, state: dict, labels: np.ndarray
         probabilities in that order (summing to 1 at every voxel).
     """
     source, target = check_frame(reg, source, "source (--from)"), check_frame(reg, target, "target (--to)")
-    labels = np.asarray(labels)
-    if labels.shape != reg.shape or not np.isfinite(labels).all() or not np.array_equal(labels, np.round(labels)):
-        raise InputError(f"labels: expected integer labels on the registration's grid {reg.shape}, got shape "
-                         f"{labels.shape}" + ("" if labels.shape != reg.shape else " with non-integer or NaN values"))
+    labels = check_label_map(labels, reg)
     values = [int(v) for v in np.unique(labels)]
     indicators = torch.from_numpy(np.stack([labels == v for v in values]).astype(np.float32))[None]  # (1, L, D, H, W)
     total = torch.zeros(indicators.shape[1:], dtype=torch.float64)
@@ -276,13 +271,6 @@ def _sibling(out: Path, suffix: str) -> Path:
     """``out`` with its extension (``.nii.gz``, ``.csv``, ...) replaced by ``suffix``."""
     name = out.name[:-len(".nii.gz")] if out.name.endswith(".nii.gz") else out.stem
     return out.with_name(name + suffix)
-
-
-def _prepare_outputs(reg: StoredRegistration, targets: Sequence[Path], inputs: Sequence = ()) -> None:
-    """Refuse targets that are an input or one of the registration folder's files (before any work)."""
-    folder = Path(reg.folder)
-    protected = [*inputs, *output_paths(folder, reg.num_timepoints), *[p for p in folder.glob("*") if p.is_file()]]
-    check_outputs(targets, protected)
 
 
 def _on_grid(path, reg: StoredRegistration, what: str) -> np.ndarray:
@@ -317,10 +305,6 @@ def _read_points(path, reg: StoredRegistration) -> np.ndarray:
     return read_landmarks(path)
 
 
-def _world(reg: StoredRegistration, vox: np.ndarray) -> np.ndarray:
-    return (reg.affine @ np.c_[vox, np.ones(len(vox))].T)[:3].T
-
-
 def write_trajectory(registration_dir, points, frame: Frame, out, samples: int = 0, seed: int = 0) -> tuple[Path, Path]:
     """:func:`trajectory` of a points file, written as CSV and PNG; what ``groupmorph trajectory`` runs.
 
@@ -339,14 +323,14 @@ def write_trajectory(registration_dir, points, frame: Frame, out, samples: int =
     frame = check_frame(reg, frame, "frame (--frame)")
     out = Path(out)
     figure = _sibling(out, ".png")
-    _prepare_outputs(reg, [out, figure], [points])
+    check_new_outputs(reg, [out, figure], [points])
     state = load_posterior_state(registration_dir) if samples else None
     vox = _read_points(points, reg)
-    world = np.stack([_world(reg, p) for p in trajectory(reg, vox, frame)])  # (K, L, 3) mm
+    world = np.stack([voxels_to_world(reg.affine, p) for p in trajectory(reg, vox, frame)])  # (K, L, 3) mm
     header, bands = ["timepoint", "point", "x", "y", "z"], None
     if samples:
         draws = trajectory_samples(reg, state, vox, frame, samples, seed)  # (S, K, L, 3) voxels
-        draws = np.stack([[_world(reg, p) for p in d] for d in draws])  # mm
+        draws = np.stack([[voxels_to_world(reg.affine, p) for p in d] for d in draws])  # mm
         sd, lo, hi = draws.std(0), np.percentile(draws, 5, axis=0), np.percentile(draws, 95, axis=0)
         header += ["sd_x", "sd_y", "sd_z", "x_p5", "x_p95", "y_p5", "y_p95", "z_p5", "z_p95"]
         bands = {axis: (lo[:, :, c], hi[:, :, c]) for c, axis in enumerate(("x (mm)", "y (mm)", "z (mm)"))}
@@ -390,7 +374,7 @@ def write_ventilation(registration_dir, source: Frame, target: Frame, mask, out,
         raise InputError(f"--from and --to: expected two different timepoints, got {source} twice")
     out = Path(out)
     figure, table, spread = _sibling(out, ".png"), _sibling(out, ".json"), _sibling(out, "_sd.nii.gz")
-    _prepare_outputs(reg, [out, figure, table, *([spread] if samples else [])], [mask])
+    check_new_outputs(reg, [out, figure, table, *([spread] if samples else [])], [mask])
     state = load_posterior_state(registration_dir) if samples else None
     labels = _check_labels(str(mask), _on_grid(mask, reg, "the mask"), reg.shape)
     values = ventilation(reg, source, target)
@@ -425,7 +409,7 @@ def write_midposition(registration_dir, out, images: Sequence | None = None) -> 
     out = Path(out)
     figure = _sibling(out, ".png")
     data, paths = group_images(reg, images)
-    _prepare_outputs(reg, [out, figure], paths)
+    check_new_outputs(reg, [out, figure], paths)
     image = midposition(reg, data)
     save_nifti(out, image, reg.affine)
     lo, hi = np.percentile(image, [1, 99])
@@ -455,7 +439,7 @@ def write_curves(registration_dir, labels, frame: Frame, out, images: Sequence |
                     for k in range(1, reg.num_timepoints) for when in ("before", "after")}
     figure = _sibling(out, ".png")
     data, paths = group_images(reg, images)
-    _prepare_outputs(reg, [out, figure, *subtractions.values()], [*paths, labels])
+    check_new_outputs(reg, [out, figure, *subtractions.values()], [*paths, labels])
     label_map = _on_grid(labels, reg, "the label map")
     result = curves(reg, data, label_map, frame)
     buf = io.StringIO()
@@ -491,7 +475,7 @@ def write_label_probabilities(registration_dir, labels, source: Frame, target: F
     source, target = check_frame(reg, source, "source (--from)"), check_frame(reg, target, "target (--to)")
     out = Path(out)
     argmax, table = _sibling(out, "_labels.nii.gz"), _sibling(out, ".json")
-    _prepare_outputs(reg, [out, argmax, table], [labels])
+    check_new_outputs(reg, [out, argmax, table], [labels])
     state = load_posterior_state(registration_dir)
     label_map = _on_grid(labels, reg, "the label map")
     values, probs = label_probabilities(reg, state, label_map, source, target, samples, seed)

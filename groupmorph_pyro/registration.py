@@ -698,8 +698,8 @@ def posterior_state(group: PreparedGroup, posterior: Posterior) -> dict:
     with the transformation's settings on the latent grid and the image grid's shape."""
     t = posterior_transform(group, posterior)
     guide = posterior.guide
-    cpu = lambda v: compact(v.detach())[0].cpu().numpy().astype(np.float32)  # noqa: E731
-    state = {"loc": posterior.loc.detach()[0].cpu().numpy().astype(np.float32), "family": "diagonal",
+    cpu = lambda v: compact(v.detach())[0].cpu().numpy()  # noqa: E731  (on the CPU: the tensor's memory, no copy)
+    state = {"loc": posterior.loc.detach()[0].cpu().numpy(), "family": "diagonal",
              "sigma": cpu(posterior.scale), "spectrum": None, "num_timepoints": t.num_timepoints, "mode": t.mode,
              "fixed": t.fixed, "diffeomorphic": t.diffeomorphic, "integration_steps": t.integration_steps,
              "integration_downsize": t.integration_downsize, "shape": list(group.shape)}

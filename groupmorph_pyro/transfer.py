@@ -37,6 +37,7 @@ from .volumes import load_displacement, load_volume, read_grid, same_grid, save_
 
 __all__ = ["StoredRegistration", "load_registration", "transfer_field", "transfer_image", "transfer_labels",
            "transfer_points", "apply_registration", "apply_to_file", "check_frame", "read_csv_points", "label_dtype", "Frame",
+           "between_frames", "check_label_map", "voxels_to_world", "check_new_outputs",
            "IMAGE_INTERPOLATIONS", "LABEL_INTERPOLATIONS"]
 
 Frame = Union[int, str]
@@ -125,6 +126,17 @@ def _field(reg: StoredRegistration, k: Frame, inverse: bool) -> torch.Tensor | N
     return torch.from_numpy(reg.inverse_displacement[k] if inverse else reg.displacement[k])[None]
 
 
+def between_frames(outer: torch.Tensor | None, inner: torch.Tensor | None, shape, dtype=torch.float64) -> torch.Tensor:
+    """``φ_source ∘ φ_target⁻¹ − Id`` ``(1, 3, D, H, W)`` from ``outer`` (``φ_source − Id``) and ``inner``
+    (``φ_target⁻¹ − Id``), each ``(1, 3, D, H, W)`` or None for the common frame's identity (zeros of
+    ``dtype`` on ``shape`` when both are)."""
+    if outer is None and inner is None:
+        return torch.zeros((1, 3, *shape), dtype=dtype)
+    if outer is None or inner is None:
+        return inner if outer is None else outer
+    return compose(outer, inner)
+
+
 def transfer_field(reg: StoredRegistration, source: Frame, target: Frame) -> np.ndarray:
     """The resampling field that moves data on ``source``'s grid to ``target``'s grid.
 
@@ -133,14 +145,7 @@ def transfer_field(reg: StoredRegistration, source: Frame, target: Frame) -> np.
         ``out(q) = img(q + u(q))``, i.e. ``q + u(q) = φ_source(φ_target⁻¹(q))``.
     """
     source, target = check_frame(reg, source, "source (--from)"), check_frame(reg, target, "target (--to)")
-    outer, inner = _field(reg, source, inverse=False), _field(reg, target, inverse=True)
-    if outer is None and inner is None:
-        return np.zeros((3, *reg.shape))
-    if outer is None:
-        return inner[0].numpy()
-    if inner is None:
-        return outer[0].numpy()
-    return compose(outer, inner)[0].numpy()
+    return between_frames(_field(reg, source, inverse=False), _field(reg, target, inverse=True), reg.shape)[0].numpy()
 
 
 def _check_on_grid(name: str, volume: np.ndarray, reg: StoredRegistration) -> np.ndarray:
@@ -188,6 +193,16 @@ def label_dtype(values: np.ndarray):
     return np.int64
 
 
+def check_label_map(labels: np.ndarray, reg: StoredRegistration) -> np.ndarray:
+    """A label map on the registration's grid with finite, integer values (returned as an array)."""
+    labels = _check_on_grid("labels", labels, reg)
+    if not np.array_equal(labels, np.round(labels)):
+        bad = labels[labels != np.round(labels)]
+        raise InputError(f"labels: expected integer label values, got {bad.size} non-integer voxels (e.g. {bad.flat[0]:.4g}); "
+                         f"use --image for intensities")
+    return labels
+
+
 def transfer_labels(labels: np.ndarray, reg: StoredRegistration, source: Frame, target: Frame,
                     interpolation: str = "linear") -> np.ndarray:
     """Move a label map on ``source``'s grid to ``target``'s grid; labels stay labels.
@@ -202,11 +217,7 @@ def transfer_labels(labels: np.ndarray, reg: StoredRegistration, source: Frame, 
     """
     if interpolation not in LABEL_INTERPOLATIONS:
         raise InputError(f"labels: interpolation must be one of {LABEL_INTERPOLATIONS}, got {interpolation!r}")
-    labels = _check_on_grid("labels", labels, reg)
-    if not np.array_equal(labels, np.round(labels)):
-        bad = labels[labels != np.round(labels)]
-        raise InputError(f"labels: expected integer label values, got {bad.size} non-integer voxels (e.g. {bad.flat[0]:.4g}); "
-                         f"use --image for intensities")
+    labels = check_label_map(labels, reg)
     values = np.unique(labels)
     field = transfer_field(reg, source, target)
     if interpolation == "nearest":
@@ -322,8 +333,13 @@ def read_csv_points(path, reg: StoredRegistration) -> tuple[list, list, np.ndarr
     return header, rows, vox
 
 
+def voxels_to_world(affine: np.ndarray, vox: np.ndarray) -> np.ndarray:
+    """``(L, 3)`` 0-based voxel coordinates -> ``(L, 3)`` world mm (NIfTI RAS) under the 4x4 ``affine``."""
+    return (affine @ np.c_[vox, np.ones(len(vox))].T)[:3].T
+
+
 def _write_csv_points(path, header: list, rows: list, vox: np.ndarray, affine: np.ndarray) -> None:
-    world = (affine @ np.c_[vox, np.ones(len(vox))].T)[:3].T
+    world = voxels_to_world(affine, vox)
     cols = [[h.strip().lower() for h in header].index(c) for c in "xyz"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -334,6 +350,13 @@ def _write_csv_points(path, header: list, rows: list, vox: np.ndarray, affine: n
             row[c] = f"{v:.6f}"
         writer.writerow(row)
     atomic_write_text(path, buf.getvalue())
+
+
+def check_new_outputs(reg: StoredRegistration, targets, inputs=()) -> None:
+    """Refuse (before any work) output paths that are one of ``inputs`` or a file of the registration folder."""
+    folder = Path(reg.folder)
+    protected = [*inputs, *output_paths(folder, reg.num_timepoints), *[p for p in folder.glob("*") if p.is_file()]]
+    check_outputs(targets, protected)
 
 
 def apply_to_file(registration_dir, source: Frame, target: Frame, out, *, image=None, labels=None, points=None,
@@ -356,10 +379,7 @@ def apply_to_file(registration_dir, source: Frame, target: Frame, out, *, image=
     kind, path = given[0]
     reg = load_registration(registration_dir)
     source, target = check_frame(reg, source, "source (--from)"), check_frame(reg, target, "target (--to)")
-    folder = Path(registration_dir)
-    k = reg.num_timepoints
-    protected = [path, *output_paths(folder, k), *[p for p in folder.glob("*") if p.is_file()]]
-    check_outputs([out], protected)
+    check_new_outputs(reg, [out], [path])
     out = Path(out)
     if kind == "points":
         if Path(path).suffix.lower() == ".csv":

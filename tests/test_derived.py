@@ -237,7 +237,8 @@ def _listing(path):
     return sorted(p.name for p in path.iterdir())
 
 
-@pytest.mark.parametrize("case", ["frame", "same", "grid", "empty", "fractional", "images", "gone", "clobber"])
+@pytest.mark.parametrize("case", ["frame", "same", "grid", "empty", "fractional", "images", "gone", "clobber",
+                                  "samples"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(stored, tmp_path, capsys, case):
     reg = str(stored["reg"])
     mask = _mask_file(stored, tmp_path)
@@ -259,6 +260,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(stored, tmp_path, ca
         "gone": (["midposition", reg, "--out", str(out), "--images", *map(str, stored["inputs"][:2]),
                   str(tmp_path / "missing.nii.gz")], "missing.nii.gz"),
         "clobber": (["midposition", reg, "--out", str(stored["inputs"][1])], "refusing to overwrite input file"),
+        "samples": (["trajectory", reg, "--points", str(tmp_path / "p.txt"), "--frame", "0", "--samples", "-1",
+                     "--out", str(tmp_path / "t.csv")], r"--samples: expected an integer >= 0, got -1"),
     }[case]
     write_landmarks(tmp_path / "p.txt", np.array([[5.0, 5.0, 5.0]]))
     before = _listing(tmp_path), _listing(stored["reg"])
