@@ -165,7 +165,7 @@ def dce_phantom(shape=(48, 48, 32), num_timepoints: int = 6, amplitude: float = 
 
 def anatomy_group(t1: np.ndarray, grey: np.ndarray, white: np.ndarray, num_timepoints: int = 4,
                   spacing=(2.0, 2.0, 2.0), amplitude_mm: float = 6.0, num_landmarks: int = 100,
-                  noise: float = 0.01, seed: int = 0) -> SyntheticGroup:
+                  noise: float = 0.01, seed: int = 0, smooth_mm: float | None = None) -> SyntheticGroup:
     """A DCE-like group made from real anatomy (e.g. the MNI152 T1 template and its grey / white
     matter maps, :func:`groupmorph_pyro.data.load_mni152`) with known motion and landmarks.
 
@@ -175,7 +175,8 @@ def anatomy_group(t1: np.ndarray, grey: np.ndarray, white: np.ndarray, num_timep
       white matter enhancing by different amounts (``e`` in [0, 0.5]) and a gamma ``γ_k`` in [0.7, 1.4]
       (timepoint 0 is the pre-contrast image, ``e = 0``, ``γ = 1``);
     * motion: ``x_k = R_k ∘ exp(v_k)`` with ``v_k`` a random small rotation / scaling about the
-      centre plus smooth random components (Gaussian-filtered noise, σ = 4 voxels), scaled so that
+      centre plus smooth random components (Gaussian-filtered noise, σ = ``smooth_mm`` mm along every
+      axis, or 4 voxels when ``smooth_mm`` is None), scaled so that
       the mean velocity magnitude inside the head (≈ the mean displacement) is ``amplitude_mm`` × a
       random factor in [0.6, 1.2]; the largest displacements are about 2-3× the mean. Every timepoint moves, timepoint 0 included;
     * landmarks: head voxels with a strong intensity gradient in ``t1`` (tissue boundaries),
@@ -183,7 +184,10 @@ def anatomy_group(t1: np.ndarray, grey: np.ndarray, white: np.ndarray, num_timep
 
     Args:
         t1, grey, white: ``(D, H, W)`` arrays on one grid (t1 any range; grey, white in [0, 1]).
-        spacing: voxel size (mm) of that grid. Others as :func:`breathing_phantom`.
+        spacing: voxel size (mm) of that grid.
+        smooth_mm: σ (mm) of the smooth motion component. A fixed value gives motion of the same
+            spatial scale on any grid (the same physical problem at every voxel size); None filters
+            with σ = 4 voxels, so a finer grid gets finer motion. Others as :func:`breathing_phantom`.
     """
     t1, grey, white = (np.asarray(a, dtype=np.float64) for a in (t1, grey, white))
     shape = check_spatial_shape(t1.shape, minimum=16)
@@ -199,6 +203,9 @@ def anatomy_group(t1: np.ndarray, grey: np.ndarray, white: np.ndarray, num_timep
     spacing = check_spacing(spacing)
     _check_timepoints(num_timepoints)
     check_positive("amplitude_mm", amplitude_mm, allow_zero=True)
+    if smooth_mm is not None:
+        check_positive("smooth_mm", smooth_mm)
+    sigma = 4.0 if smooth_mm is None else tuple(float(smooth_mm) / s for s in spacing)  # voxels along each axis
     rng = np.random.default_rng(seed)
     t1 = (t1 - t1.min()) / max(float(np.ptp(t1)), 1e-12)
     head = gaussian_filter((t1 > 0.05).astype(np.float64), 1.0) > 0.5
@@ -217,7 +224,7 @@ def anatomy_group(t1: np.ndarray, grey: np.ndarray, white: np.ndarray, num_timep
         skew = np.array([[0, -angle[2], angle[1]], [angle[2], 0, -angle[0]], [-angle[1], angle[0], 0]])
         linear = skew + np.diag(rng.normal(0, 0.03, 3))
         v_mm = np.einsum("ij,j...->i...", linear, c * mm)
-        smooth = np.stack([gaussian_filter(rng.standard_normal(shape), 4.0) for _ in range(3)])
+        smooth = np.stack([gaussian_filter(rng.standard_normal(shape), sigma) for _ in range(3)])
         smooth /= np.abs(smooth).max()
         v_mm = v_mm / max(np.abs(v_mm[:, head]).mean(), 1e-12) + 1.5 * smooth / max(np.abs(smooth[:, head]).mean(), 1e-12)
         target = amplitude_mm * rng.uniform(0.6, 1.2)

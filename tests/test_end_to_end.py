@@ -107,6 +107,32 @@ def test_anatomy_group_ground_truth_is_consistent_and_the_seed_draws_the_motion(
     assert np.array_equal(again.images, g.images)
 
 
+def test_anatomy_group_smooth_mm_sets_the_motion_scale_in_mm():
+    import pytest
+
+    from groupmorph_pyro.checks import InputError
+    from groupmorph_pyro.synthetic import anatomy_group
+
+    t1, grey, white = _blob_anatomy()
+    spacing = (2.0, 2.5, 3.0)
+    default = anatomy_group(t1, grey, white, 2, spacing=spacing, amplitude_mm=4.0, num_landmarks=5, seed=3)
+    # σ = 4 voxels along every axis, given in mm: the same group
+    same = anatomy_group(t1, grey, white, 2, spacing=(2.0, 2.0, 2.0), amplitude_mm=4.0, num_landmarks=5, seed=3,
+                         smooth_mm=8.0)
+    twin = anatomy_group(t1, grey, white, 2, spacing=(2.0, 2.0, 2.0), amplitude_mm=4.0, num_landmarks=5, seed=3)
+    assert np.array_equal(same.velocities, twin.velocities)
+    # on an anisotropic grid the filter is smooth_mm / spacing voxels per axis: a wide σ gives slower motion
+    wide = anatomy_group(t1, grey, white, 2, spacing=spacing, amplitude_mm=4.0, num_landmarks=5, seed=3,
+                         smooth_mm=30.0)
+
+    def roughness(v):  # mean |∂v/∂x| per mm over the three axes, timepoint 1
+        return np.mean([np.abs(np.diff(v[1], axis=a + 1)).mean() / spacing[a] for a in range(3)])
+
+    assert roughness(wide.velocities) < 0.7 * roughness(default.velocities)
+    with pytest.raises(InputError, match=r"smooth_mm: expected a finite number > 0, got -1"):
+        anatomy_group(t1, grey, white, 2, spacing=spacing, smooth_mm=-1)
+
+
 def test_anatomy_group_rejects_bad_maps():
     import pytest
 
