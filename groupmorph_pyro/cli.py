@@ -179,15 +179,20 @@ def _ventilation_parser(sub, fmt) -> None:
     """``groupmorph ventilation``: local volume change between two timepoints inside a mask."""
     v = sub.add_parser(
         "ventilation", formatter_class=fmt, help="local volume change (det J - 1) from timepoint I to J inside a mask",
-        description="det J - 1 of the map carrying timepoint I's tissue to J (q -> phi_J(phi_I^-1(q))), on I's grid: "
-                    "+0.2 = 20 % more volume at J. Writes the NIfTI (0 outside the mask), a PNG and a JSON of the mean, "
-                    "sd, percentiles and volume change (mL) over the mask and per label (e.g. lobes).")
+        description="Local volume change of timepoint I's tissue at J, on I's grid: +0.2 = 20 % more volume at J. "
+                    "--method jacobian: det J - 1 of the map q -> phi_J(phi_I^-1(q)); --method hu (CT in HU): "
+                    "f_I(q) / f_J(phi_J(phi_I^-1(q))) - 1 with the tissue fraction f = 1 + HU/1000. Writes the NIfTI "
+                    "(0 outside the mask), a PNG and a JSON of the mean, sd, percentiles and volume change (mL) over "
+                    "the mask and per label (e.g. lobes).")
     v.add_argument("registration", metavar="REG_DIR", help="a 'groupmorph register' output folder")
     v.add_argument("--from", dest="source", required=True, metavar="I", help="timepoint (0-based) of the mask, e.g. exhale")
     v.add_argument("--to", dest="target", required=True, metavar="J", help="timepoint (0-based) to compare with, e.g. inhale")
     v.add_argument("--mask", required=True, metavar="SEG",
                    help="label map on timepoint I's grid (NIfTI): 0 outside, 1.. inside (each label summarised)")
     v.add_argument("--out", required=True, help="the ventilation map (NIfTI); PNG and JSON beside it")
+    v.add_argument("--method", default="jacobian", choices=["jacobian", "hu"],
+                   help="volume change from the map's det J, or from the CT densities (images in HU)")
+    _add_images_arg(v)
     _add_sample_args(v, "the posterior sd of each voxel's value (<stem>_sd.nii.gz)")
 
 
@@ -441,10 +446,10 @@ def _ventilation(args) -> int:
 
     _check_samples(args.samples)
     out, figure, table, *spread = write_ventilation(args.registration, args.source, args.target, args.mask, args.out,
-                                                    args.samples, args.seed)
+                                                    args.samples, args.seed, args.method, args.images)
     figures = json.loads(Path(table).read_text())["all"]
     sd = f", posterior sd {figures['sd_mean']:.4f} on average" if spread else ""
-    print(f"ventilation {args.source} -> {args.target}: mean {figures['mean']:+.4f}, median {figures['p50']:+.4f}, "
+    print(f"ventilation {args.source} -> {args.target} ({args.method}): mean {figures['mean']:+.4f}, median {figures['p50']:+.4f}, "
           f"{figures['volume_change_ml']:+.1f} mL over {figures['volume_ml']:.1f} mL{sd} -> {out} "
           f"({', '.join(map(str, [figure, table, *spread]))})")
     return 0

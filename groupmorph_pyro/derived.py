@@ -37,10 +37,16 @@ from .volumes import affine_spacing, load_volume, same_grid, save_nifti
 __all__ = ["trajectory", "ventilation", "ventilation_summary", "midposition", "curves", "label_probabilities",
            "sampled_fields", "trajectory_samples", "ventilation_sd",
            "write_trajectory", "write_ventilation", "write_midposition", "write_curves", "write_label_probabilities",
-           "PERCENTILES"]
+           "tissue_fraction", "check_hu", "PERCENTILES", "VENTILATION_METHODS", "TISSUE_FRACTION_FLOOR"]
 
 PERCENTILES = (5, 25, 50, 75, 95)
 """Percentiles of the ventilation summary (per label and over the whole mask)."""
+
+VENTILATION_METHODS = ("jacobian", "hu")
+"""How :func:`ventilation` measures volume change: from the map's det J, or from CT densities."""
+
+TISSUE_FRACTION_FLOOR = 0.01
+"""The smallest tissue fraction ``1 + HU / 1000`` the ``hu`` ventilation divides by (−990 HU)."""
 
 
 def trajectory(reg: StoredRegistration, points: np.ndarray, frame: Frame) -> np.ndarray:
@@ -59,21 +65,61 @@ def trajectory(reg: StoredRegistration, points: np.ndarray, frame: Frame) -> np.
     return np.stack(rows)
 
 
-def ventilation(reg: StoredRegistration, source: Frame, target: Frame) -> np.ndarray:
+def ventilation(reg: StoredRegistration, source: Frame, target: Frame, method: str = "jacobian",
+                images: np.ndarray | None = None) -> np.ndarray:
     """Local volume change from timepoint ``source`` to ``target``, on ``source``'s grid.
 
-    ``det J − 1`` of the map that carries the tissue at a voxel q of ``source`` to ``target``,
-    ``q ↦ φ_target(φ_source⁻¹(q))`` (central differences inside, one-sided at the borders). The
-    determinant is the same in voxels and in mm: ``+0.2`` means the tissue there takes 20 % more
-    volume in ``target`` than in ``source``.
+    The tissue at a voxel q of ``source`` lies at ``ψ(q) = φ_target(φ_source⁻¹(q))`` in ``target``.
 
+    * ``method="jacobian"``: ``det J_ψ(q) − 1`` (central differences inside, one-sided at the
+      borders). The determinant is the same in voxels and in mm.
+    * ``method="hu"``: the same quantity from CT densities, for images in Hounsfield units: with the
+      tissue fraction ``f = 1 + HU / 1000`` (air −1000 HU: 0, water 0 HU: 1; floored at
+      :data:`TISSUE_FRACTION_FLOOR`) and the tissue mass kept, ``f_source(q) / f_target(ψ(q)) − 1``
+      (``target`` read at ``ψ(q)`` by trilinear interpolation). It reads the densities, so it
+      reflects volume change the fields smooth away, and image noise.
+
+    ``+0.2`` means the tissue there takes 20 % more volume in ``target`` than in ``source``.
+
+    Args:
+        method: ``jacobian`` or ``hu``.
+        images: with ``hu``, the ``(K, D, H, W)`` timepoints in HU on the registration's grid.
     Returns:
         ``(D, H, W)`` float64, dimensionless.
     """
+    source, target = _check_ventilation(reg, source, target, method)
+    if method == "jacobian":
+        field = transfer_field(reg, target, source)  # q + u(q) = φ_target(φ_source⁻¹(q)) on source's grid
+        return jacobian_determinant(torch.from_numpy(field)[None])[0].numpy() - 1.0
+    images = _check_images(images, reg)
+    moved = transfer_image(images[target], reg, target, source)  # target's HU at ψ(q)
+    return tissue_fraction(images[source]) / tissue_fraction(moved) - 1.0
+
+
+def _check_ventilation(reg: StoredRegistration, source: Frame, target: Frame, method: str) -> tuple:
+    """The checked frames of a ventilation ``method`` (``hu`` needs two timepoints, which have images)."""
     source = check_frame(reg, source, "source (--from)")
     target = check_frame(reg, target, "target (--to)")
-    field = transfer_field(reg, target, source)  # q + u(q) = φ_target(φ_source⁻¹(q)) on source's grid
-    return jacobian_determinant(torch.from_numpy(field)[None])[0].numpy() - 1.0
+    if method not in VENTILATION_METHODS:
+        raise InputError(f"method (--method): expected one of {VENTILATION_METHODS}, got {method!r}")
+    if method == "hu" and "common" in (source, target):
+        raise InputError("method hu: expected two timepoints (the common frame has no image)")
+    return source, target
+
+
+def tissue_fraction(hu: np.ndarray) -> np.ndarray:
+    """``1 + HU / 1000``, the tissue (non-air) fraction of a CT voxel, floored at
+    :data:`TISSUE_FRACTION_FLOOR`: float64."""
+    return np.maximum(1.0 + np.asarray(hu, dtype=np.float64) / 1000.0, TISSUE_FRACTION_FLOOR)
+
+
+def check_hu(values: np.ndarray, where: str) -> None:
+    """Refuse images that are not CT in HU: the median inside the mask must lie in (−1000, 0) HU
+    (lung parenchyma is about −900 to −500 HU)."""
+    median = float(np.median(values))
+    if not -1000.0 < median < 0.0:
+        raise InputError(f"method hu: expected CT in HU inside {where} (lung: about -900 to -500 HU), got a median of "
+                         f"{median:.4g}; give the images in HU or use --method jacobian")
 
 
 def _check_labels(name: str, labels: np.ndarray, shape: tuple) -> np.ndarray:
@@ -223,15 +269,22 @@ def trajectory_samples(reg: StoredRegistration, state: dict, points: np.ndarray,
 
 
 def ventilation_sd(reg: StoredRegistration, state: dict, source: Frame, target: Frame, samples: int,
-                   seed: int = 0) -> np.ndarray:
-    """The posterior sd of :func:`ventilation` at every voxel of ``source``'s grid, over ``samples``
-    draws of the stored posterior: ``(D, H, W)`` float64."""
-    source, target = check_frame(reg, source, "source (--from)"), check_frame(reg, target, "target (--to)")
+                   seed: int = 0, method: str = "jacobian", images: np.ndarray | None = None) -> np.ndarray:
+    """The posterior sd of :func:`ventilation` (``method``, ``images`` as there) at every voxel of
+    ``source``'s grid, over ``samples`` draws of the stored posterior: ``(D, H, W)`` float64."""
+    source, target = _check_ventilation(reg, source, target, method)
+    if method == "hu":
+        images = _check_images(images, reg)
+        fraction = tissue_fraction(images[source])
+        target_image = torch.from_numpy(np.ascontiguousarray(images[target], dtype=np.float32))[None, None]
     total = np.zeros(reg.shape)
     squares = np.zeros(reg.shape)
     n = 0
     for field in sampled_fields(state, reg, target, source, samples, seed):
-        v = jacobian_determinant(field.double())[0].numpy() - 1.0
+        if method == "hu":
+            v = fraction / tissue_fraction(warp(target_image, field)[0, 0].numpy()) - 1.0
+        else:
+            v = jacobian_determinant(field.double())[0].numpy() - 1.0
         total += v
         squares += v * v
         n += 1
@@ -244,8 +297,11 @@ def label_probabilities(reg: StoredRegistration, state: dict, labels: np.ndarray
     each label at every voxel of ``target``'s grid.
 
     Each of ``samples`` draws of the stored posterior (``state``,
-    :func:`~groupmorph_pyro.outputs.load_posterior_state`) moves every label's indicator by
-    trilinear resampling (:func:`sampled_fields`); the probabilities are their means over the draws.
+    :func:`~groupmorph_pyro.outputs.load_posterior_state`) moves the label map as
+    :func:`~groupmorph_pyro.transfer.transfer_labels` does under that draw's maps (every label's
+    indicator resampled trilinearly, each voxel taking the label of largest weight, ties to the
+    smaller label; :func:`sampled_fields`); a label's probability at a voxel is the fraction of draws
+    that give the voxel that label. Draws that all equal the posterior mean give the mean's label map.
 
     Args:
         labels: ``(D, H, W)`` integer label map in ``source`` (0 = background, kept as a label).
@@ -257,12 +313,13 @@ def label_probabilities(reg: StoredRegistration, state: dict, labels: np.ndarray
     labels = check_label_map(labels, reg)
     values = [int(v) for v in np.unique(labels)]
     indicators = torch.from_numpy(np.stack([labels == v for v in values]).astype(np.float32))[None]  # (1, L, D, H, W)
-    total = torch.zeros(indicators.shape[1:], dtype=torch.float64)
+    counts = torch.zeros(indicators.shape[1:], dtype=torch.int32)
     n = 0
     for field in sampled_fields(state, reg, source, target, samples, seed):
-        total += warp(indicators, field)[0].double()
+        best = warp(indicators, field)[0].argmax(0, keepdim=True)  # the first (smaller) label among equal weights
+        counts.scatter_add_(0, best, torch.ones_like(best, dtype=torch.int32))
         n += 1
-    return values, (total / n).float().numpy()
+    return values, (counts.double() / n).float().numpy()
 
 
 # ---- files -----------------------------------------------------------------------------------------
@@ -353,34 +410,40 @@ def write_trajectory(registration_dir, points, frame: Frame, out, samples: int =
 
 
 def write_ventilation(registration_dir, source: Frame, target: Frame, mask, out, samples: int = 0,
-                      seed: int = 0) -> tuple[Path, ...]:
+                      seed: int = 0, method: str = "jacobian", images: Sequence | None = None) -> tuple[Path, ...]:
     """:func:`ventilation` inside a mask, written as NIfTI, PNG and JSON; what ``groupmorph ventilation`` runs.
 
     Args:
         mask: NIfTI label map on the registration's grid (source's image): 0 outside, labels ≥ 1
             (e.g. lungs, or lobes) summarised each on its own.
-        out: the NIfTI: det J − 1 inside the mask, 0 outside, on source's grid. Beside it
+        out: the NIfTI: the volume change inside the mask, 0 outside, on source's grid. Beside it
             ``<stem>.png`` (three orthogonal middle slices) and ``<stem>.json``
-            (:func:`ventilation_summary`, with the frames and the mask's path).
+            (:func:`ventilation_summary`, with the frames, the method and the mask's path).
         samples: S > 0 adds ``<stem>_sd.nii.gz``, the posterior sd of each voxel's value over S draws
             of the stored posterior (:func:`ventilation_sd`; 0 outside the mask), and its mean over
             the mask and each label (``sd_mean``) to the JSON.
+        method: ``jacobian`` (det J − 1 of the map) or ``hu`` (from CT densities in HU, which must have
+            a median inside the mask between −1000 and 0 HU; :func:`ventilation`).
+        images: with ``hu``, the K timepoint files (default: the inputs ``summary.json`` records).
     Returns:
         the NIfTI, PNG and JSON paths (and the sd's with samples).
     """
     reg = load_registration(registration_dir)
-    source, target = check_frame(reg, source, "source (--from)"), check_frame(reg, target, "target (--to)")
+    source, target = _check_ventilation(reg, source, target, method)
     if source == target:
         raise InputError(f"--from and --to: expected two different timepoints, got {source} twice")
     out = Path(out)
     figure, table, spread = _sibling(out, ".png"), _sibling(out, ".json"), _sibling(out, "_sd.nii.gz")
-    check_new_outputs(reg, [out, figure, table, *([spread] if samples else [])], [mask])
+    data, paths = group_images(reg, images) if method == "hu" else (None, [])
+    check_new_outputs(reg, [out, figure, table, *([spread] if samples else [])], [mask, *paths])
     state = load_posterior_state(registration_dir) if samples else None
     labels = _check_labels(str(mask), _on_grid(mask, reg, "the mask"), reg.shape)
-    values = ventilation(reg, source, target)
+    if method == "hu":
+        check_hu(data[source][labels > 0], f"the mask, timepoint {source}")
+    values = ventilation(reg, source, target, method, data)
     summary = ventilation_summary(values, labels, affine_spacing(reg.affine))
     if samples:
-        sd = ventilation_sd(reg, state, source, target, samples, seed)
+        sd = ventilation_sd(reg, state, source, target, samples, seed, method, data)
         save_nifti(spread, np.where(labels > 0, sd, 0.0), reg.affine)
         summary["all"]["sd_mean"] = float(sd[labels > 0].mean())
         for value, figures in summary["labels"].items():
@@ -389,11 +452,13 @@ def write_ventilation(registration_dir, source: Frame, target: Frame, mask, out,
     inside = np.where(labels > 0, values, 0.0)
     save_nifti(out, inside, reg.affine)
     slices_figure(figure, np.where(labels > 0, values, np.nan), cmap="RdBu_r", limit=max(abs(summary["all"]["p5"]),
-                  abs(summary["all"]["p95"]), 1e-3), label="det J − 1",
-                  title=f"ventilation {source} → {target}: mean {summary['all']['mean']:+.3f}")
+                  abs(summary["all"]["p95"]), 1e-3), label="volume change",
+                  title=f"ventilation {source} → {target} ({method}): mean {summary['all']['mean']:+.3f}")
+    quantity = {"jacobian": "det J - 1 of phi_to(phi_from^-1(q)) on the from timepoint's grid",
+                "hu": "f_from(q) / f_to(phi_to(phi_from^-1(q))) - 1, f = 1 + HU/1000, on the from timepoint's grid"}
     write_json(table, {"registration": str(Path(registration_dir).resolve()), "from": source, "to": target,
-                       "mask": str(Path(mask).resolve()), "quantity": "det J - 1 of phi_to(phi_from^-1(q)) on the "
-                       "from timepoint's grid", **summary})
+                       "mask": str(Path(mask).resolve()), "method": method, "quantity": quantity[method],
+                       **({"images": [str(Path(x).resolve()) for x in paths]} if paths else {}), **summary})
     return (out, figure, table, spread) if samples else (out, figure, table)
 
 

@@ -174,6 +174,32 @@ def test_scale_benchmark_rejects_unknown_cases_before_any_work(tmp_path, capsys)
     assert not (tmp_path / "scale.json").exists()
 
 
+def test_scale_figure_draws_the_latest_finished_run_of_each_case(tmp_path, capsys):
+    def run(case, method, seconds, **extra):
+        return {"case": case, "method": method, "timepoints": 4, "voxels": 1000, "seconds": seconds, **extra}
+
+    old = {"command": "python benchmarks/scale.py A", "commit": "a1", "started": "2026-12-01T10:00:00Z",
+           "runs": [run("c1", "groupmorph", 10.0), run("c1", "elastix", 20.0), run("c2", "ants", 5.0)]}
+    new = {"command": "python benchmarks/scale.py B", "commit": "b2", "started": "2026-12-05T10:00:00Z",
+           "runs": [run("c1", "groupmorph", 12.0), {"case": "c1", "method": "ants", "failed": "killed"},
+                    {"case": "c2", "method": "ants", "failed": "killed"}]}
+    paths = []
+    for name, report in (("new.json", new), ("old.json", old)):
+        (tmp_path / name).write_text(json.dumps(report))
+        paths.append(str(tmp_path / name))
+    report = _load("scale_figure").main([*paths, "--out", str(tmp_path / "fig")])
+    got = {(r["case"], r["method"]): (r["seconds"], r["source_commit"]) for r in report["points"]}
+    # the newer groupmorph run replaces the older; a failed run leaves the older finished one; c1 ants never finished
+    assert got == {("c1", "groupmorph"): (12.0, "b2"), ("c1", "elastix"): (20.0, "a1"), ("c2", "ants"): (5.0, "a1")}
+    assert [(r["case"], r["method"]) for r in report["unfinished"]] == [("c1", "ants")]
+    saved = json.loads((tmp_path / "fig" / "scale_figure.json").read_text())
+    assert saved["command"].startswith("python benchmarks/scale_figure.py") and saved["points"] == report["points"]
+    assert (tmp_path / "fig" / "scale.png").stat().st_size > 1000 and "unfinished: killed" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        _load("scale_figure").main([str(tmp_path / "nothing.json"), "--out", str(tmp_path / "x")])
+    assert "no such scale JSON" in capsys.readouterr().err
+
+
 def test_memory_estimate_benchmark_smoke(tmp_path, capsys):
     """One tiny case: the child's own peak (more than Python and torch alone, less than the machine)
     beside the estimate for the same grid, K and samples."""

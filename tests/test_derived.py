@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+from scipy.ndimage import map_coordinates
 
 from groupmorph_pyro.checks import InputError
 from groupmorph_pyro.cli import main
@@ -116,6 +117,64 @@ def test_ventilation_is_det_j_minus_one_of_the_map_from_source_to_target(stored)
     assert np.abs(interior(got_12 - (det_u(2, back) / det_u(1, back) - 1))).max() < 0.25  # the chain rule's product
 
 
+def tissue(x):
+    """An analytic tissue fraction (1 + HU / 1000) at (..., 3) voxel coordinates, 0.15 to 0.35 (lung-like)."""
+    return 0.25 + 0.1 * np.sin(0.4 * x[..., 0]) * np.cos(0.3 * x[..., 1])
+
+
+def hu_images(stored):
+    """CT-like timepoints in HU that keep the tissue mass under the stored maps: timepoint k shows, at
+    φ_k(p), the fraction f_0(p) / det J_k(p) (timepoint 0's map is the identity)."""
+    x = grid()
+    out = []
+    for k in range(K):
+        p = inverse(lambda q, k=k: u(k, q), x)  # φ_k⁻¹ at every voxel of timepoint k
+        out.append(1000.0 * (tissue(p) / det_u(k, p) - 1.0))
+    return np.stack(out).astype(np.float32)
+
+
+def test_hu_ventilation_recovers_det_j_from_densities_that_keep_the_mass(stored):
+    from groupmorph_pyro.derived import TISSUE_FRACTION_FLOOR, tissue_fraction
+
+    reg = load_registration(stored["reg"])
+    x, hu = grid(), hu_images(stored)
+    got = ventilation(reg, 0, 1, method="hu", images=hu)
+    assert got.shape == SHAPE and got.dtype == np.float64
+    # the discrete reference: timepoint 1's HU read at φ_1(q) by float64 trilinear interpolation (SciPy)
+    moved = map_coordinates(hu[1].astype(np.float64), np.moveaxis(x + u(1, x), -1, 0), order=1, mode="nearest")
+    np.testing.assert_allclose(interior(got), interior((1 + hu[0] / 1000) / (1 + moved / 1000) - 1), atol=1e-4)
+    truth = det_u(1, x) - 1  # the continuous det J: off by the interpolation of timepoint 1 only
+    assert np.abs(interior(got - truth)).max() < 0.03 and np.abs(interior(got - truth)).mean() < 0.01
+    assert np.abs(interior(truth)).max() > 0.3
+    back = inverse(lambda p: u(1, p), x)  # 1 -> 0: the tissue at q of timepoint 1 came from φ_1⁻¹(q)
+    assert np.abs(interior(ventilation(reg, 1, 0, "hu", hu) - (1 / det_u(1, back) - 1))).max() < 0.03
+    np.testing.assert_allclose(tissue_fraction(np.array([-1000.0, -500.0, 0.0, 40.0])),
+                               [TISSUE_FRACTION_FLOOR, 0.5, 1.0, 1.04])
+    with pytest.raises(InputError, match=r"method \(--method\): expected one of \('jacobian', 'hu'\), got 'density'"):
+        ventilation(reg, 0, 1, method="density", images=hu)
+    with pytest.raises(InputError, match=r"images: expected the K = 3 timepoints on the registration's grid"):
+        ventilation(reg, 0, 1, method="hu")
+    with pytest.raises(InputError, match="method hu: expected two timepoints"):
+        ventilation(reg, "common", 1, method="hu", images=hu)
+
+
+def test_cli_hu_ventilation_reads_the_given_images(stored, tmp_path, capsys):
+    hu = hu_images(stored)
+    paths = [tmp_path / f"hu{k}.nii.gz" for k in range(K)]
+    for k in range(K):
+        save_nifti(paths[k], hu[k], stored["affine"])
+    mask = _mask_file(stored, tmp_path)
+    assert main(["ventilation", str(stored["reg"]), "--from", "0", "--to", "1", "--mask", str(mask), "--method", "hu",
+                 "--images", *map(str, paths), "--out", str(tmp_path / "vent.nii.gz")]) == 0
+    vent, inside = load_volume(tmp_path / "vent.nii.gz").data, load_volume(mask).data > 0
+    np.testing.assert_allclose(vent, np.where(inside, ventilation(load_registration(stored["reg"]), 0, 1, "hu", hu), 0),
+                               atol=1e-6)
+    assert (vent[~inside] == 0).all() and np.abs(vent[inside]).max() > 0.2
+    summary = json.loads((tmp_path / "vent.json").read_text())
+    assert summary["method"] == "hu" and summary["images"] == [str(p.resolve()) for p in paths]
+    assert "ventilation 0 -> 1 (hu): mean" in capsys.readouterr().out
+
+
 def test_ventilation_summary_per_label_matches_numpy(stored):
     reg = load_registration(stored["reg"])
     values = ventilation(reg, 0, 1)
@@ -205,7 +264,7 @@ def test_cli_writes_every_output(stored, tmp_path, capsys):
     truth = det_u(1, grid()) - 1
     assert np.abs(vent[inside] - truth[inside]).max() < 0.06 and (vent[~inside] == 0).all()
     assert summary["all"]["mean"] == pytest.approx(float(vent[inside].mean()), abs=1e-6)
-    assert (tmp_path / "vent.png").stat().st_size > 1000 and "ventilation 0 -> 1: mean" in capsys.readouterr().out
+    assert (tmp_path / "vent.png").stat().st_size > 1000 and "ventilation 0 -> 1 (jacobian): mean" in capsys.readouterr().out
 
     assert main(["midposition", str(reg), "--out", str(tmp_path / "midp.nii.gz")]) == 0
     np.testing.assert_allclose(load_volume(tmp_path / "midp.nii.gz").data,
@@ -238,7 +297,7 @@ def _listing(path):
 
 
 @pytest.mark.parametrize("case", ["frame", "same", "grid", "empty", "fractional", "images", "gone", "clobber",
-                                  "samples"])
+                                  "samples", "not-hu"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(stored, tmp_path, capsys, case):
     reg = str(stored["reg"])
     mask = _mask_file(stored, tmp_path)
@@ -262,6 +321,9 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(stored, tmp_path, ca
         "clobber": (["midposition", reg, "--out", str(stored["inputs"][1])], "refusing to overwrite input file"),
         "samples": (["trajectory", reg, "--points", str(tmp_path / "p.txt"), "--frame", "0", "--samples", "-1",
                      "--out", str(tmp_path / "t.csv")], r"--samples: expected an integer >= 0, got -1"),
+        "not-hu": (["ventilation", reg, "--from", "0", "--to", "1", "--mask", str(mask), "--method", "hu", "--out", str(out)],
+                   r"method hu: expected CT in HU inside the mask, timepoint 0 \(lung: about -900 to -500 HU\), got a median "
+                   r"of 0\.\d+; give the images in HU or use --method jacobian"),
     }[case]
     write_landmarks(tmp_path / "p.txt", np.array([[5.0, 5.0, 5.0]]))
     before = _listing(tmp_path), _listing(stored["reg"])

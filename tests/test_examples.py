@@ -31,10 +31,16 @@ def test_example_smoke(tmp_path, path):
         assert (out / "summary.json").exists() and (out / "warped_0.nii.gz").exists()
         derived = tmp_path / "derived" / name
         wanted = {"dirlab_4dct": ["midposition.nii.gz", "midposition.png", "trajectories.csv", "trajectories.png"],
-                  "breast_mr": ["curves.csv", "curves.png", "curves_subtraction_1_after.nii.gz"]}[path.parent.name]
+                  "breast_mr": ["curves.csv", "curves.png", "curves_subtraction_1_after.nii.gz", "regions_5_prob.nii.gz",
+                                "regions_5_prob_labels.nii.gz", "regions_5_prob.json"]}[path.parent.name]
         assert all((derived / f).is_file() for f in wanted), sorted(p.name for p in derived.iterdir())
-        if path.parent.name == "dirlab_4dct":
-            assert any(derived.glob("ventilation_0_to_*.json")) and np.isfinite(results[name]["outputs"]["ventilation_mean"])
+        if path.parent.name == "dirlab_4dct":  # the smoke run draws 4 posterior samples
+            outputs = results[name]["outputs"]
+            assert any(derived.glob("ventilation_0_to_*_sd.nii.gz")) and np.isfinite(outputs["ventilation_mean"])
+            assert outputs["ventilation_sd_mean"] > 0
+            assert "x_p95" in (derived / "trajectories.csv").read_text().splitlines()[0]
+        else:
+            assert json.loads((derived / "regions_5_prob.json").read_text())["samples"] == 4
     assert (tmp_path / "model" / "last.pt").exists()
 
 

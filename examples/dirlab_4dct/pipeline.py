@@ -1,5 +1,6 @@
 """DIR-Lab 4DCT end to end: prepare -> train -> register -> evaluate (landmark distance, mm) -> the
-mid-position image, ventilation inside a rough lung mask, and the landmarks' trajectories.
+mid-position image, ventilation inside a rough lung mask and the landmarks' trajectories, each with
+its posterior spread from --samples draws of the stored posterior.
 
 Real data (DIR-Lab needs a registration with the DIR-Lab group; nothing is downloaded here)::
 
@@ -43,6 +44,8 @@ def parse(argv=None):
     p.add_argument("--checkpoint", help="skip training and use this checkpoint")
     p.add_argument("--finetune-steps", type=int, default=0, help="per-case SVI steps after the amortised pass")
     p.add_argument("--fixed", type=int, default=0, help="fixed phase index (0 = T00)")
+    p.add_argument("--samples", type=int, default=20,
+                   help="posterior draws for the ventilation sd and the trajectories' 90 %% bands (0: none)")
     p.add_argument("--smoke", action="store_true", help="run on a small synthetic twin with a tiny model "
                    "(and 15 per-case SVI steps unless --finetune-steps is given)")
     return p.parse_args(argv)
@@ -54,6 +57,7 @@ def main(args=None) -> dict:
     geometry = {}
     if args.smoke:
         args.finetune_steps = args.finetune_steps or 15
+        args.samples = min(args.samples, 4)
         args.dirlab = str(work / "raw")
         args.train_cases = [2]
         for case, seed in ((args.case, 0), (2, 1)):
@@ -91,7 +95,7 @@ def main(args=None) -> dict:
                       nmi_after=res.summary["nmi_after"], folding_percent=res.summary["folding_percent_all"])
         results[e.name] = report
         report["outputs"] = after_registration(work / "registered" / e.name, work / "derived" / e.name, images,
-                                               affine, entry_landmarks(e, images.shape[1:]), args.fixed)
+                                               affine, entry_landmarks(e, images.shape[1:]), args.fixed, args.samples)
     write_json(work / "results.json", results)
     for name, r in results.items():
         print(f"{name}: landmark distance {r['identity']['mean_mm']:.2f} ± {r['identity']['sd_mm']:.2f} mm (identity) -> "
@@ -108,19 +112,23 @@ def rough_lung_mask(image: np.ndarray) -> np.ndarray:
     return (binary_fill_holes(body) & ~body).astype(np.uint8)
 
 
-def after_registration(reg_dir: Path, out: Path, images, affine, landmarks, fixed: int) -> dict:
+def after_registration(reg_dir: Path, out: Path, images, affine, landmarks, fixed: int, samples: int = 0) -> dict:
     """5. The mid-position image, ventilation from the fixed phase to the phase farthest from it (inside
-    a rough lung mask), and the fixed phase's landmarks followed through every phase."""
+    a rough lung mask), and the fixed phase's landmarks followed through every phase; with ``samples``
+    the ventilation's posterior sd map and the trajectories' sd and 90 % band columns."""
     out.mkdir(parents=True, exist_ok=True)
     mask = out / f"lungs_{fixed}.nii.gz"
     save_nifti(mask, rough_lung_mask(images[fixed]), affine, dtype=np.uint8)
     far = int(np.argmax([np.abs(images[k] - images[fixed]).mean() for k in range(len(images))]))
     write_landmarks(out / f"landmarks_{fixed}.txt", landmarks[fixed])
     midp, _ = write_midposition(reg_dir, out / "midposition.nii.gz")
-    vent, _, table = write_ventilation(reg_dir, fixed, far, mask, out / f"ventilation_{fixed}_to_{far}.nii.gz")
-    traj, _ = write_trajectory(reg_dir, out / f"landmarks_{fixed}.txt", fixed, out / "trajectories.csv")
+    vent, _, table, *spread = write_ventilation(reg_dir, fixed, far, mask, out / f"ventilation_{fixed}_to_{far}.nii.gz",
+                                                samples=samples)
+    traj, _ = write_trajectory(reg_dir, out / f"landmarks_{fixed}.txt", fixed, out / "trajectories.csv", samples=samples)
+    figures = json.loads(table.read_text())["all"]
     return {"midposition": str(midp), "ventilation": str(vent), "trajectories": str(traj),
-            "ventilation_mean": json.loads(table.read_text())["all"]["mean"]}
+            "ventilation_mean": figures["mean"], **({"ventilation_sd": str(spread[0]),
+                                                     "ventilation_sd_mean": figures["sd_mean"]} if spread else {})}
 
 
 if __name__ == "__main__":
