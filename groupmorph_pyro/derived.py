@@ -29,9 +29,9 @@ from .outputs import load_posterior_state, read_summary
 from .plots import curves_figure, slices_figure
 from .posterior import draw_latents, state_transform
 from .spatial import compose, invert_displacement, jacobian_determinant, map_points, warp
-from .transfer import (Frame, StoredRegistration, between_frames, check_frame, check_label_map, check_new_outputs,
-                       label_dtype, load_registration, read_csv_points, transfer_field, transfer_image, transfer_points,
-                       voxels_to_world)
+from .transfer import (Frame, StoredRegistration, between_frames, check_frame, check_frames, check_label_map,
+                       check_new_outputs, label_dtype, largest_weight_labels, load_registration, read_csv_points,
+                       transfer_field, transfer_image, transfer_points, voxels_to_world)
 from .volumes import affine_spacing, load_volume, same_grid, save_nifti
 
 __all__ = ["trajectory", "ventilation", "ventilation_summary", "midposition", "curves", "label_probabilities",
@@ -98,8 +98,7 @@ def ventilation(reg: StoredRegistration, source: Frame, target: Frame, method: s
 
 def _check_ventilation(reg: StoredRegistration, source: Frame, target: Frame, method: str) -> tuple:
     """The checked frames of a ventilation ``method`` (``hu`` needs two timepoints, which have images)."""
-    source = check_frame(reg, source, "source (--from)")
-    target = check_frame(reg, target, "target (--to)")
+    source, target = check_frames(reg, source, target)
     if method not in VENTILATION_METHODS:
         raise InputError(f"method (--method): expected one of {VENTILATION_METHODS}, got {method!r}")
     if method == "hu" and "common" in (source, target):
@@ -238,7 +237,7 @@ def sampled_fields(state: dict, reg: StoredRegistration, source: Frame, target: 
     ``q + u(q) = φ_source(φ_target⁻¹(q))`` under that draw's maps (as
     :func:`~groupmorph_pyro.transfer.transfer_field` for the posterior mean): ``(1, 3, D, H, W)``
     float32 voxels, one at a time."""
-    source, target = check_frame(reg, source, "source (--from)"), check_frame(reg, target, "target (--to)")
+    source, target = check_frames(reg, source, target)
     _check_state(state, reg)
     t = state_transform(state)
     with torch.no_grad():
@@ -309,17 +308,17 @@ def label_probabilities(reg: StoredRegistration, state: dict, labels: np.ndarray
         ``(values, probabilities)``: the label values present, ascending, and ``(L, D, H, W)`` float32
         probabilities in that order (summing to 1 at every voxel).
     """
-    source, target = check_frame(reg, source, "source (--from)"), check_frame(reg, target, "target (--to)")
+    source, target = check_frames(reg, source, target)
     labels = check_label_map(labels, reg)
     values = [int(v) for v in np.unique(labels)]
-    indicators = torch.from_numpy(np.stack([labels == v for v in values]).astype(np.float32))[None]  # (1, L, D, H, W)
-    counts = torch.zeros(indicators.shape[1:], dtype=torch.int32)
+    counts = np.zeros((len(values), *labels.shape), np.int32)
     n = 0
     for field in sampled_fields(state, reg, source, target, samples, seed):
-        best = warp(indicators, field)[0].argmax(0, keepdim=True)  # the first (smaller) label among equal weights
-        counts.scatter_add_(0, best, torch.ones_like(best, dtype=torch.int32))
+        best = largest_weight_labels(labels, values, field[0].double().numpy())
+        for i in range(len(values)):
+            counts[i] += best == i
         n += 1
-    return values, (counts.double() / n).float().numpy()
+    return values, (counts / n).astype(np.float32)
 
 
 # ---- files -----------------------------------------------------------------------------------------
@@ -537,7 +536,7 @@ def write_label_probabilities(registration_dir, labels, source: Frame, target: F
         the three paths.
     """
     reg = load_registration(registration_dir)
-    source, target = check_frame(reg, source, "source (--from)"), check_frame(reg, target, "target (--to)")
+    source, target = check_frames(reg, source, target)
     out = Path(out)
     argmax, table = _sibling(out, "_labels.nii.gz"), _sibling(out, ".json")
     check_new_outputs(reg, [out, argmax, table], [labels])

@@ -36,7 +36,8 @@ from .spatial import compose, identity_grid, map_points, warp
 from .volumes import load_displacement, load_volume, read_grid, same_grid, save_nifti
 
 __all__ = ["StoredRegistration", "load_registration", "transfer_field", "transfer_image", "transfer_labels",
-           "transfer_points", "apply_registration", "apply_to_file", "check_frame", "read_csv_points", "label_dtype", "Frame",
+           "transfer_points", "apply_registration", "apply_to_file", "check_frame", "check_frames", "largest_weight_labels",
+           "read_csv_points", "label_dtype", "Frame",
            "between_frames", "check_label_map", "voxels_to_world", "check_new_outputs",
            "IMAGE_INTERPOLATIONS", "LABEL_INTERPOLATIONS"]
 
@@ -119,6 +120,11 @@ def check_frame(reg: StoredRegistration, value, name: str) -> Frame:
     raise InputError(f"{name}: expected a timepoint 0..{reg.num_timepoints - 1} or 'common', got {value!r}")
 
 
+def check_frames(reg: StoredRegistration, source, target) -> tuple[Frame, Frame]:
+    """:func:`check_frame` of a source (``--from``) and a target (``--to``) frame."""
+    return check_frame(reg, source, "source (--from)"), check_frame(reg, target, "target (--to)")
+
+
 def _field(reg: StoredRegistration, k: Frame, inverse: bool) -> torch.Tensor | None:
     """``(1, 3, D, H, W)`` float64 ``φ_k − Id`` (or ``φ_k⁻¹ − Id``); None for the common frame (identity)."""
     if k == "common":
@@ -144,7 +150,7 @@ def transfer_field(reg: StoredRegistration, source: Frame, target: Frame) -> np.
         ``(3, D, H, W)`` float64 displacement ``u`` in voxels on the target grid with
         ``out(q) = img(q + u(q))``, i.e. ``q + u(q) = φ_source(φ_target⁻¹(q))``.
     """
-    source, target = check_frame(reg, source, "source (--from)"), check_frame(reg, target, "target (--to)")
+    source, target = check_frames(reg, source, target)
     return between_frames(_field(reg, source, inverse=False), _field(reg, target, inverse=True), reg.shape)[0].numpy()
 
 
@@ -223,13 +229,28 @@ def transfer_labels(labels: np.ndarray, reg: StoredRegistration, source: Frame, 
     if interpolation == "nearest":
         out = _resample(labels.astype(np.float64), field, "nearest")
     else:
-        best = np.full(reg.shape, -1.0)
-        out = np.zeros(reg.shape)
-        for value in values:  # one indicator at a time: memory of two volumes, not one per label
-            weight = _resample((labels == value).astype(np.float64), field, "linear")
-            better = weight > best
-            out[better], best[better] = value, weight[better]
+        out = values[largest_weight_labels(labels, values, field)]
     return np.round(out).astype(label_dtype(values))
+
+
+def largest_weight_labels(labels: np.ndarray, values, field: np.ndarray) -> np.ndarray:
+    """Where a label map lands under a resampling field, labels kept as labels: every label's
+    indicator resampled trilinearly (``img(q + field(q))``), each voxel taking the label of largest
+    weight, ties to the earlier of ``values``.
+
+    Args:
+        labels: ``(D, H, W)`` label map; values: its label values, ascending; field: ``(3, D, H, W)``
+            float64 displacement (voxels), as :func:`transfer_field`.
+    Returns:
+        ``(D, H, W)`` int64 index into ``values`` at every voxel.
+    """
+    best = np.full(labels.shape, -1.0)
+    out = np.zeros(labels.shape, np.int64)
+    for i, value in enumerate(values):  # one indicator at a time: memory of two volumes, not one per label
+        weight = _resample((labels == value).astype(np.float64), field, "linear")
+        better = weight > best
+        out[better], best[better] = i, weight[better]
+    return out
 
 
 def _check_near_grid(points: np.ndarray, shape) -> None:
@@ -259,7 +280,7 @@ def transfer_points(points: np.ndarray, reg: StoredRegistration, source: Frame, 
     if not np.isfinite(pts).all():
         raise InputError("points: expected finite coordinates, got NaN/inf")
     _check_near_grid(pts, reg.shape)
-    source, target = check_frame(reg, source, "source (--from)"), check_frame(reg, target, "target (--to)")
+    source, target = check_frames(reg, source, target)
     p = torch.from_numpy(pts)[None]
     inverse, forward = _field(reg, source, inverse=True), _field(reg, target, inverse=False)
     if inverse is not None:
@@ -378,7 +399,7 @@ def apply_to_file(registration_dir, source: Frame, target: Frame, out, *, image=
         raise InputError(f"expected exactly one of --image, --labels, --points, got {[n for n, _ in given] or 'none'}")
     kind, path = given[0]
     reg = load_registration(registration_dir)
-    source, target = check_frame(reg, source, "source (--from)"), check_frame(reg, target, "target (--to)")
+    source, target = check_frames(reg, source, target)
     check_new_outputs(reg, [out], [path])
     out = Path(out)
     if kind == "points":
