@@ -157,8 +157,9 @@ class RegisterConfig(_Section):
     """Per-case optimisation settings (registration without a checkpoint, or fine-tuning).
 
     From zero the mean is fitted as a point estimate (MAP) by Adam, coarse to fine, then σ is set to
-    the prior's mean-field optimum (``scale_reset``) and the posterior family chosen by the ELBO
-    (``covariance``). Fine-tuning a network's posterior fits the mean as a point estimate by SGD with
+    the prior's mean-field optimum (``scale_reset``), and the posterior family (``covariance``) and the
+    correlated family's likelihood curvature (``curvature``) are chosen by the ELBO with the likelihood
+    weighted by ``scale_beta``. Fine-tuning a network's posterior fits the mean as a point estimate by SGD with
     Nesterov momentum (peak step ``finetune_lr``) and keeps the network's σ."""
 
     steps: int = 60  # full-resolution per-case SVI steps (without a checkpoint: after the coarse pyramid levels)
@@ -167,6 +168,8 @@ class RegisterConfig(_Section):
     scale_lr: float | None = None  # Adam step on log σ (peak of the schedule) when mean and σ are fitted together (scale_reset false); null = lr
     scale_reset: bool = True  # after the mean's fit, set σ to the prior's mean-field optimum 1/sqrt(diag Λ) (false: mean and σ by SVI together)
     covariance: str = "dct"  # posterior family after the σ reset: "diagonal", or "dct" (also tried: kept if its ELBO is better)
+    curvature: float = 0.003  # covariance dct: first rung of the ELBO's search for the likelihood's curvature h, as a fraction of the prior's mean precision diagonal (rungs × 3 apart; the posterior's precision is Λ + h I); 0 = h = 0, the prior's covariance
+    scale_beta: float | None = 1.0  # per-voxel likelihood weight β of the σ phase's ELBO (the posterior's spread; the mean is fitted at model.beta); null = model.beta
     schedule: str = "cosine"  # learning-rate schedule over each level's steps: "constant" or "cosine" (to 0)
     average: float = 0.3  # average the guide's parameters over this final fraction of each level's steps (0 = off)
     pyramid: list[int] = field(default_factory=lambda: [2, 1])  # per-case from zero: shrink factors, coarse to fine, ending in 1
@@ -195,6 +198,9 @@ class RegisterConfig(_Section):
         _check_switch("register.scale_reset", self.scale_reset)
         if self.scale_lr is not None:
             check_positive("register.scale_lr", self.scale_lr)
+        check_positive("register.curvature", self.curvature, allow_zero=True)
+        if self.scale_beta is not None:
+            check_positive("register.scale_beta", self.scale_beta)
         if self.covariance not in ("diagonal", "dct"):
             raise InputError(f"register.covariance: expected 'diagonal' or 'dct', got {self.covariance!r}")
         if self.schedule not in ("constant", "cosine"):

@@ -10,14 +10,62 @@ The updates are those of ``torch.optim.Adam`` (no weight decay, no AMSGrad) and
 Interface (the subset of ``torch.optim`` the per-case loop uses): ``param_groups`` (a list of
 ``{"params": [tensors], "lr": float}`` whose ``lr`` the caller may change between steps),
 ``zero_grad()`` and ``step()``.
+
+:func:`ladder_minimum` minimises a noisy scalar function of one positive number on a geometric
+ladder (the σ phase's search for the likelihood's curvature).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .checks import InputError
 
-__all__ = ["Adam", "NesterovSGD"]
+__all__ = ["Adam", "NesterovSGD", "ladder_minimum"]
+
+
+def ladder_minimum(loss, start: float, factor: float = 3.0, max_rungs: int = 6) -> tuple[float, list]:
+    """The rung of the ladder ``start · factor^j`` (``|j| <= max_rungs``) with the lowest ``loss``, found
+    by walking from ``j = 0`` in the direction the loss falls and stopping at the first rung that is
+    not lower (a unimodal loss needs 3 evaluations when ``start`` is best, one more per rung moved).
+
+    Args:
+        loss: callable of one float, returning a float (finite, or inf for a rung that cannot be used);
+        start: > 0, the first rung; factor: > 1, the ratio of neighbouring rungs;
+        max_rungs: >= 0, how far the walk may go each way.
+    Returns:
+        (best value, ``[[value, loss], ...]`` in the order evaluated).
+    """
+    if not (isinstance(start, (int, float)) and math.isfinite(start) and start > 0):
+        raise InputError(f"ladder_minimum: expected a finite start > 0, got {start!r}")
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1):
+        raise InputError(f"ladder_minimum: expected a finite factor > 1, got {factor!r}")
+    if isinstance(max_rungs, bool) or not isinstance(max_rungs, int) or max_rungs < 0:
+        raise InputError(f"ladder_minimum: expected an integer max_rungs >= 0, got {max_rungs!r}")
+    tried = []
+
+    def at(j: int) -> float:
+        value = float(start * factor ** j)
+        result = float(loss(value))
+        if math.isnan(result):
+            raise InputError(f"ladder_minimum: the loss at {value:g} is NaN")
+        tried.append([value, result])
+        return result
+
+    best_j, best = 0, at(0)
+    for direction in (1, -1):  # up first; down only if the first step up did not improve
+        j = best_j + direction
+        moved = False
+        while abs(j) <= max_rungs:
+            value = at(j)
+            if value >= best:
+                break
+            best_j, best, moved = j, value, True
+            j += direction
+        if moved:
+            break
+    return float(start * factor ** best_j), tried
 
 
 class _Optimizer:

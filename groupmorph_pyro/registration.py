@@ -22,14 +22,14 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
-from .checks import InputError, check_integer
+from .checks import InputError, check_integer, check_positive
 from .config import Config, RegisterConfig
 from .group import GroupTransform
 from .likelihoods import group_nmi, is_order_free
 from .metrics import landmark_report
 from .model import (CaseGuide, GroupMorphGuide, GroupMorphModel, build_model, chunked_elbo_loss, chunked_map_loss,
                     has_map_loss, latent_chunk, map_loss, serve_guide)
-from .optim import Adam, NesterovSGD
+from .optim import Adam, NesterovSGD, ladder_minimum
 from .priors import SPACING_EXPONENTS, DCTGaussianField, compact
 from .posterior import landmark_posterior, sample_posterior, to_inference_data, uncertainty_maps
 from .preprocess import normalize_group, sliding_window
@@ -38,7 +38,7 @@ from .spatial import (control_factor, jacobian_determinant, level_shape, map_poi
                       warp)
 from .volumes import affine_spacing
 
-__all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "FITS", "fit_case", "mean_fit", "fit_pyramid", "fit_scale", "correlated_start", "prepare",
+__all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "FITS", "fit_case", "mean_fit", "fit_pyramid", "fit_scale", "correlated_start", "correlated_family", "prepare",
            "fit_model", "level_model", "posterior_transform", "infer", "refine", "nmi_report", "summarise", "add_posterior_samples",
            "posterior_state", "register"]
 
@@ -413,24 +413,30 @@ def _resets_scale(prior, settings: RegisterConfig) -> bool:
 
 def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGuide,
               settings: RegisterConfig) -> tuple[CaseGuide, dict]:
-    """The posterior sd for a fitted mean: σ set to the prior's mean-field optimum ``1 / sqrt(diag Λ)``
-    (``settings.scale_reset``; priors with a DCT spectrum; otherwise σ stays the guide's). Steps on
-    log σ during the mean's fit leave σ far below its ELBO optimum; the reset restores it without
-    steps of its own.
+    """The posterior's spread around a fitted mean: σ set to the prior's mean-field optimum
+    ``1 / sqrt(diag Λ)`` (``settings.scale_reset``; priors with a DCT spectrum; otherwise σ stays the
+    guide's), then, with ``settings.covariance == "dct"``, the correlated family of precision
+    ``Λ + h I``. Steps on log σ during the mean's fit leave σ far below its ELBO optimum; neither
+    phase takes steps of its own.
 
-    With ``settings.covariance == "dct"`` (and a DCT prior) the correlated family is then started from
-    this diagonal posterior (:func:`correlated_start`, no steps) and replaces it when its ELBO estimate
-    (common random numbers) is better: a diagonal Normal's marginal sd is far below the posterior's
-    when the prior correlates neighbours (``benchmarks/results/calibration*.json``: 90 % intervals held the
-    truth at 43 % of moving voxels with the diagonal family, 99.7 % with the correlated one).
+    The correlated family starts from the diagonal posterior (:func:`correlated_start`, whose
+    curvature is 0 after the reset: the prior's covariance) and adds the likelihood's curvature ``h``,
+    one number for the whole field, chosen by the ELBO (common random numbers) on the ladder
+    ``c · mean(diag Λ)``, ``c = settings.curvature · 3^j`` (:func:`~groupmorph_pyro.optim.ladder_minimum`;
+    ``settings.curvature`` 0: ``h`` stays the start's). The correlated posterior replaces the
+    diagonal one when its ELBO is better: a diagonal Normal's marginal sd is far below the posterior's
+    when the prior correlates neighbours (the calibration benchmark, ``benchmarks/results/calibration*.json``).
 
     Returns:
         (guide, ``{"steps_run", "elbo_loss_before", "elbo_loss_after", "kept", "seconds", "guard_seconds",
         "reset", "covariance"}``; ``steps_run`` is 0, ``elbo_loss_before`` the diagonal posterior's;
         ``covariance`` is the family kept, ``"diagonal"`` or ``"dct"``; with ``"dct"`` tried,
-        ``"correlated": {"elbo_loss", "seconds", "curvature_median"}``).
+        ``"correlated": {"elbo_loss", "seconds", "curvature_median", "curvature_fraction", "tried"}``:
+        the chosen ``h`` (median over latents and components), its ``c``, and ``[[c, elbo_loss], ...]``
+        of every rung evaluated).
     """
     clock = time.perf_counter()
+    model, beta = spread_model(model, settings.scale_beta)
     with torch.no_grad():
         loc, scale = case.distribution_params()
     prior = model.prior_distribution(loc.shape[3:], loc.device)
@@ -438,29 +444,56 @@ def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGui
     if reset:
         scale = prior.precision_diagonal(loc.device, loc.dtype).rsqrt().expand_as(loc)
     guide = CaseGuide(loc, scale, prior, compact=True)
-    diagonal = elbo_loss(model, guide, images, fixed, settings.guard_particles,
-                         chunk=latent_chunk(model, guide, loc.shape[3:]))
+    chunk = latent_chunk(model, guide, loc.shape[3:])
+    diagonal = elbo_loss(model, guide, images, fixed, settings.guard_particles, chunk=chunk)
     seconds = time.perf_counter() - clock
     report = {"steps_run": 0, "elbo_loss_before": diagonal, "elbo_loss_after": diagonal, "kept": "refined",
-              "seconds": seconds, "guard_seconds": seconds, "reset": reset, "covariance": "diagonal"}
+              "seconds": seconds, "guard_seconds": seconds, "reset": reset, "covariance": "diagonal", "beta": beta}
     if settings.covariance == "dct" and isinstance(prior, DCTGaussianField):
         clock = time.perf_counter()
         with torch.no_grad():
             loc, sigma = guide.distribution_params()  # the diagonal posterior's (its mean as the guide stores it)
-            modulation, spectrum, curvature = correlated_start(prior, sigma)
-        # no steps: on the calibration phantom 5 more σ-phase steps changed neither its ELBO nor its coverage
-        corr = CaseGuide(loc, modulation, prior, spectrum, compact=True)  # no steps: σ and s as they broadcast
-        guard_clock = time.perf_counter()
-        corr_loss = elbo_loss(model, corr, images, fixed, settings.guard_particles,
-                              chunk=latent_chunk(model, corr, loc.shape[3:]))
+            _, _, start = correlated_start(prior, sigma)
+        unit = float(prior.precision_diagonal(loc.device, torch.float64).mean())
+        best = {}  # the best rung's guide so far (one guide held at a time besides the one evaluated)
+
+        def loss_at(c: float) -> float:  # the correlated posterior with curvature start + c · mean(diag Λ)
+            with torch.no_grad():
+                modulation, spectrum = correlated_family(prior, sigma, start + c * unit)
+            candidate = CaseGuide(loc, modulation, prior, spectrum, compact=True)  # σ and s as they broadcast
+            loss = elbo_loss(model, candidate, images, fixed, settings.guard_particles, chunk=chunk)
+            if not best or loss < best["loss"]:
+                best.update(c=c, loss=loss, guide=candidate)
+            return loss
+
+        if settings.curvature > 0:
+            chosen, tried = ladder_minimum(loss_at, settings.curvature)
+        else:
+            chosen, tried = 0.0, [[0.0, loss_at(0.0)]]
+        corr, corr_loss = best["guide"], best["loss"]
         seconds = time.perf_counter() - clock
-        report["correlated"] = {"elbo_loss": corr_loss, "seconds": seconds, "curvature_median": float(curvature.median())}
+        report["correlated"] = {"elbo_loss": corr_loss, "seconds": seconds,
+                                "curvature_median": float((start + chosen * unit).median()),
+                                "curvature_fraction": chosen, "tried": tried}
         report["seconds"] += seconds
-        report["guard_seconds"] += time.perf_counter() - guard_clock  # its one ELBO estimate
+        report["guard_seconds"] += seconds  # the rungs are ELBO estimates
         if corr_loss <= diagonal:  # the ELBO decides between the two families
             guide = corr
             report.update(covariance="dct", elbo_loss_after=corr_loss)
     return guide, report
+
+
+def spread_model(model: GroupMorphModel, beta: float | None) -> tuple[GroupMorphModel, float | None]:
+    """The model whose ELBO :func:`fit_scale` scores the posterior's spread with: ``model`` with its
+    likelihood's per-voxel weight set to ``beta`` (``register.scale_beta``), or ``model`` itself when
+    ``beta`` is None or its likelihood has no weight ``beta`` (a custom callable). Returns (model, the β
+    used, or None when the likelihood has none)."""
+    weight = getattr(model.likelihood, "beta", None)
+    if beta is None or not isinstance(weight, (int, float)):
+        return model, weight if isinstance(weight, (int, float)) else None
+    likelihood = copy.copy(model.likelihood)
+    likelihood.beta = check_positive("register.scale_beta", beta)
+    return model.with_likelihood(likelihood), float(beta)
 
 
 def correlated_start(prior: DCTGaussianField, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -469,31 +502,64 @@ def correlated_start(prior: DCTGaussianField, sigma: torch.Tensor) -> tuple[torc
     A diagonal Normal's ELBO optimum for a Gaussian posterior of precision ``P`` is
     ``σ_i² = 1 / P_ii``; with ``P = Λ + diag(h)`` this gives the likelihood's curvature per voxel,
     ``h_i = 1/σ_i² − Λ_ii``. With its median ``h`` per latent and component (clamped at 0), the
-    correlated family :class:`~groupmorph_pyro.priors.CorrelatedNormal` starts at spectrum
-    ``s(k) = 1 / sqrt(λ(k) + h)`` and modulation ``a_i = σ_i sqrt(Λ_ii + h)``: exactly
-    ``(Λ + h I)⁻¹`` where the curvature is constant, the diagonal fit's spread elsewhere.
+    correlated family :class:`~groupmorph_pyro.priors.CorrelatedNormal` starts at
+    :func:`correlated_family` of that ``h``: exactly ``(Λ + h I)⁻¹`` where the curvature is constant,
+    the diagonal fit's spread elsewhere.
 
     Args:
         prior: the model's DCT prior on this grid; sigma: ``(B, K_lat, 3, D, H, W)`` fitted sd (voxels), > 0.
     Returns:
         (modulation ``a`` like sigma, spectrum ``s`` like sigma, curvature ``h`` ``(B, K_lat, 3)``).
     """
-    if tuple(sigma.shape[-3:]) != tuple(prior.spatial_shape) or sigma.dim() != 6:
-        raise InputError(f"correlated_start: expected sigma (B, K_lat, 3, {', '.join(map(str, prior.spatial_shape))}), "
-                         f"got {tuple(sigma.shape)}")
-    shape = sigma.shape
+    shape = _check_sigma(prior, sigma, "correlated_start")
     sigma = compact(sigma)  # a σ shared by latents or components (e.g. the σ phase's reset) is computed once
-    if not torch.isfinite(sigma).all() or (sigma <= 0).any():
-        raise InputError("correlated_start: expected a finite sigma > 0")
     diag = prior.precision_diagonal(sigma.device, torch.float64)  # (D, H, W)
-    eig = prior.precision_eigenvalues(sigma.device, torch.float64)  # (D, H, W)
     excess = (sigma.double().pow(-2) - diag).expand(*sigma.shape[:3], *diag.shape).flatten(3)  # (B', K', 3', N)
     h = excess.median(dim=-1).values.clamp_min(0.0)  # (B', K', 3'): 1 along the dims σ is shared over
-    hb = h[..., None, None, None]
+    modulation, spectrum = correlated_family(prior, sigma.expand(shape), h)
+    return modulation, spectrum, h.to(sigma.dtype).expand(shape[:3])
+
+
+def correlated_family(prior: DCTGaussianField, sigma: torch.Tensor, curvature) -> tuple[torch.Tensor, torch.Tensor]:
+    """The correlated posterior :class:`~groupmorph_pyro.priors.CorrelatedNormal` of precision
+    ``Λ + h I`` where a diagonal fit's spread matches it: spectrum ``s(k) = 1 / sqrt(λ(k) + h)`` and
+    modulation ``a_i = σ_i sqrt(Λ_ii + h)`` (with σ the prior's mean-field optimum ``1 / sqrt(Λ_ii)``,
+    exactly ``(Λ + h I)⁻¹`` up to its diagonal's variation over the grid).
+
+    Args:
+        prior: the model's DCT prior on this grid; sigma: ``(B, K_lat, 3, D, H, W)`` sd (voxels), > 0,
+            or a view that broadcasts to it; curvature: ``h >= 0``, a float or a tensor
+            broadcastable to ``(B, K_lat, 3)`` (per latent and component).
+    Returns:
+        (modulation ``a`` like sigma, spectrum ``s`` like sigma), views where they broadcast.
+    """
+    shape = _check_sigma(prior, sigma, "correlated_family")
+    h = torch.as_tensor(curvature, dtype=torch.float64, device=sigma.device)
+    if not torch.isfinite(h).all() or (h < 0).any():
+        raise InputError(f"correlated_family: expected a finite curvature >= 0, got {curvature!r}")
+    try:
+        hb = torch.broadcast_to(h, shape[:3])[..., None, None, None]
+    except RuntimeError:
+        raise InputError(f"correlated_family: curvature {tuple(h.shape)} does not broadcast to (B, K_lat, 3) "
+                         f"{tuple(shape[:3])}") from None
+    sigma = compact(sigma)
+    hb = compact(hb)
+    diag = prior.precision_diagonal(sigma.device, torch.float64)  # (D, H, W)
+    eig = prior.precision_eigenvalues(sigma.device, torch.float64)  # (D, H, W)
     spectrum = (eig + hb).rsqrt()
     modulation = sigma.double() * (diag + hb).sqrt()
-    return (modulation.to(sigma.dtype).expand(shape), spectrum.to(sigma.dtype).expand(shape),  # views
-            h.to(sigma.dtype).expand(shape[:3]))
+    return (modulation.to(sigma.dtype).expand(shape), spectrum.to(sigma.dtype).expand(shape))  # views
+
+
+def _check_sigma(prior: DCTGaussianField, sigma: torch.Tensor, name: str) -> torch.Size:
+    """``sigma``'s shape ``(B, K_lat, 3, D, H, W)`` on the prior's grid, finite and > 0."""
+    if tuple(sigma.shape[-3:]) != tuple(prior.spatial_shape) or sigma.dim() != 6:
+        raise InputError(f"{name}: expected sigma (B, K_lat, 3, {', '.join(map(str, prior.spatial_shape))}), "
+                         f"got {tuple(sigma.shape)}")
+    small = compact(sigma)
+    if not torch.isfinite(small).all() or (small <= 0).any():
+        raise InputError(f"{name}: expected a finite sigma > 0")
+    return sigma.shape
 
 
 MIN_LEVEL_SIZE = 12  # voxels: coarser pyramid levels are skipped

@@ -14,7 +14,7 @@ from groupmorph_pyro.checks import InputError
 from groupmorph_pyro.config import Config
 from groupmorph_pyro.model import CaseGuide, GroupMorphModel
 from groupmorph_pyro.priors import BendingNormal, CorrelatedNormal, LaplacianNormal
-from groupmorph_pyro.registration import correlated_start, register
+from groupmorph_pyro.registration import correlated_family, correlated_start, register
 from groupmorph_pyro.synthetic import breathing_phantom
 from test_research_api import dense_laplacian
 
@@ -105,6 +105,38 @@ def test_start_from_a_diagonal_fit_is_the_dense_posterior_of_constant_curvature(
             np.testing.assert_allclose(var[0, k, c].reshape(-1).numpy(), np.diag(post), rtol=1e-8)
 
 
+@pytest.mark.parametrize("prior", [BendingNormal(SHAPE, 0.7, 0.05), LaplacianNormal(SHAPE, 1.0, 0.01)])
+def test_family_at_a_curvature_has_the_dense_marginal_variances(prior):
+    """From the σ phase's reset σ_i = 1 / sqrt(Λ_ii), the family at curvature h has marginal variance
+    ``(Λ_ii + h) / Λ_ii · [(Λ + h I)⁻¹]_ii`` (its modulation times the dense posterior's diagonal), per
+    latent and component; at h = 0 the prior's own marginal variances."""
+    n = math.prod(SHAPE)
+    lap = dense_laplacian(SHAPE).numpy()
+    if isinstance(prior, BendingNormal):
+        prec = prior.lambda_v * np.eye(n) + prior.lambda_b * lap @ lap
+    else:
+        prec = prior.lambda_v * np.eye(n) + prior.lambda_u * lap
+    diag = np.diag(prec)
+    sigma = torch.tensor(diag ** -0.5).reshape(1, 1, 1, *SHAPE).expand(1, 2, 3, *SHAPE)  # the reset: a shared view
+    hs = np.array([[0.0, 0.4, 3.0], [1.5, 9.0, 0.05]])
+    modulation, spectrum = correlated_family(prior, sigma, torch.tensor(hs)[None])
+    assert modulation.shape == spectrum.shape == sigma.shape
+    var = CorrelatedNormal(torch.zeros(sigma.shape, dtype=torch.float64), modulation, spectrum).variance
+    for k in range(2):
+        for c in range(3):
+            h = hs[k, c]
+            expected = (diag + h) / diag * np.diag(np.linalg.inv(prec + h * np.eye(n)))
+            np.testing.assert_allclose(var[0, k, c].reshape(-1).numpy(), expected, rtol=1e-8)
+    same, same_spectrum = correlated_family(prior, sigma, 0.4)  # a float curvature: every latent and component
+    assert torch.allclose(same[0, 1, 2], modulation[0, 0, 1]) and torch.allclose(same_spectrum[0, 1, 0], spectrum[0, 0, 1])
+    with pytest.raises(InputError, match="curvature >= 0"):
+        correlated_family(prior, sigma, -1.0)
+    with pytest.raises(InputError, match="does not broadcast"):
+        correlated_family(prior, sigma, torch.ones(2))
+    with pytest.raises(InputError, match="expected sigma"):
+        correlated_family(prior, sigma[..., :2], 1.0)
+
+
 def test_case_guide_reports_the_marginal_sd_and_samples_the_correlated_family():
     loc, scale, spectrum = _fields(3)
     loc, scale = loc[:1, None].float(), scale[:1, None].float()  # (1, 1, 3, D, H, W)
@@ -155,9 +187,8 @@ def test_bad_input_is_refused():
 def test_per_case_posterior_widens_when_the_correlated_family_wins():
     """End to end on a phantom: with ``covariance: dct`` the σ phase keeps whichever family has the better
     ELBO; the correlated one must not lose on the ELBO, the mean is the same as the diagonal run's, and the
-    posterior samples' sd follows the reported marginal sd. The bending prior's weights in voxels as
-    before 2026-12-02 (λ_b 1, λ_v 0.01): with those the correlated family wins on this small phantom;
-    with the stiffer default (λ_b 6 per mm) the diagonal one did, and the σ phase kept it."""
+    posterior samples' sd follows the reported marginal sd. The bending prior's weights in voxels
+    (λ_b 1, λ_v 0.01), with which the correlated family wins on this small phantom."""
     g = breathing_phantom((20, 20, 20), 3, seed=1, num_landmarks=10)
     out = {}
     for cov in ("diagonal", "dct"):
@@ -186,3 +217,68 @@ def test_start_takes_the_median_curvature_of_each_component():
     assert torch.allclose(curvature, torch.full((1, 1, 3), 2.0, dtype=torch.float64))
     assert torch.allclose(spectrum[0, 0, 0], (prior.precision_eigenvalues(dtype=torch.float64) + 2.0).rsqrt())
     assert torch.allclose(modulation, sigma * (diag + 2.0).sqrt())
+
+
+def test_sigma_phase_picks_the_curvature_of_best_elbo_on_its_ladder():
+    """fit_scale evaluates rungs c · mean(diag Λ) from register.curvature and keeps the one of lowest ELBO
+    loss, whose spectrum is 1 / sqrt(λ(k) + h); with curvature 0 the correlated posterior is the prior's
+    covariance (h = 0, one rung). On a phantom the data narrow the posterior: the chosen h is above 0
+    and its ELBO beats h = 0's."""
+    from groupmorph_pyro.config import RegisterConfig
+    from groupmorph_pyro.preprocess import normalize_group
+    from groupmorph_pyro.registration import fit_scale
+
+    g = breathing_phantom((16, 16, 16), 3, amplitude=2.0, seed=4, num_landmarks=4)
+    model = GroupMorphModel(3)
+    x = normalize_group(g.images)
+    prior = model.prior_distribution(x.shape[2:])
+    loc = torch.zeros(1, 2, 3, *x.shape[2:])
+    case = CaseGuide(loc, torch.full_like(loc, 0.05), prior)
+    searched, info = fit_scale(model, x, 0, case, RegisterConfig())
+    flat, flat_info = fit_scale(model, x, 0, case, RegisterConfig(curvature=0.0))
+    corr, corr0 = info["correlated"], flat_info["correlated"]
+    assert corr0["tried"] == [[0.0, corr0["elbo_loss"]]] and corr0["curvature_median"] == pytest.approx(0.0, abs=1e-3)
+    start = RegisterConfig().curvature
+    assert len(corr["tried"]) >= 3 and [c for c, _ in corr["tried"][:2]] == pytest.approx([start, 3 * start])
+    c, loss = min(corr["tried"], key=lambda t: t[1])
+    assert corr["curvature_fraction"] == c and corr["elbo_loss"] == loss and c > 0
+    assert loss < corr0["elbo_loss"] and info["covariance"] == "dct" and info["elbo_loss_after"] == loss
+    unit = float(prior.precision_diagonal(dtype=torch.float64).mean())
+    assert corr["curvature_median"] == pytest.approx(c * unit, rel=1e-3)
+    expected = (prior.precision_eigenvalues(dtype=torch.float64) + c * unit).rsqrt()
+    np.testing.assert_allclose(searched.log_spectrum.exp()[0, 0, 0].detach().double().numpy(), expected.numpy(), rtol=1e-4)
+    _, sd = searched.distribution_params()
+    _, sd0 = flat.distribution_params()
+    assert (sd < sd0).all()  # curvature narrows every voxel's marginal sd
+    assert info["beta"] == RegisterConfig().scale_beta
+    with pytest.raises(InputError, match="register.curvature"):
+        RegisterConfig(curvature=-0.1).validate()
+
+
+def test_sigma_phase_scores_the_spread_with_its_own_likelihood_weight():
+    """register.scale_beta replaces the likelihood's β in the σ phase's ELBO only: the loss it reports is
+    the model's at that β (the same rung, the same random numbers), a stronger weight picks a larger
+    curvature, and the model passed in keeps its β. None, or a likelihood without a β, keeps the model's."""
+    from groupmorph_pyro.config import ModelConfig, RegisterConfig
+    from groupmorph_pyro.model import build_model
+    from groupmorph_pyro.preprocess import normalize_group
+    from groupmorph_pyro.registration import elbo_loss, fit_scale, spread_model
+
+    g = breathing_phantom((16, 16, 16), 3, amplitude=2.0, seed=4, num_landmarks=4)
+    model = build_model(ModelConfig(num_timepoints=3, beta=5.0))
+    x = normalize_group(g.images)
+    loc = torch.zeros(1, 2, 3, *x.shape[2:])
+    case = CaseGuide(loc, torch.full_like(loc, 0.05), model.prior_distribution(x.shape[2:]))
+    weak, weak_info = fit_scale(model, x, 0, case, RegisterConfig(scale_beta=1.0))
+    strong, strong_info = fit_scale(model, x, 0, case, RegisterConfig(scale_beta=25.0))
+    assert model.likelihood.beta == 5.0 and weak_info["beta"] == 1.0 and strong_info["beta"] == 25.0
+    assert strong_info["correlated"]["curvature_fraction"] > weak_info["correlated"]["curvature_fraction"]
+    one, beta = spread_model(model, 1.0)
+    assert beta == 1.0 and one.likelihood.beta == 1.0 and one.prior_distribution(x.shape[2:]) is not None
+    assert weak_info["elbo_loss_after"] == pytest.approx(elbo_loss(one, weak, x, 0, 2), rel=1e-6)
+    same, beta = spread_model(model, None)
+    assert same is model and beta == 5.0
+    custom = GroupMorphModel(3, likelihood=lambda warped: warped.sum(dim=(1, 2, 3, 4)) * 0.0)
+    assert spread_model(custom, 1.0) == (custom, None)
+    with pytest.raises(InputError, match="register.scale_beta"):
+        RegisterConfig(scale_beta=0.0).validate()

@@ -81,3 +81,45 @@ def test_a_per_case_fit_does_not_import_torch_dynamo():
             "print('torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("best, start, rungs, evaluated", [
+    (0.27, 0.01, (0.01, 0.03, 0.09, 0.27, 0.81), 5),  # up three rungs, then one past the minimum
+    (0.01, 0.01, (0.01, 0.03, 0.00333), 3),  # the start is best: one rung each way
+    (0.0004, 0.01, (0.01, 0.03, 0.00333, 0.00111, 0.00037, 0.000123), 6),  # down after the first step up failed
+])
+def test_ladder_minimum_walks_to_the_rung_nearest_a_unimodal_minimum(best, start, rungs, evaluated):
+    """loss(c) = 0.001 (log c − log best)² (differences as small as an ELBO per voxel's): the rung closest
+    to ``best`` in log scale wins."""
+    import math
+
+    from groupmorph_pyro.optim import ladder_minimum
+
+    chosen, tried = ladder_minimum(lambda c: 1e-3 * (math.log(c) - math.log(best)) ** 2, start)
+    expected = min((start * 3.0 ** j for j in range(-6, 7)), key=lambda c: abs(math.log(c / best)))
+    assert chosen == pytest.approx(expected, rel=1e-12)
+    assert len(tried) == evaluated
+    assert [c for c, _ in tried] == pytest.approx(list(rungs), rel=1e-2)
+    assert min(tried, key=lambda t: t[1])[0] == chosen
+
+
+def test_ladder_minimum_stops_at_its_last_rung_and_takes_inf_as_worse():
+    from groupmorph_pyro.optim import ladder_minimum
+
+    chosen, tried = ladder_minimum(lambda c: -c, 1.0, factor=2.0, max_rungs=3)  # falls forever: stops at 2³
+    assert chosen == 8.0 and [c for c, _ in tried] == [1.0, 2.0, 4.0, 8.0]
+    chosen, tried = ladder_minimum(lambda c: float("inf") if c > 1 else c, 1.0, max_rungs=1)
+    assert chosen == pytest.approx(1 / 3) and len(tried) == 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"start": 0.0}, "start > 0"), ({"start": float("nan")}, "start > 0"), ({"factor": 1.0}, "factor > 1"),
+    ({"max_rungs": -1}, "max_rungs >= 0"), ({"max_rungs": 1.5}, "max_rungs >= 0"),
+])
+def test_ladder_minimum_refuses_bad_arguments(kwargs, message):
+    from groupmorph_pyro.optim import ladder_minimum
+
+    with pytest.raises(InputError, match=message):
+        ladder_minimum(lambda c: c, **{"start": 1.0, **kwargs})
+    with pytest.raises(InputError, match="NaN"):
+        ladder_minimum(lambda c: float("nan"), 1.0)
