@@ -103,6 +103,9 @@ def test_calibration_runs_with_model_settings_and_records_them(tmp_path):
     assert saved["machine"]["cpus"] >= 1 and saved["started"] <= saved["finished"]
     for row in paper + default:
         assert 0 <= row["coverage90_all"] <= 1 and 0 <= row["coverage90_moving"] <= 1 and row["mean_sd_voxels"] > 0
+        parts = (row["coverage90_moving"], row["coverage90_static"])  # all voxels: a weighted mean of the two regions
+        assert min(parts) - 1e-12 <= row["coverage90_all"] <= max(parts) + 1e-12
+        assert row["mean_error_voxels_moving"] > 0 and row["mean_error_voxels_static"] >= 0
 
 
 
