@@ -84,16 +84,22 @@ def test_a_flat_spectrum_is_the_diagonal_normal():
     assert torch.allclose(q.variance, scale.pow(2), rtol=1e-10)
 
 
+def dense_prior_precision(prior):
+    """The prior's precision Λ on SHAPE as a dense float64 matrix, from the graph Laplacian L:
+    λ_v I + λ_b L² (bending) or λ_v I + λ_u L (Laplacian)."""
+    n = math.prod(SHAPE)
+    lap = dense_laplacian(SHAPE).numpy()
+    if isinstance(prior, BendingNormal):
+        return prior.lambda_v * np.eye(n) + prior.lambda_b * lap @ lap
+    return prior.lambda_v * np.eye(n) + prior.lambda_u * lap
+
+
 @pytest.mark.parametrize("prior", [BendingNormal(SHAPE, 0.7, 0.05), LaplacianNormal(SHAPE, 1.0, 0.01)])
 def test_start_from_a_diagonal_fit_is_the_dense_posterior_of_constant_curvature(prior):
     """σ_i² = 1 / (Λ_ii + h) is the diagonal optimum under precision Λ + h I: the start must recover h
     and give exactly the marginal variances of the dense (Λ + h I)⁻¹."""
     n = math.prod(SHAPE)
-    lap = dense_laplacian(SHAPE).numpy()
-    if isinstance(prior, BendingNormal):
-        prec = prior.lambda_v * np.eye(n) + prior.lambda_b * lap @ lap
-    else:
-        prec = prior.lambda_v * np.eye(n) + prior.lambda_u * lap
+    prec = dense_prior_precision(prior)
     hs = np.array([[0.5, 3.0, 12.0], [0.0, 1.0, 7.5]])  # (K_lat, 3)
     sigma = torch.tensor(1.0 / np.sqrt(np.diag(prec)[None, None] + hs[..., None])).reshape(1, 2, 3, *SHAPE)
     modulation, spectrum, h = correlated_start(prior, sigma)
@@ -111,11 +117,7 @@ def test_family_at_a_curvature_has_the_dense_marginal_variances(prior):
     ``(Λ_ii + h) / Λ_ii · [(Λ + h I)⁻¹]_ii`` (its modulation times the dense posterior's diagonal), per
     latent and component; at h = 0 the prior's own marginal variances."""
     n = math.prod(SHAPE)
-    lap = dense_laplacian(SHAPE).numpy()
-    if isinstance(prior, BendingNormal):
-        prec = prior.lambda_v * np.eye(n) + prior.lambda_b * lap @ lap
-    else:
-        prec = prior.lambda_v * np.eye(n) + prior.lambda_u * lap
+    prec = dense_prior_precision(prior)
     diag = np.diag(prec)
     sigma = torch.tensor(diag ** -0.5).reshape(1, 1, 1, *SHAPE).expand(1, 2, 3, *SHAPE)  # the reset: a shared view
     hs = np.array([[0.0, 0.4, 3.0], [1.5, 9.0, 0.05]])
