@@ -38,7 +38,7 @@ from .spatial import (control_factor, jacobian_determinant, level_shape, map_poi
                       warp)
 from .volumes import affine_spacing
 
-__all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "FITS", "fit_case", "mean_fit", "fit_pyramid", "fit_scale", "correlated_start", "correlated_family", "prepare",
+__all__ = ["RegistrationResult", "normalize_group", "PreparedGroup", "Posterior", "elbo_loss", "FITS", "fit_case", "mean_fit", "fit_pyramid", "fit_scale", "correlated_start", "median_curvature", "correlated_family", "prepare",
            "fit_model", "level_model", "posterior_transform", "infer", "refine", "nmi_report", "summarise", "add_posterior_samples",
            "posterior_state", "register"]
 
@@ -453,30 +453,34 @@ def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGui
         clock = time.perf_counter()
         with torch.no_grad():
             loc, sigma = guide.distribution_params()  # the diagonal posterior's (its mean as the guide stores it)
-            _, _, start = correlated_start(prior, sigma)
+            start = median_curvature(prior, sigma).to(sigma.dtype)
         unit = float(prior.precision_diagonal(loc.device, torch.float64).mean())
-        best = {}  # the best rung's guide so far (one guide held at a time besides the one evaluated)
+        guard = 0.0
 
-        def loss_at(c: float) -> float:  # the correlated posterior with curvature start + c · mean(diag Λ)
+        def family(c: float) -> CaseGuide:  # the correlated posterior with curvature start + c · mean(diag Λ)
             with torch.no_grad():
                 modulation, spectrum = correlated_family(prior, sigma, start + c * unit)
-            candidate = CaseGuide(loc, modulation, prior, spectrum, compact=True)  # σ and s as they broadcast
+            return CaseGuide(loc, modulation, prior, spectrum, compact=True)  # σ and s as they broadcast
+
+        def loss_at(c: float) -> float:
+            nonlocal guard
+            candidate = family(c)
+            guard_clock = time.perf_counter()
             loss = elbo_loss(model, candidate, images, fixed, settings.guard_particles, chunk=chunk)
-            if not best or loss < best["loss"]:
-                best.update(c=c, loss=loss, guide=candidate)
+            guard += time.perf_counter() - guard_clock
             return loss
 
         if settings.curvature > 0:
             chosen, tried = ladder_minimum(loss_at, settings.curvature)
         else:
             chosen, tried = 0.0, [[0.0, loss_at(0.0)]]
-        corr, corr_loss = best["guide"], best["loss"]
+        corr, corr_loss = family(chosen), dict((c, loss) for c, loss in tried)[chosen]
         seconds = time.perf_counter() - clock
         report["correlated"] = {"elbo_loss": corr_loss, "seconds": seconds,
                                 "curvature_median": float((start + chosen * unit).median()),
                                 "curvature_fraction": chosen, "tried": tried}
         report["seconds"] += seconds
-        report["guard_seconds"] += seconds  # the rungs are ELBO estimates
+        report["guard_seconds"] += guard  # the rungs' ELBO estimates
         if corr_loss <= diagonal:  # the ELBO decides between the two families
             guide = corr
             report.update(covariance="dct", elbo_loss_after=corr_loss)
@@ -489,8 +493,10 @@ def spread_model(model: GroupMorphModel, beta: float | None) -> tuple[GroupMorph
     ``beta`` is None or its likelihood has no weight ``beta`` (a custom callable). Returns (model, the β
     used, or None when the likelihood has none)."""
     weight = getattr(model.likelihood, "beta", None)
-    if beta is None or not isinstance(weight, (int, float)):
-        return model, weight if isinstance(weight, (int, float)) else None
+    if not isinstance(weight, (int, float)):
+        return model, None
+    if beta is None:
+        return model, float(weight)
     likelihood = copy.copy(model.likelihood)
     likelihood.beta = check_positive("register.scale_beta", beta)
     return model.with_likelihood(likelihood), float(beta)
@@ -511,13 +517,26 @@ def correlated_start(prior: DCTGaussianField, sigma: torch.Tensor) -> tuple[torc
     Returns:
         (modulation ``a`` like sigma, spectrum ``s`` like sigma, curvature ``h`` ``(B, K_lat, 3)``).
     """
+    h = median_curvature(prior, sigma)
+    modulation, spectrum = correlated_family(prior, sigma, h)
+    return modulation, spectrum, h.to(sigma.dtype)
+
+
+def median_curvature(prior: DCTGaussianField, sigma: torch.Tensor) -> torch.Tensor:
+    """The likelihood's curvature a diagonal fit implies, ``h_i = 1/σ_i² − Λ_ii``, as its median over
+    the grid per latent and component, clamped at 0 (:func:`correlated_start`).
+
+    Args:
+        prior: the model's DCT prior on this grid; sigma: ``(B, K_lat, 3, D, H, W)`` fitted sd (voxels), > 0.
+    Returns:
+        ``(B, K_lat, 3)`` float64 (a view where σ is shared).
+    """
     shape = _check_sigma(prior, sigma, "correlated_start")
     sigma = compact(sigma)  # a σ shared by latents or components (e.g. the σ phase's reset) is computed once
     diag = prior.precision_diagonal(sigma.device, torch.float64)  # (D, H, W)
     excess = (sigma.double().pow(-2) - diag).expand(*sigma.shape[:3], *diag.shape).flatten(3)  # (B', K', 3', N)
     h = excess.median(dim=-1).values.clamp_min(0.0)  # (B', K', 3'): 1 along the dims σ is shared over
-    modulation, spectrum = correlated_family(prior, sigma.expand(shape), h)
-    return modulation, spectrum, h.to(sigma.dtype).expand(shape[:3])
+    return h.expand(shape[:3])
 
 
 def correlated_family(prior: DCTGaussianField, sigma: torch.Tensor, curvature) -> tuple[torch.Tensor, torch.Tensor]:
