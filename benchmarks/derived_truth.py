@@ -3,6 +3,7 @@ landmarks' trajectories with their 90 % bands, ventilation with its posterior sd
 and label probabilities (the cases tests/test_derived_truth.py and tests/test_stored_posterior.py use).
 
     python benchmarks/derived_truth.py --out benchmarks/results/derived-truth
+    python benchmarks/derived_truth.py --out /tmp/dt --set register.scale_beta=0.5   # a setting on top
 
 Breathing phantom 40×40×32, K = 4, amplitude 3, seed 3 (noise-free): the mid-position image against
 the reference seen from the mean position of its points (RMSE, NCC; each phase's too); phase 0's
@@ -30,6 +31,7 @@ from scipy.ndimage import binary_dilation
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from provenance import now, record  # noqa: E402
+from settings import with_settings  # noqa: E402
 
 from groupmorph_pyro.config import Config  # noqa: E402
 from groupmorph_pyro.derived import (curves, label_probabilities, midposition, trajectory,  # noqa: E402
@@ -45,10 +47,10 @@ from groupmorph_pyro.transfer import load_registration, transfer_labels  # noqa:
 K = 4
 
 
-def registered(group, root: pathlib.Path, name: str):
-    """``(StoredRegistration, posterior state)`` of ``register`` with the defaults, written to ``root/name``."""
-    cfg = Config()
-    cfg.model.num_timepoints = group.images.shape[0]
+def registered(group, root: pathlib.Path, name: str, settings=()):
+    """``(StoredRegistration, posterior state)`` of ``register`` with the defaults and ``settings``
+    (``section.key=value``), written to ``root/name``."""
+    cfg = with_settings(Config().with_timepoints(group.images.shape[0]), settings, "--set")
     result = register(group.images, cfg, seed=0, affine=group.affine)
     write_registration(result, root / name, group.affine, itk=False)
     return load_registration(root / name), load_posterior_state(root / name)
@@ -62,10 +64,10 @@ def ncc(a, b) -> float:
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
 
-def breathing_figures(root: pathlib.Path) -> dict:
+def breathing_figures(root: pathlib.Path, settings=()) -> dict:
     """Mid-position, trajectories and ventilation of the noise-free breathing phantom."""
     g = breathing_phantom((40, 40, 32), K, amplitude=3.0, noise=0.0, seed=3)
-    reg, state = registered(g, root, "breathing")
+    reg, state = registered(g, root, "breathing", settings)
     inv = integrate_velocity(-torch.from_numpy(g.velocities).double())  # ψ_k⁻¹ − Id
     truth = warp(torch.from_numpy(g.images[:1]).double()[None], invert_displacement(inv.mean(0, keepdim=True)))[0, 0].numpy()
     mid = midposition(reg, g.images)
@@ -93,7 +95,7 @@ def breathing_figures(root: pathlib.Path) -> dict:
     return out
 
 
-def curve_figures(root: pathlib.Path) -> dict:
+def curve_figures(root: pathlib.Path, settings=()) -> dict:
     """Lesion and gland curve errors of the DCE phantom before and after registration."""
     moving = dce_phantom((48, 48, 32), K, amplitude=2.5, noise=0.0, seed=2)
     still = dce_phantom((48, 48, 32), K, amplitude=0.0, noise=0.0, seed=2)
@@ -101,7 +103,7 @@ def curve_figures(root: pathlib.Path) -> dict:
     labels = np.where(rise > 0.35, 1, np.where((rise > 0.15) & (rise < 0.3), 2, 0))
     back = warp(torch.from_numpy(moving.images)[:, None], integrate_velocity(-torch.from_numpy(moving.velocities)))[:, 0].numpy()
     truth = np.array([[back[k][labels == v].mean() for v in (1, 2)] for k in range(K)])
-    reg, _ = registered(moving, root, "dce")
+    reg, _ = registered(moving, root, "dce", settings)
     c = curves(reg, moving.images, labels, 0)
     before, after = np.abs(c["before"] - truth)[1:], np.abs(c["after"] - truth)[1:]
     return {"lesion_error_before": float(before[:, 0].mean()), "lesion_error_after": float(after[:, 0].mean()),
@@ -109,11 +111,11 @@ def curve_figures(root: pathlib.Path) -> dict:
             "lesion_voxels": int((labels == 1).sum()), "gland_voxels": int((labels == 2).sum())}
 
 
-def label_figures(root: pathlib.Path) -> dict:
+def label_figures(root: pathlib.Path, settings=()) -> dict:
     """Brier scores near boundaries of labels carried 0 -> 3 (16 posterior draws, the mean's map, unmoved)."""
     g = breathing_phantom((40, 40, 32), 4, amplitude=3.0, noise=0.02, seed=5)
     clean = breathing_phantom((40, 40, 32), 4, amplitude=3.0, noise=0.0, seed=5).images
-    reg, state = registered(g, root, "labels")
+    reg, state = registered(g, root, "labels", settings)
     labels = np.where(clean[0] > 0.4, 2, np.where(clean[0] > 0.3, 1, 0))
     true_map = integrate_velocity(torch.from_numpy(g.velocities[3:4]).double())
     truth = warp(torch.from_numpy(labels).double()[None, None], true_map, mode="nearest")[0, 0].numpy().round()
@@ -136,12 +138,16 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for derived_truth.json")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                   help="settings on top of the defaults, e.g. register.scale_beta=0.5")
     args = p.parse_args(argv)
+    with_settings(Config(), args.set, "--set")  # a bad setting fails here, before any registration
     torch.set_num_threads(args.threads)
     stamp = record("derived_truth.py", argv, args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
-        out = {**breathing_figures(root), "curves": curve_figures(root), "label_probabilities": label_figures(root)}
+        out = {**breathing_figures(root, args.set), "curves": curve_figures(root, args.set),
+               "label_probabilities": label_figures(root, args.set)}
     write_json(pathlib.Path(args.out) / "derived_truth.json", {**stamp, "finished": now(), **out})
     print(json.dumps(out, indent=1))
     return out

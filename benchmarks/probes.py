@@ -29,7 +29,6 @@ Each writes ``<out>/probes-<command>.json`` and prints one JSON line per row.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -37,11 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learning_curve import all_to_one, heldout_kwargs  # noqa: E402
 from provenance import now, record  # noqa: E402
+from settings import with_settings  # noqa: E402
 
 from groupmorph_pyro.checks import InputError  # noqa: E402
 from groupmorph_pyro.config import Config, load_config  # noqa: E402
@@ -84,18 +83,6 @@ FINETUNE_VARIANTS = {
     "SGD 0.0015, 30 steps, constant schedule": (["register.finetune_lr=0.0015", "register.schedule=constant"], 30),
 }
 SETS = {"lr": FINETUNE_VARIANTS}
-
-
-def with_settings(cfg: Config, settings) -> Config:
-    """A copy of ``cfg`` with ``section.key=value`` settings (values in YAML: ``0.3``, ``false``, ``{lambda_v: 0.001}``)."""
-    d = copy.deepcopy(cfg.to_dict())
-    for item in settings:
-        key, sep, value = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot or section not in d:
-            raise InputError(f"expected section.key=value (e.g. register.steps=240), got {item!r}")
-        d[section][name] = yaml.safe_load(value)
-    return Config.from_dict(d, source="probes.py settings")
 
 
 def phantoms() -> dict:

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from groupmorph_pyro.checks import InputError
+
 
 def _load(name):
     path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
@@ -94,9 +96,11 @@ def test_calibration_runs_with_model_settings_and_records_them(tmp_path):
     calibration = _load("calibration")
     base = ["--betas", "5", "--size", "32", "--samples", "3", "--steps", "3", "--set", "coarse_steps=2"]
     paper = calibration.main(base + ["--model", "prior=laplacian", "histogram=gaussian", "--out", str(tmp_path / "c.json")])
-    default = calibration.main(base)
+    default = calibration.main(base + ["--group-seed", "2", "--timepoints", "3"])
     assert paper[0]["model"] == {"prior": "laplacian", "histogram": "gaussian"}
     assert default[0]["model"] == {"prior": "bending", "histogram": "quadratic"}
+    assert (paper[0]["group_seed"], paper[0]["timepoints"]) == (1, 4)
+    assert (default[0]["group_seed"], default[0]["timepoints"]) == (2, 3)
     saved = json.loads((tmp_path / "c.json").read_text())
     assert saved["rows"][0]["model"]["prior"] == "laplacian"
     assert saved["command"].startswith("python benchmarks/calibration.py --betas 5") and saved["commit"]
@@ -105,6 +109,9 @@ def test_calibration_runs_with_model_settings_and_records_them(tmp_path):
         assert 0 <= row["coverage90_all"] <= 1 and 0 <= row["coverage90_moving"] <= 1 and row["mean_sd_voxels"] > 0
         parts = (row["coverage90_moving"], row["coverage90_static"])  # all voxels: a weighted mean of the two regions
         assert min(parts) - 1e-12 <= row["coverage90_all"] <= max(parts) + 1e-12
+        f = row["background_fraction"]  # the air around the phantom's body
+        assert 0.2 < f < 0.8
+        assert row["coverage90_all"] == pytest.approx(f * row["coverage90_background"] + (1 - f) * row["coverage90_anatomy"])
         assert row["mean_error_voxels_moving"] > 0 and row["mean_error_voxels_static"] >= 0
 
 
@@ -240,6 +247,16 @@ def test_ventilation_benchmark_smoke(tmp_path, capsys):
         assert r["mask_voxels"] > 1000 and r["seconds"] > 0 and r["truth_mean"] == same["truth_mean"]
         assert r["correlation"] > 0.3 and r["mean_absolute_error"] < r["truth_sd"] + abs(r["truth_mean"])
     assert "| groupmorph |" in capsys.readouterr().out
+
+
+def test_derived_truth_benchmark_refuses_a_bad_setting_before_registering(tmp_path, monkeypatch):
+    derived_truth = _load("derived_truth")
+    monkeypatch.setattr(derived_truth, "register", lambda *a, **k: pytest.fail("registered with a bad setting"))
+    with pytest.raises(InputError, match="section.key=value"):
+        derived_truth.main(["--out", str(tmp_path), "--set", "scale_beta=0.5"])
+    with pytest.raises(InputError, match="no_such_setting"):
+        derived_truth.main(["--out", str(tmp_path), "--set", "register.no_such_setting=1"])
+    assert not (tmp_path / "derived_truth.json").exists()
 
 
 def test_derived_truth_benchmark_writes_every_figure(tmp_path):

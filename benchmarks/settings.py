@@ -1,0 +1,22 @@
+"""Config settings given on a benchmark's command line as ``section.key=value``."""
+from __future__ import annotations
+
+import copy
+
+import yaml
+
+from groupmorph_pyro.checks import InputError
+from groupmorph_pyro.config import Config
+
+
+def with_settings(cfg: Config, settings, source: str = "benchmark settings") -> Config:
+    """A copy of ``cfg`` with ``section.key=value`` settings (values in YAML: ``0.3``, ``false``,
+    ``{lambda_v: 0.001}``), checked like a config file's (``source`` names them in errors)."""
+    d = copy.deepcopy(cfg.to_dict())
+    for item in settings:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in d:
+            raise InputError(f"expected section.key=value (e.g. register.steps=240), got {item!r}")
+        d[section][name] = yaml.safe_load(value)
+    return Config.from_dict(d, source=source)
