@@ -170,6 +170,7 @@ class RegisterConfig(_Section):
     covariance: str = "dct"  # posterior family after the σ reset: "diagonal", or "dct" (also tried: kept if its ELBO is better)
     curvature: float = 0.003  # covariance dct: first rung of the ELBO's search for the likelihood's curvature h, as a fraction of the prior's mean precision diagonal (rungs × 3 apart; the posterior's precision is Λ + h I); 0 = h = 0, the prior's covariance
     scale_beta: float | None = 1.0  # per-voxel likelihood weight β of the σ phase's ELBO (the posterior's spread; the mean is fitted at model.beta); null = model.beta
+    scale_particles: int = 1  # particles of the σ phase's ELBO estimates (common random numbers): the diagonal posterior's and each curvature rung's
     schedule: str = "cosine"  # learning-rate schedule over each level's steps: "constant" or "cosine" (to 0)
     average: float = 0.3  # average the guide's parameters over this final fraction of each level's steps (0 = off)
     pyramid: list[int] = field(default_factory=lambda: [2, 1])  # per-case from zero: shrink factors, coarse to fine, ending in 1
@@ -189,6 +190,7 @@ class RegisterConfig(_Section):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"register.{name}: expected an integer >= 0, got {value!r}")
         check_integer("register.guard_particles", self.guard_particles, 1)
+        check_integer("register.scale_particles", self.scale_particles, 1)
         check_integer("register.sample_points", self.sample_points, 1)
         if self.fit_voxels and self.fit_voxels < 4 ** 3:
             raise InputError(f"register.fit_voxels: expected 0 (the image grid) or at least 64 (a 4x4x4 control grid), "

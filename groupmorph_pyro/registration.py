@@ -421,7 +421,8 @@ def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGui
 
     The correlated family starts from the diagonal posterior (:func:`correlated_start`, whose
     curvature is 0 after the reset: the prior's covariance) and adds the likelihood's curvature ``h``,
-    one number for the whole field, chosen by the ELBO (common random numbers) on the ladder
+    one number for the whole field, chosen by the ELBO (``settings.scale_particles`` particles, common
+    random numbers) on the ladder
     ``c · mean(diag Λ)``, ``c = settings.curvature · 3^j`` (:func:`~groupmorph_pyro.optim.ladder_minimum`;
     ``settings.curvature`` 0: ``h`` stays the start's). The correlated posterior replaces the
     diagonal one when its ELBO is better: a diagonal Normal's marginal sd is far below the posterior's
@@ -445,7 +446,7 @@ def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGui
         scale = prior.precision_diagonal(loc.device, loc.dtype).rsqrt().expand_as(loc)
     guide = CaseGuide(loc, scale, prior, compact=True)
     chunk = latent_chunk(model, guide, loc.shape[3:])
-    diagonal = elbo_loss(model, guide, images, fixed, settings.guard_particles, chunk=chunk)
+    diagonal = elbo_loss(model, guide, images, fixed, settings.scale_particles, chunk=chunk)
     seconds = time.perf_counter() - clock
     report = {"steps_run": 0, "elbo_loss_before": diagonal, "elbo_loss_after": diagonal, "kept": "refined",
               "seconds": seconds, "guard_seconds": seconds, "reset": reset, "covariance": "diagonal", "beta": beta}
@@ -466,7 +467,7 @@ def fit_scale(model: GroupMorphModel, images: torch.Tensor, fixed, case: CaseGui
             nonlocal guard
             candidate = family(c)
             guard_clock = time.perf_counter()
-            loss = elbo_loss(model, candidate, images, fixed, settings.guard_particles, chunk=chunk)
+            loss = elbo_loss(model, candidate, images, fixed, settings.scale_particles, chunk=chunk)
             guard += time.perf_counter() - guard_clock
             return loss
 

@@ -75,6 +75,7 @@ def test_paper_defaults():
         ({"register": {"covariance": "full"}}, r"register.covariance: expected 'diagonal' or 'dct', got 'full'"),
         ({"model": {"jitter": "yes"}}, r"model.jitter: expected true or false, got 'yes'"),
         ({"register": {"guard_particles": 0}}, r"register.guard_particles: expected an integer >= 1, got 0"),
+        ({"register": {"scale_particles": 1.5}}, r"register.scale_particles: expected an integer"),
         ([1, 2], r"must hold a mapping"),
     ],
 )

@@ -259,8 +259,9 @@ def test_sigma_phase_picks_the_curvature_of_best_elbo_on_its_ladder():
 
 def test_sigma_phase_scores_the_spread_with_its_own_likelihood_weight():
     """register.scale_beta replaces the likelihood's β in the σ phase's ELBO only: the loss it reports is
-    the model's at that β (the same rung, the same random numbers), a stronger weight picks a larger
-    curvature, and the model passed in keeps its β. None, or a likelihood without a β, keeps the model's."""
+    the model's at that β (the same rung, the same random numbers, register.scale_particles particles),
+    a stronger weight picks a larger curvature, and the model passed in keeps its β. None, or a
+    likelihood without a β, keeps the model's."""
     from groupmorph_pyro.config import ModelConfig, RegisterConfig
     from groupmorph_pyro.model import build_model
     from groupmorph_pyro.preprocess import normalize_group
@@ -277,10 +278,16 @@ def test_sigma_phase_scores_the_spread_with_its_own_likelihood_weight():
     assert strong_info["correlated"]["curvature_fraction"] > weak_info["correlated"]["curvature_fraction"]
     one, beta = spread_model(model, 1.0)
     assert beta == 1.0 and one.likelihood.beta == 1.0 and one.prior_distribution(x.shape[2:]) is not None
-    assert weak_info["elbo_loss_after"] == pytest.approx(elbo_loss(one, weak, x, 0, 2), rel=1e-6)
+    particles = RegisterConfig().scale_particles
+    assert weak_info["elbo_loss_after"] == pytest.approx(elbo_loss(one, weak, x, 0, particles), rel=1e-6)
+    three, three_info = fit_scale(model, x, 0, case, RegisterConfig(scale_beta=1.0, scale_particles=3))
+    assert three_info["elbo_loss_after"] == pytest.approx(elbo_loss(one, three, x, 0, 3), rel=1e-6)
+    assert three_info["elbo_loss_after"] != pytest.approx(elbo_loss(one, three, x, 0, particles), rel=1e-6)
     same, beta = spread_model(model, None)
     assert same is model and beta == 5.0
     custom = GroupMorphModel(3, likelihood=lambda warped: warped.sum(dim=(1, 2, 3, 4)) * 0.0)
     assert spread_model(custom, 1.0) == (custom, None)
     with pytest.raises(InputError, match="register.scale_beta"):
         RegisterConfig(scale_beta=0.0).validate()
+    with pytest.raises(InputError, match=r"register.scale_particles: expected an integer >= 1, got 0"):
+        RegisterConfig(scale_particles=0).validate()
