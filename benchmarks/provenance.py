@@ -13,11 +13,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def commit() -> str:
-    """The checkout's commit (``+uncommitted`` when tracked files differ from it), or ``"unknown"``."""
+    """The checkout's commit (``+uncommitted`` when tracked files other than ``benchmarks/results/``
+    differ from it: a batch of runs rewrites earlier results), or ``"unknown"``."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                               cwd=HERE).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(top,exclude)benchmarks/results"], capture_output=True, text=True, cwd=HERE).stdout.strip()
         return sha + ("+uncommitted" if dirty else "") if sha else "unknown"
     except OSError:
         return "unknown"

@@ -267,3 +267,27 @@ def test_derived_truth_benchmark_writes_every_figure(tmp_path):
     assert out["midposition"]["rmse"] < min(out["midposition"]["phase_rmse"])
     assert out["trajectory"]["error_mm"] < out["trajectory"]["identity_mm"]
     assert out["curves"]["lesion_error_after"] < out["curves"]["lesion_error_before"]
+
+
+def test_provenance_commit_flags_changed_code_but_not_rewritten_results(tmp_path, monkeypatch):
+    """A batch of benchmark runs rewrites earlier results: those leave the commit clean, a changed script does not."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    provenance = _load("provenance")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "bench.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], cwd=tmp_path, check=True)
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr(provenance, "HERE", tmp_path / "benchmarks")
+    assert provenance.commit() == sha
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"rows": []}\n')
+    assert provenance.commit() == sha
+    (tmp_path / "benchmarks" / "bench.py").write_text("x = 2\n")
+    assert provenance.commit() == sha + "+uncommitted"
