@@ -80,11 +80,10 @@ def child(spec: dict) -> dict:
     spacing = tuple(spec["spacing"])
     method = spec["method"]
     if method == "groupmorph":
-        cfg = Config()
-        cfg.model.num_timepoints = images.shape[0]
-        for key, value in spec.get("settings", {}).items():
-            section, _, name = key.rpartition(".")
-            setattr(getattr(cfg, section or "register"), name, value)
+        from settings import with_settings
+
+        items = [f"{key}={json.dumps(value)}" for key, value in spec.get("settings", {}).items()]
+        cfg = with_settings(Config().with_timepoints(images.shape[0]), items, "--set")
         run = lambda: register(images, cfg, affine=np.diag([*spacing, 1.0]))  # noqa: E731
     elif method == "elastix":
         run = lambda: elastix_all_to_one(images, spacing, 0, spec.get("elastix"))  # noqa: E731
@@ -98,7 +97,8 @@ def child(spec: dict) -> dict:
     out = {"seconds": wall, "peak_gib": (peak - before) / 2**30, "process_peak_gib": peak / 2**30,
            "folding_percent": folding_percent(res.jacobian)}
     out.update(landmark_columns(landmarks, res.displacement, res.inverse_displacement, spacing))
-    if method == "groupmorph":
+    if method == "groupmorph":  # the settings as the run's config held them
+        out["settings"] = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in spec.get("settings", {})}
         out["latent_grid"] = res.summary["latent_grid"]
         out["control_factor"] = res.summary["control_factor"]
     return out
@@ -127,8 +127,8 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--threads", type=int, default=2, help="CPU threads of every method (torch, ITK, ANTs)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="settings of the GroupMorph runs (integers): register.KEY=VALUE as KEY=VALUE, other sections as "
-                        "SECTION.KEY=VALUE, e.g. sample_points=65536 model.integration_steps=5")
+                   help="settings of the GroupMorph runs (YAML values, checked like a config file's): register.KEY=VALUE "
+                        "as KEY=VALUE, other sections as SECTION.KEY=VALUE, e.g. sample_points=65536 model.reduction=template")
     p.add_argument("--groups", help="folder that keeps the generated groups (a rerun reads them instead of remaking them)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -138,18 +138,29 @@ def main(argv=None) -> dict:
         return {}
     if not args.out:
         p.error("--out is required")
+    import yaml
+    from settings import with_settings
+
+    from groupmorph_pyro.checks import InputError
+    from groupmorph_pyro.config import Config
+
     settings = {}
     for item in args.set:
-        key, _, value = item.partition("=")
-        if not value.lstrip("-").isdigit():
-            p.error(f"--set: expected KEY=INTEGER, got {item!r}")
-        settings[key] = int(value)
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--set: expected KEY=VALUE, got {item!r}")
+        settings[key if "." in key else f"register.{key}"] = yaml.safe_load(value)
+    try:  # typed and checked here, before any group is made
+        with_settings(Config(), [f"{key}={json.dumps(value)}" for key, value in settings.items()], "--set")
+    except InputError as err:
+        p.error(str(err))
     cases = ["phantom-24x24x20-k3"] if args.smoke else args.cases
     for case in cases:
         if not re.fullmatch(r"mni152-[0-9.]+mm|phantom-\d+x\d+x\d+-k\d+", case):
             p.error(f"--cases: unknown case {case!r}: expected mni152-<s>mm or phantom-<D>x<H>x<W>-k<K>")
     if args.smoke:  # a control grid and few points, few iterations: the path and the report, not the figures
-        settings = {"fit_voxels": 2000, "sample_points": 4096, "sample_steps": 3, "coarse_steps": 3, **settings}
+        settings = {"register.fit_voxels": 2000, "register.sample_points": 4096, "register.sample_steps": 3,
+                    "register.coarse_steps": 3, **settings}
     elastix = {"MaximumNumberOfIterations": ["20" if args.smoke else "500"]}
     if args.smoke:
         elastix["NumberOfResolutions"] = ["1"]

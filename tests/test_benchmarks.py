@@ -161,12 +161,15 @@ def test_scale_benchmark_smoke(tmp_path, capsys):
     writes its JSON with command, commit and machine, the ratios and the figure."""
     pytest.importorskip("itk")
     pytest.importorskip("ants")
-    report = _load("scale").main(["--smoke", "--out", str(tmp_path)])
+    report = _load("scale").main(["--smoke", "--out", str(tmp_path), "--set", "model.reduction=template"])
     saved = json.loads((tmp_path / "scale.json").read_text())
+    assert saved["groupmorph_settings"]["model.reduction"] == "template"
     assert saved["command"].startswith("python benchmarks/scale.py --smoke") and saved["commit"] and saved["machine"]["threads"] == 2
     runs = {r["method"]: r for r in saved["runs"]}
     assert set(runs) == {"groupmorph", "elastix", "ants"} and not any("failed" in r for r in runs.values())
     assert runs["groupmorph"]["control_factor"] > 1  # the smoke settings put it on a control grid
+    assert runs["groupmorph"]["settings"]["model.reduction"] == "template"  # what the child's config held
+    assert runs["groupmorph"]["settings"]["register.fit_voxels"] == 2000
     for r in runs.values():
         assert r["seconds"] > 0 and r["peak_gib"] > 0 and r["landmark_mm_after"] > 0
     ratio = {r["peer"]: r for r in saved["ratios"]}
@@ -181,6 +184,11 @@ def test_scale_benchmark_rejects_unknown_cases_before_any_work(tmp_path, capsys)
     with pytest.raises(SystemExit):
         _load("scale").main(["--cases", "mni152-big", "--out", str(tmp_path)])
     assert "unknown case 'mni152-big'" in capsys.readouterr().err
+    for bad, message in ((["model.reduction=nope"], "model.reduction: expected one of"),
+                         (["steps=abc"], "register.steps: expected an integer"), (["steps"], "expected KEY=VALUE")):
+        with pytest.raises(SystemExit):
+            _load("scale").main(["--set", *bad, "--out", str(tmp_path)])
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "scale.json").exists()
 
 
