@@ -29,6 +29,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: provenance.py
 from provenance import now, record  # noqa: E402
 
+from groupmorph_pyro.checks import InputError
 from groupmorph_pyro.config import Config
 from groupmorph_pyro.files import write_json
 from groupmorph_pyro.posterior import sample_posterior
@@ -52,7 +53,11 @@ def coverage(samples: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor, lev
 
 def _key_values(items) -> dict:
     """``["key=value", ...]`` -> ``{key: YAML value}``, then typed and checked like a config file's."""
-    return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}
+    pairs = [item.partition("=") for item in items]
+    for item, (key, sep, _) in zip(items, pairs):
+        if not sep or not key:
+            raise InputError(f"expected KEY=VALUE, got {item!r}")
+    return {key: yaml.safe_load(value) for key, _, value in pairs}
 
 
 def main(argv=None) -> list:
@@ -70,39 +75,47 @@ def main(argv=None) -> list:
     p.add_argument("--timepoints", type=int, default=4, help="K, the phantom's timepoints")
     p.add_argument("--out", help="write the rows, with the command, commit and machine, as JSON here")
     args = p.parse_args(argv)
+
+    def config(beta: float) -> Config:
+        register = {} if args.steps is None else {"steps": args.steps}
+        register.update(_key_values(args.set))
+        model = {"num_timepoints": args.timepoints, "beta": beta, **_key_values(args.model)}
+        return Config.from_dict({"model": model, "register": register}, "--set")
+
+    try:  # every setting checked before any registration
+        if args.timepoints < 2:
+            raise InputError(f"--timepoints: expected an integer >= 2, got {args.timepoints}")
+        configs = [config(beta) for beta in args.betas]
+    except InputError as err:
+        p.error(str(err))
     stamp = record("calibration.py", argv)
 
     g = breathing_phantom((args.size,) * 3, args.timepoints, seed=args.group_seed)
     truth = integrate_velocity(-torch.from_numpy(g.velocities))[1:]  # (K-1, 3, D, H, W), timepoints 1..K-1
     moving = truth.norm(dim=1).amax(0) > 0.5  # voxels that move more than half a voxel somewhere
+    truth = truth.double()
     everywhere, static = torch.ones_like(moving), ~moving
     background = torch.from_numpy(g.images.max(0) < BACKGROUND)  # air around the body in every timepoint
     rows = []
-    for beta in args.betas:
-        register = {}
-        if args.steps is not None:
-            register["steps"] = args.steps
-        register.update(_key_values(args.set))
-        model = {"num_timepoints": args.timepoints, "beta": beta, **_key_values(args.model)}
-        cfg = Config.from_dict({"model": model, "register": register}, "--set")
+    for beta, cfg in zip(args.betas, configs):
         pyro.set_rng_seed(args.seed)
         group = prepare(g.images, cfg, fixed=0, affine=g.affine)  # the phantom's voxel size (the prior's weights are per mm)
         posterior, info = refine(group, infer(group))
         model, guide = group.model, posterior.guide
         draws = sample_posterior(model, guide, group.x, 0, args.samples)
         disp = draws["displacement"][:, 0, 1:].double()  # (S, K-1, 3, D, H, W)
-        error = (disp.mean(0) - truth.double()).abs()  # the draws' mean against the truth, per component
+        error = (disp.mean(0) - truth).abs()  # the draws' mean against the truth, per component
         with torch.no_grad():
             mean_loc, _ = guide.distribution_params()
             transform = model.transform(0)
             d, inv = transform.displacements(mean_loc)[0], transform.inverse_displacements(mean_loc)[0]
         lm = summarize_distances(landmark_distances(g.landmarks, d, inv, g.spacing))
         row = {"beta": beta, "set": args.set, "group_seed": args.group_seed, "timepoints": args.timepoints,
-               "model": {"prior": cfg.model.prior, "histogram": cfg.model.histogram}, "coverage90_all": coverage(disp, truth.double(), everywhere),
-               "coverage90_moving": coverage(disp, truth.double(), moving),
-               "coverage90_static": coverage(disp, truth.double(), static),
-               "coverage90_anatomy": coverage(disp, truth.double(), ~background),
-               "coverage90_background": coverage(disp, truth.double(), background),
+               "model": {"prior": cfg.model.prior, "histogram": cfg.model.histogram}, "coverage90_all": coverage(disp, truth, everywhere),
+               "coverage90_moving": coverage(disp, truth, moving),
+               "coverage90_static": coverage(disp, truth, static),
+               "coverage90_anatomy": coverage(disp, truth, ~background),
+               "coverage90_background": coverage(disp, truth, background),
                "background_fraction": float(background.double().mean()),
                "mean_sd_voxels": float(disp.std(0).mean()),
                "mean_error_voxels_moving": float(error[..., moving].mean()),

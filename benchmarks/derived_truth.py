@@ -33,6 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from provenance import now, record  # noqa: E402
 from settings import with_settings  # noqa: E402
 
+from groupmorph_pyro.checks import InputError  # noqa: E402
 from groupmorph_pyro.config import Config  # noqa: E402
 from groupmorph_pyro.derived import (curves, label_probabilities, midposition, trajectory,  # noqa: E402
                                      trajectory_samples, ventilation, ventilation_sd)
@@ -141,7 +142,10 @@ def main(argv=None) -> dict:
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                    help="settings on top of the defaults, e.g. register.scale_beta=0.5")
     args = p.parse_args(argv)
-    with_settings(Config(), args.set, "--set")  # a bad setting fails here, before any registration
+    try:  # a bad setting fails here, before any registration
+        with_settings(Config(), args.set, "--set")
+    except InputError as err:
+        p.error(str(err))
     torch.set_num_threads(args.threads)
     stamp = record("derived_truth.py", argv, args.threads)
     with tempfile.TemporaryDirectory() as tmp:

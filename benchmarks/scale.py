@@ -65,12 +65,22 @@ def make_case(name: str, landmarks: int = 75):
     return g.images.astype(np.float32), np.asarray(g.landmarks), tuple(float(s) for s in g.spacing)
 
 
+def groupmorph_config(settings: dict, timepoints: int):
+    """The package defaults for K = ``timepoints`` with ``settings`` (``{"section.key": value}``), typed
+    and checked like a config file's."""
+    from settings import with_settings
+
+    from groupmorph_pyro.config import Config
+
+    items = [f"{key}={json.dumps(value)}" for key, value in settings.items()]
+    return with_settings(Config().with_timepoints(timepoints), items, "--set")
+
+
 def child(spec: dict) -> dict:
     """One registration in this (child) process: its wall time, landmark error, folding and peak memory."""
     import torch
 
     from groupmorph_pyro.baselines import ants_all_to_one, elastix_all_to_one
-    from groupmorph_pyro.config import Config
     from groupmorph_pyro.evaluation import landmark_columns
     from groupmorph_pyro.metrics import folding_percent
     from groupmorph_pyro.registration import register
@@ -80,10 +90,7 @@ def child(spec: dict) -> dict:
     spacing = tuple(spec["spacing"])
     method = spec["method"]
     if method == "groupmorph":
-        from settings import with_settings
-
-        items = [f"{key}={json.dumps(value)}" for key, value in spec.get("settings", {}).items()]
-        cfg = with_settings(Config().with_timepoints(images.shape[0]), items, "--set")
+        cfg = groupmorph_config(spec.get("settings", {}), images.shape[0])
         run = lambda: register(images, cfg, affine=np.diag([*spacing, 1.0]))  # noqa: E731
     elif method == "elastix":
         run = lambda: elastix_all_to_one(images, spacing, 0, spec.get("elastix"))  # noqa: E731
@@ -98,7 +105,7 @@ def child(spec: dict) -> dict:
            "folding_percent": folding_percent(res.jacobian)}
     out.update(landmark_columns(landmarks, res.displacement, res.inverse_displacement, spacing))
     if method == "groupmorph":  # the settings as the run's config held them
-        out["settings"] = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in spec.get("settings", {})}
+        out["settings"] = {key: getattr(getattr(cfg, key.partition(".")[0]), key.partition(".")[2]) for key in spec.get("settings", {})}
         out["latent_grid"] = res.summary["latent_grid"]
         out["control_factor"] = res.summary["control_factor"]
     return out
@@ -139,10 +146,8 @@ def main(argv=None) -> dict:
     if not args.out:
         p.error("--out is required")
     import yaml
-    from settings import with_settings
 
     from groupmorph_pyro.checks import InputError
-    from groupmorph_pyro.config import Config
 
     settings = {}
     for item in args.set:
@@ -151,7 +156,7 @@ def main(argv=None) -> dict:
             p.error(f"--set: expected KEY=VALUE, got {item!r}")
         settings[key if "." in key else f"register.{key}"] = yaml.safe_load(value)
     try:  # typed and checked here, before any group is made
-        with_settings(Config(), [f"{key}={json.dumps(value)}" for key, value in settings.items()], "--set")
+        groupmorph_config(settings, 4)
     except InputError as err:
         p.error(str(err))
     cases = ["phantom-24x24x20-k3"] if args.smoke else args.cases

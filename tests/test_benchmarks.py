@@ -5,8 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from groupmorph_pyro.checks import InputError
-
 
 def _load(name):
     path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
@@ -257,14 +255,29 @@ def test_ventilation_benchmark_smoke(tmp_path, capsys):
     assert "| groupmorph |" in capsys.readouterr().out
 
 
-def test_derived_truth_benchmark_refuses_a_bad_setting_before_registering(tmp_path, monkeypatch):
+def test_derived_truth_benchmark_refuses_a_bad_setting_before_registering(tmp_path, monkeypatch, capsys):
+    """A bad --set: one line and exit 2, no registration, nothing written."""
     derived_truth = _load("derived_truth")
     monkeypatch.setattr(derived_truth, "register", lambda *a, **k: pytest.fail("registered with a bad setting"))
-    with pytest.raises(InputError, match="section.key=value"):
-        derived_truth.main(["--out", str(tmp_path), "--set", "scale_beta=0.5"])
-    with pytest.raises(InputError, match="no_such_setting"):
-        derived_truth.main(["--out", str(tmp_path), "--set", "register.no_such_setting=1"])
+    for bad, message in (("scale_beta=0.5", "section.key=value"), ("register.no_such_setting=1", "no_such_setting")):
+        with pytest.raises(SystemExit) as exit_info:
+            derived_truth.main(["--out", str(tmp_path), "--set", bad])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "derived_truth.json").exists()
+
+
+def test_calibration_benchmark_refuses_bad_settings_before_registering(tmp_path, capsys):
+    """--set without '=', an unknown or mistyped setting, or K < 2: one line and exit 2, nothing written."""
+    calibration = _load("calibration")
+    for bad, message in ((["--set", "steps"], "expected KEY=VALUE, got 'steps'"),
+                         (["--set", "no_such_setting=1"], "no_such_setting"),
+                         (["--model", "reduction=nope"], "model.reduction: expected one of"),
+                         (["--timepoints", "1"], "--timepoints: expected an integer >= 2, got 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            calibration.main(["--betas", "5", *bad, "--out", str(tmp_path / "c.json")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
 
 
 def test_derived_truth_benchmark_writes_every_figure(tmp_path):
