@@ -4,6 +4,7 @@ data and machine, evaluated by the same code (groupmorph_pyro.evaluation).
     python benchmarks/table1.py --out runs/table1                      # synthetic 4DCT-like + DCE-like
     python benchmarks/table1.py --manifest data/manifest.yaml --split test --checkpoint ckpt.pt --out runs/table1
     python benchmarks/table1.py --train-iterations 300 --out runs/table1  # also train the amortised rows
+    python benchmarks/table1.py --methods groupmorph --set register.steps=90 --out runs/table1-steps90  # settings of the GroupMorph rows
     python benchmarks/table1.py --smoke --out /tmp/table1               # tiny, for the test-suite
 
 Prints a markdown table shaped like the paper's (method, RMSE, NMI, landmark mm, % det J ≤ 0,
@@ -31,7 +32,9 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: provenance.py
 from provenance import now, record  # noqa: E402
+from settings import with_settings  # noqa: E402
 
+from groupmorph_pyro.checks import InputError
 from groupmorph_pyro.baselines import ants_all_to_one, elastix_all_to_one, elastix_groupwise, identity, pairwise_groupmorph
 from groupmorph_pyro.config import Config
 from groupmorph_pyro.files import write_json
@@ -177,8 +180,15 @@ def main(argv=None) -> list:
     p.add_argument("--train-lr", type=float, default=1e-3, help="Adam lr of the GroupMorph / K=2 guides")
     p.add_argument("--vxm-lr", type=float, default=1e-3, help="Adam lr of the voxelmorph package network")
     p.add_argument("--patch", type=int, default=48, help="training patch edge (voxels)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="settings of every GroupMorph row (YAML values, checked like a config file's), "
+                        "as section.key=value, e.g. register.fit_voxels=65536")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
+    try:  # the settings checked before any registration
+        with_settings(Config(), args.set, "table1.py --set")
+    except InputError as err:
+        p.error(str(err))
     stamp = record("table1.py", argv)
     steps = 3 if args.smoke else args.steps
     ants_settings = {"reg_iterations": (5,) if args.smoke else tuple(args.ants_iterations)}
@@ -187,7 +197,7 @@ def main(argv=None) -> list:
         elx["NumberOfResolutions"] = ["1"]
     rows, train_sets = [], {}
     for name, images, spacing, landmarks in datasets(args):
-        cfg = Config()
+        cfg = with_settings(Config(), args.set, "table1.py --set")
         cfg.model.num_timepoints = images.shape[0]
         voxel_prior = copy.deepcopy(cfg)  # the bending prior's weights in voxels
         voxel_prior.model.prior_units, voxel_prior.model.prior_options = "voxel", {"lambda_b": 1.0, "lambda_v": 0.01}

@@ -123,6 +123,41 @@ def test_table1_benchmark_smoke(tmp_path):
         assert (tmp_path / f"fig4_{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def _table1_module():
+    path = Path(__file__).parent.parent / "benchmarks" / "table1.py"
+    spec = importlib.util.spec_from_file_location("table1", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table1_settings_reach_the_groupmorph_rows_and_bad_ones_stop_before_any_run(tmp_path, monkeypatch, capsys):
+    module = _table1_module()
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_register(images, cfg, **kwargs):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(module, "register", fake_register)
+    with pytest.raises(Stop):
+        module.main(["--smoke", "--out", str(tmp_path), "--methods", "groupmorph-diff all-to-one (per-case)",
+                     "--set", "register.coarse_steps=7", "model.reduction=template"])
+    (cfg,) = seen
+    assert cfg.register.coarse_steps == 7 and cfg.model.reduction == "template" and cfg.model.num_timepoints == 4
+    for bad, message in ((["register.steps"], "expected section.key=value"),
+                         (["register.bogus=1"], "unknown key(s) ['bogus'] in 'register'"),
+                         (["register.steps=-1"], "register.steps: expected an integer >= 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(["--smoke", "--out", str(tmp_path / "bad"), "--set", *bad])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+    assert len(seen) == 1 and not (tmp_path / "bad").exists()
+
+
 def test_table1_real_anatomy_series_with_the_ants_row(tmp_path):
     """The MNI152 series (template from nilearn's wheel), the method filter, and the median / p95 columns."""
     pytest.importorskip("ants")
