@@ -1,6 +1,6 @@
 """Per-case registration cost against the voxel count, GroupMorph beside Elastix and ANTs in the same run.
 
-    python benchmarks/scale.py --out benchmarks/results/scale                     # the default cases, all methods
+    python benchmarks/scale.py --out runs/scale                                   # the default cases, all methods
     python benchmarks/scale.py --cases phantom-512x512x136-k6 --methods groupmorph --out runs/scale-512
     python benchmarks/scale.py --smoke --out /tmp/scale                           # tiny, for the test-suite
 
