@@ -18,7 +18,9 @@ physical problem) on the MNI152 template at s mm (needs nilearn); ``phantom-<D>x
 
 Reported per run: wall seconds of the whole call, the landmark error (mean, median, p95 mm), the
 folding (% det J ≤ 0) and the peak resident memory the call added (GiB, the child's ``VmHWM``
-minus its resident size before the call). Per case, the time and error ratios of GroupMorph to each peer.
+minus its resident size before the call); for GroupMorph also the seconds of the fit's phases
+(``phase_seconds``: each coarse level, the last phase, the σ phase). Per case, the time and error
+ratios of GroupMorph to each peer.
 Writes ``scale.json`` (command, commit, machine, runs) and ``scale.png`` (seconds against voxels × K).
 """
 from __future__ import annotations
@@ -108,7 +110,15 @@ def child(spec: dict) -> dict:
         out["settings"] = {key: getattr(getattr(cfg, key.partition(".")[0]), key.partition(".")[2]) for key in spec.get("settings", {})}
         out["latent_grid"] = res.summary["latent_grid"]
         out["control_factor"] = res.summary["control_factor"]
+        out["phase_seconds"] = phase_seconds(res.summary["finetune"])
     return out
+
+
+def phase_seconds(fit: dict) -> dict:
+    """Seconds of a per-case fit's phases from its summary (``summary["finetune"]``): each coarse
+    level's (by its factor), the last phase's steps with their guard, and the σ phase's."""
+    return {"levels": {str(level["factor"]): level["seconds"] for level in fit.get("levels", [])},
+            "last": fit["seconds"], "spread": fit.get("scale_phase", {}).get("seconds")}
 
 
 def ratios(runs: list) -> list:

@@ -168,6 +168,9 @@ def test_scale_benchmark_smoke(tmp_path, capsys):
     assert runs["groupmorph"]["control_factor"] > 1  # the smoke settings put it on a control grid
     assert runs["groupmorph"]["settings"]["model.reduction"] == "template"  # what the child's config held
     assert runs["groupmorph"]["settings"]["register.fit_voxels"] == 2000
+    phases = runs["groupmorph"]["phase_seconds"]  # the fit's phases, within the whole call's time
+    assert all(s > 0 for s in phases["levels"].values()) and phases["last"] > 0 and phases["spread"] > 0
+    assert sum(phases["levels"].values()) + phases["last"] + phases["spread"] < runs["groupmorph"]["seconds"]
     for r in runs.values():
         assert r["seconds"] > 0 and r["peak_gib"] > 0 and r["landmark_mm_after"] > 0
     ratio = {r["peer"]: r for r in saved["ratios"]}
@@ -176,6 +179,14 @@ def test_scale_benchmark_smoke(tmp_path, capsys):
     assert (tmp_path / "scale.png").stat().st_size > 0
     assert "| case | peer |" in capsys.readouterr().out
     assert report["runs"] == saved["runs"]
+
+
+def test_scale_phase_seconds_reads_each_phase_of_the_fit_summary():
+    phase_seconds = _load("scale").phase_seconds
+    fit = {"seconds": 3.5, "levels": [{"factor": 10, "seconds": 1.25}, {"factor": 5, "seconds": 2.0}],
+           "scale_phase": {"seconds": 0.75, "correlated": {"seconds": 0.5}}}
+    assert phase_seconds(fit) == {"levels": {"10": 1.25, "5": 2.0}, "last": 3.5, "spread": 0.75}
+    assert phase_seconds({"seconds": 1.0}) == {"levels": {}, "last": 1.0, "spread": None}  # no pyramid, no σ phase
 
 
 def test_scale_benchmark_rejects_unknown_cases_before_any_work(tmp_path, capsys):
