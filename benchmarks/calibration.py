@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pyro
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: provenance.py
 from provenance import now, record  # noqa: E402
+from settings import key_values  # noqa: E402
 
 from groupmorph_pyro.checks import InputError
 from groupmorph_pyro.config import Config
@@ -51,15 +51,6 @@ def coverage(samples: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor, lev
     return float(inside[..., mask].double().mean())
 
 
-def _key_values(items) -> dict:
-    """``["key=value", ...]`` -> ``{key: YAML value}``, then typed and checked like a config file's."""
-    pairs = [item.partition("=") for item in items]
-    for item, (key, sep, _) in zip(items, pairs):
-        if not sep or not key:
-            raise InputError(f"expected KEY=VALUE, got {item!r}")
-    return {key: yaml.safe_load(value) for key, _, value in pairs}
-
-
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--betas", type=float, nargs="+", default=[1.0, 5.0, 20.0])
@@ -78,8 +69,8 @@ def main(argv=None) -> list:
 
     def config(beta: float) -> Config:
         register = {} if args.steps is None else {"steps": args.steps}
-        register.update(_key_values(args.set))
-        model = {"num_timepoints": args.timepoints, "beta": beta, **_key_values(args.model)}
+        register.update(key_values(args.set))
+        model = {"num_timepoints": args.timepoints, "beta": beta, **key_values(args.model)}
         return Config.from_dict({"model": model, "register": register}, "--set")
 
     try:  # every setting checked before any registration

@@ -155,16 +155,15 @@ def main(argv=None) -> dict:
         return {}
     if not args.out:
         p.error("--out is required")
-    import yaml
+    from settings import key_values
 
     from groupmorph_pyro.checks import InputError
 
-    settings = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            p.error(f"--set: expected KEY=VALUE, got {item!r}")
-        settings[key if "." in key else f"register.{key}"] = yaml.safe_load(value)
+    try:
+        values = key_values(args.set)
+    except InputError as err:
+        p.error(f"--set: {err}")
+    settings = {key if "." in key else f"register.{key}": value for key, value in values.items()}
     try:  # typed and checked here, before any group is made
         groupmorph_config(settings, 4)
     except InputError as err:

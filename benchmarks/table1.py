@@ -186,7 +186,7 @@ def main(argv=None) -> list:
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     try:  # the settings checked before any registration
-        with_settings(Config(), args.set, "table1.py --set")
+        base = with_settings(Config(), args.set, "table1.py --set")
     except InputError as err:
         p.error(str(err))
     stamp = record("table1.py", argv)
@@ -197,7 +197,7 @@ def main(argv=None) -> list:
         elx["NumberOfResolutions"] = ["1"]
     rows, train_sets = [], {}
     for name, images, spacing, landmarks in datasets(args):
-        cfg = with_settings(Config(), args.set, "table1.py --set")
+        cfg = copy.deepcopy(base)
         cfg.model.num_timepoints = images.shape[0]
         voxel_prior = copy.deepcopy(cfg)  # the bending prior's weights in voxels
         voxel_prior.model.prior_units, voxel_prior.model.prior_options = "voxel", {"lambda_b": 1.0, "lambda_v": 0.01}
